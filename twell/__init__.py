@@ -1,0 +1,31 @@
+"""twell: activation-sparse transformer FFN kernels (TwELL / hybrid formats).
+
+NumPy inputs run the float64-capable reference (:mod:`twell.reference`); CuPy or
+other ``__dlpack__`` CUDA arrays run raw CUDA kernels compiled at run time with
+NVRTC.  ``import twell`` never imports CuPy.
+"""
+
+from .format import (
+    Hybrid,
+    NeuronMajorPattern,
+    TwELL,
+    hybrid_from_scipy,
+    hybrid_to_scipy,
+    pack_hybrid,
+    pack_twell,
+    transpose_pattern,
+    twell_from_scipy,
+    twell_to_scipy,
+    unpack_hybrid,
+    unpack_twell,
+)
+from .results import FFNStats, SavedForBackward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TwELL", "Hybrid", "NeuronMajorPattern", "FFNStats", "SavedForBackward",
+    "pack_twell", "unpack_twell", "twell_to_scipy", "twell_from_scipy",
+    "pack_hybrid", "unpack_hybrid", "hybrid_to_scipy", "hybrid_from_scipy", "transpose_pattern",
+    "__version__",
+]

@@ -1,0 +1,455 @@
+"""Sparse activation formats: TwELL (inference) and Hybrid (training).
+
+The exact layout of every array is specified in ``docs/format.md``; this module
+holds the containers, their validation, and the public pack / unpack / SciPy
+conversion functions.  Containers are plain dataclasses of arrays and are
+array-module agnostic: the arrays are all NumPy or all CuPy.  NumPy inputs are
+packed by :mod:`twell.reference`, CuPy (or ``__dlpack__`` GPU) inputs by the CUDA
+kernels in :mod:`twell.kernels.pack`.
+
+No value is ever dropped: a row whose tile overflows (TwELL) or whose non-zero
+count exceeds ``dense_row_threshold`` is routed whole to the dense backup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _backend as B
+
+__all__ = [
+    "TwELL",
+    "Hybrid",
+    "NeuronMajorPattern",
+    "twell_layout",
+    "check_dense_row_threshold",
+    "pack_twell",
+    "unpack_twell",
+    "twell_to_scipy",
+    "twell_from_scipy",
+    "pack_hybrid",
+    "unpack_hybrid",
+    "hybrid_to_scipy",
+    "hybrid_from_scipy",
+    "transpose_pattern",
+]
+
+DEFAULT_TILE_WIDTH = 256
+DEFAULT_COMPRESSION = 8
+#: Largest tile width: tile-local column indices are stored as uint8.
+MAX_TILE_WIDTH = 256
+
+
+def twell_layout(n_cols: int, tile_width: int = DEFAULT_TILE_WIDTH, compression: int = DEFAULT_COMPRESSION):
+    """Validate TwELL layout parameters and return ``(n_tiles, slots)``.
+
+    Rules: ``tile_width`` is a multiple of 32 in [32, 256] (tile-local indices
+    are uint8); ``compression`` is a positive integer dividing ``tile_width``;
+    ``slots = tile_width // compression`` is the per-tile capacity.
+    """
+    n_cols = B.check_int(n_cols, "n_cols", minimum=1)
+    tile_width = B.check_int(tile_width, "tile_width", minimum=32, maximum=MAX_TILE_WIDTH)
+    if tile_width % 32:
+        raise ValueError(f"tile_width must be a multiple of 32, got {tile_width}")
+    compression = B.check_int(compression, "compression", minimum=1)
+    if tile_width % compression:
+        raise ValueError(f"compression must divide tile_width={tile_width}, got {compression}")
+    n_tiles = -(-n_cols // tile_width)
+    return n_tiles, tile_width // compression
+
+
+def check_dense_row_threshold(value, n_cols: int):
+    """Validate ``dense_row_threshold`` (None, or an int >= 0); return an int (None -> n_cols)."""
+    if value is None:
+        return int(n_cols)
+    return B.check_int(value, "dense_row_threshold", minimum=0)
+
+
+def _xp_of(*arrays):
+    return B.array_module(*arrays)
+
+
+def _to_host(a):
+    return a if isinstance(a, np.ndarray) else a.get()
+
+
+@dataclass(frozen=True)
+class TwELL:
+    """Tile-wise ELLPACK matrix of shape ``(M, n_cols)`` with a dense backup.
+
+    Attributes (``S = slots = tile_width // compression``, ``NT = n_tiles``)
+    ----------
+    counts : int32 (M, NT)
+        True number of non-zeros of each (row, tile); may exceed ``S``.
+    indices : uint8 (M, NT, S)
+        Tile-local column of each stored entry (global column =
+        ``tile * tile_width + index``), ascending in the first ``min(count, S)``
+        slots; unused slots hold 0.
+    values : float (M, NT, S)
+        Value of each stored entry; unused slots hold 0.
+    backup_slot : int32 (M,)
+        -1 for a row held in the compact part, else its position in
+        ``backup_rows``.
+    backup_rows : int32 (R,)
+        Ascending ids of the rows routed to the dense backup (a tile
+        overflowed, or the row has more than ``dense_row_threshold`` non-zeros).
+    backup_values : float (R, n_cols)
+        The complete dense rows of the backup rows.  For those rows the compact
+        slots are not authoritative.
+    n_cols : int
+        Number of columns ``n``.
+    tile_width : int
+        Columns per tile ``T``.
+    dense_row_threshold : int
+        Rows with more non-zeros than this were routed to the backup
+        (``n_cols`` means "only on tile overflow").
+    """
+
+    counts: object
+    indices: object
+    values: object
+    backup_slot: object
+    backup_rows: object
+    backup_values: object
+    n_cols: int
+    tile_width: int = DEFAULT_TILE_WIDTH
+    dense_row_threshold: int | None = None
+
+    def __post_init__(self):
+        if self.dense_row_threshold is None:
+            object.__setattr__(self, "dense_row_threshold", int(self.n_cols))
+        self.validate()
+
+    # -- derived sizes ---------------------------------------------------------
+    @property
+    def n_rows(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows, int(self.n_cols))
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.counts.shape[1])
+
+    @property
+    def slots(self) -> int:
+        return int(self.indices.shape[2])
+
+    @property
+    def compression(self) -> int:
+        return self.tile_width // self.slots
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @property
+    def n_backup(self) -> int:
+        return int(self.backup_rows.shape[0])
+
+    @property
+    def xp(self):
+        return _xp_of(self.counts)
+
+    def validate(self):
+        """Check shapes and dtypes of all arrays (cheap; no data scan)."""
+        B.check_array(self.indices, "indices", ndim=3, dtype=np.uint8)
+        slots = int(self.indices.shape[2])
+        if slots < 1 or self.tile_width % slots:
+            raise ValueError(f"indices.shape[2] (slots) must be >= 1 and divide tile_width={self.tile_width}, "
+                             f"got {slots}")
+        n_tiles, _ = twell_layout(self.n_cols, self.tile_width, self.tile_width // slots)
+        B.check_array(self.counts, "counts", ndim=2, dtype=np.int32)
+        m = self.counts.shape[0]
+        B.check_array(self.counts, "counts", shape=(m, n_tiles))
+        B.check_array(self.indices, "indices", shape=(m, n_tiles, self.indices.shape[2]))
+        B.check_array(self.values, "values", shape=tuple(self.indices.shape))
+        B.check_float_dtype(self.values, "values")
+        B.check_array(self.backup_slot, "backup_slot", shape=(m,), dtype=np.int32)
+        B.check_array(self.backup_rows, "backup_rows", ndim=1, dtype=np.int32)
+        r = self.backup_rows.shape[0]
+        B.check_array(self.backup_values, "backup_values", shape=(r, self.n_cols), dtype=self.values.dtype)
+        _xp_of(self.counts, self.indices, self.values, self.backup_slot, self.backup_rows, self.backup_values)
+        B.check_int(self.dense_row_threshold, "dense_row_threshold", minimum=0)
+
+    def to_dense(self):
+        """Unpack to a dense ``(M, n_cols)`` array (same module and dtype)."""
+        return unpack_twell(self)
+
+    def to_scipy(self):
+        """Convert to ``scipy.sparse.csr_array`` (copies to the host)."""
+        return twell_to_scipy(self)
+
+    def host(self) -> "TwELL":
+        """A copy with every array on the host (NumPy)."""
+        return dataclasses.replace(self, **{f: _to_host(getattr(self, f)) for f in _TWELL_ARRAYS})
+
+    def row_nnz(self):
+        """Exact non-zeros per row, int64 (M,): compact counts, backup rows counted from their dense row."""
+        nnz = self.counts.sum(axis=1, dtype=np.int64)
+        if self.n_backup:
+            nnz[self.backup_rows] = (self.backup_values != 0).sum(axis=1)
+        return nnz
+
+
+_TWELL_ARRAYS = ("counts", "indices", "values", "backup_slot", "backup_rows", "backup_values")
+
+
+@dataclass(frozen=True)
+class NeuronMajorPattern:
+    """Column-major (neuron-major) view of a Hybrid's compact pattern.
+
+    Attributes (``nnz`` = number of compact entries)
+    ----------
+    col_ptr : int32 (n_cols + 1,)
+        Entries of column ``j`` are ``col_ptr[j]:col_ptr[j+1]``.
+    row_indices : int32 (nnz,)
+        Row of each entry, ascending within a column.
+    positions : int32 (nnz,)
+        Index of the same entry in the row-major ``col_indices`` / ``values``.
+    """
+
+    col_ptr: object
+    row_indices: object
+    positions: object
+
+    def __post_init__(self):
+        B.check_array(self.col_ptr, "col_ptr", ndim=1, dtype=np.int32)
+        B.check_array(self.row_indices, "row_indices", ndim=1, dtype=np.int32)
+        B.check_array(self.positions, "positions", shape=(self.row_indices.shape[0],), dtype=np.int32)
+
+    @property
+    def n_cols(self) -> int:
+        return int(self.col_ptr.shape[0]) - 1
+
+
+@dataclass(frozen=True)
+class Hybrid:
+    """Hybrid training format of shape ``(M, n_cols)``: CSR compact rows + dense backup rows.
+
+    Attributes (``nnz`` = non-zeros of the compact rows, ``R`` = backup rows)
+    ----------
+    row_ptr : int32 (M + 1,)
+        CSR offsets of the compact rows; a backup row has an empty range.
+    col_indices : int32 (nnz,)
+        Global column of each compact entry, ascending within a row.
+    values : float (nnz,)
+        Value of each compact entry.
+    backup_slot : int32 (M,)
+        -1 for a compact row, else its position in ``backup_rows``.
+    backup_rows : int32 (R,)
+        Ascending ids of the rows with more than ``dense_row_threshold`` non-zeros.
+    backup_values : float (R, n_cols)
+        Their dense rows.
+    n_cols : int
+    dense_row_threshold : int
+        Rows with more non-zeros than this are dense-backup rows.
+    transposed : NeuronMajorPattern or None
+        Neuron-major pattern of the compact part (see :func:`transpose_pattern`).
+    """
+
+    row_ptr: object
+    col_indices: object
+    values: object
+    backup_slot: object
+    backup_rows: object
+    backup_values: object
+    n_cols: int
+    dense_row_threshold: int
+    transposed: NeuronMajorPattern | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.row_ptr.shape[0]) - 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows, int(self.n_cols))
+
+    @property
+    def nnz(self) -> int:
+        return int(self.col_indices.shape[0])
+
+    @property
+    def n_backup(self) -> int:
+        return int(self.backup_rows.shape[0])
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @property
+    def xp(self):
+        return _xp_of(self.row_ptr)
+
+    def validate(self):
+        B.check_int(self.n_cols, "n_cols", minimum=1)
+        B.check_array(self.row_ptr, "row_ptr", ndim=1, dtype=np.int32)
+        if self.row_ptr.shape[0] < 1:
+            raise ValueError("row_ptr must have M + 1 >= 1 entries")
+        m = self.row_ptr.shape[0] - 1
+        B.check_array(self.col_indices, "col_indices", ndim=1, dtype=np.int32)
+        B.check_array(self.values, "values", shape=(self.col_indices.shape[0],))
+        B.check_float_dtype(self.values, "values")
+        B.check_array(self.backup_slot, "backup_slot", shape=(m,), dtype=np.int32)
+        B.check_array(self.backup_rows, "backup_rows", ndim=1, dtype=np.int32)
+        B.check_array(self.backup_values, "backup_values", shape=(self.backup_rows.shape[0], self.n_cols),
+                      dtype=self.values.dtype)
+        B.check_int(self.dense_row_threshold, "dense_row_threshold", minimum=0)
+        if self.transposed is not None:
+            if self.transposed.n_cols != self.n_cols:
+                raise ValueError("transposed.col_ptr must have n_cols + 1 entries")
+            if self.transposed.row_indices.shape[0] != self.col_indices.shape[0]:
+                raise ValueError("transposed pattern must have as many entries as col_indices")
+        _xp_of(self.row_ptr, self.col_indices, self.values, self.backup_slot, self.backup_rows,
+               self.backup_values)
+
+    def to_dense(self):
+        return unpack_hybrid(self)
+
+    def to_scipy(self):
+        return hybrid_to_scipy(self)
+
+    def host(self) -> "Hybrid":
+        arrays = {f: _to_host(getattr(self, f)) for f in _HYBRID_ARRAYS}
+        t = self.transposed
+        if t is not None:
+            t = NeuronMajorPattern(_to_host(t.col_ptr), _to_host(t.row_indices), _to_host(t.positions))
+        return dataclasses.replace(self, transposed=t, **arrays)
+
+
+_HYBRID_ARRAYS = ("row_ptr", "col_indices", "values", "backup_slot", "backup_rows", "backup_values")
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _dense_arg(dense, name="dense"):
+    xp = B.array_module(dense, names=[name])
+    dense = B.to_module(dense, xp, name)
+    B.check_array(dense, name, ndim=2)
+    B.check_float_dtype(dense, name)
+    if dense.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one column, got shape {tuple(dense.shape)}")
+    return xp, dense
+
+
+def pack_twell(dense, tile_width: int = DEFAULT_TILE_WIDTH, compression: int = DEFAULT_COMPRESSION,
+               dense_row_threshold: int | None = None) -> TwELL:
+    """Pack a dense matrix into TwELL (every non-zero kept; overflow -> dense backup).
+
+    Parameters
+    ----------
+    dense : array (M, n), bfloat16 / float16 / float32 / float64
+        NumPy (packed by the reference) or CuPy / ``__dlpack__`` GPU array
+        (packed by the CUDA kernel; one host synchronisation to size the backup).
+    tile_width : int
+        Columns per tile (multiple of 32, at most 256).
+    compression : int
+        Slots per tile are ``tile_width // compression``.
+    dense_row_threshold : int or None
+        Rows with more non-zeros than this go to the dense backup even if no
+        tile overflows.  None: only tile overflow routes a row.
+
+    Returns
+    -------
+    TwELL
+    """
+    xp, dense = _dense_arg(dense)
+    twell_layout(dense.shape[1], tile_width, compression)
+    threshold = check_dense_row_threshold(dense_row_threshold, dense.shape[1])
+    if xp is np:
+        from . import reference
+        return reference.pack_twell(dense, tile_width, compression, threshold)
+    from .kernels import pack
+    return pack.pack_twell(dense, tile_width, compression, threshold)
+
+
+def unpack_twell(tw: TwELL):
+    """Dense ``(M, n_cols)`` array of a :class:`TwELL` (same module and dtype)."""
+    if not isinstance(tw, TwELL):
+        raise TypeError(f"tw must be a TwELL, got {type(tw).__name__}")
+    if tw.xp is np:
+        from . import reference
+        return reference.unpack_twell(tw)
+    from .kernels import pack
+    return pack.unpack_twell(tw)
+
+
+def twell_to_scipy(tw: TwELL):
+    """``scipy.sparse.csr_array`` (host) with exactly the non-zeros of ``tw``."""
+    if not isinstance(tw, TwELL):
+        raise TypeError(f"tw must be a TwELL, got {type(tw).__name__}")
+    from . import reference
+    return reference.twell_to_scipy(tw.host())
+
+
+def twell_from_scipy(matrix, tile_width: int = DEFAULT_TILE_WIDTH, compression: int = DEFAULT_COMPRESSION,
+                     dense_row_threshold: int | None = None, dtype=None) -> TwELL:
+    """TwELL (host arrays) from any ``scipy.sparse`` matrix/array; explicit zeros are dropped."""
+    from . import reference
+    return reference.twell_from_scipy(matrix, tile_width, compression, dense_row_threshold, dtype)
+
+
+def pack_hybrid(dense, dense_row_threshold: int = 128, transpose: bool = True) -> Hybrid:
+    """Pack a dense matrix into the Hybrid training format.
+
+    Parameters
+    ----------
+    dense : array (M, n), float
+    dense_row_threshold : int
+        Rows with more non-zeros than this go to the dense backup.
+    transpose : bool
+        Also build the neuron-major pattern (``Hybrid.transposed``).
+    """
+    xp, dense = _dense_arg(dense)
+    threshold = check_dense_row_threshold(dense_row_threshold, dense.shape[1])
+    if xp is np:
+        from . import reference
+        return reference.pack_hybrid(dense, threshold, transpose)
+    from .kernels import pack
+    return pack.pack_hybrid(dense, threshold, transpose)
+
+
+def unpack_hybrid(hy: Hybrid):
+    """Dense ``(M, n_cols)`` array of a :class:`Hybrid`."""
+    if not isinstance(hy, Hybrid):
+        raise TypeError(f"hy must be a Hybrid, got {type(hy).__name__}")
+    if hy.xp is np:
+        from . import reference
+        return reference.unpack_hybrid(hy)
+    from .kernels import pack
+    return pack.unpack_hybrid(hy)
+
+
+def hybrid_to_scipy(hy: Hybrid):
+    """``scipy.sparse.csr_array`` (host) with exactly the non-zeros of ``hy``."""
+    if not isinstance(hy, Hybrid):
+        raise TypeError(f"hy must be a Hybrid, got {type(hy).__name__}")
+    from . import reference
+    return reference.hybrid_to_scipy(hy.host())
+
+
+def hybrid_from_scipy(matrix, dense_row_threshold: int = 128, transpose: bool = True, dtype=None) -> Hybrid:
+    """Hybrid (host arrays) from any ``scipy.sparse`` matrix/array; explicit zeros are dropped."""
+    from . import reference
+    return reference.hybrid_from_scipy(matrix, dense_row_threshold, transpose, dtype)
+
+
+def transpose_pattern(hy: Hybrid) -> NeuronMajorPattern:
+    """Neuron-major pattern of the compact part of ``hy`` (deterministic: rows ascending per column)."""
+    if not isinstance(hy, Hybrid):
+        raise TypeError(f"hy must be a Hybrid, got {type(hy).__name__}")
+    if hy.xp is np:
+        from . import reference
+        return reference.transpose_pattern(hy)
+    from .kernels import pack
+    return pack.transpose_pattern(hy)

@@ -1,0 +1,131 @@
+"""Result containers shared by the reference and the GPU path: statistics and saved state."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .format import Hybrid
+
+__all__ = ["FFNStats", "SavedForBackward"]
+
+
+def _host_scalar(v):
+    if v is None:
+        return None
+    if hasattr(v, "get") and not isinstance(v, np.ndarray):
+        v = v.get()
+    v = np.asarray(v)
+    return v.item()
+
+
+@dataclass
+class FFNStats:
+    """Sparsity statistics of one FFN call.
+
+    Scalars are 0-d arrays of the input's array module (no host synchronisation
+    on the GPU path until you read them: ``float(stats.l0)``); ``to_dict`` copies
+    everything to the host.
+
+    Attributes
+    ----------
+    n_rows : int
+        Tokens ``M``.
+    n_cols : int
+        Hidden width ``n`` (d_ff).
+    nnz : 0-d int64 array
+        Active (non-zero) hidden activations in the whole batch.
+    l0 : 0-d float64 array
+        Mean active neurons per token, ``nnz / M``.
+    l1 : 0-d float64 array or None
+        ``(1/M) * sum |h|`` (training forward only; None for inference).
+    neuron_counts : int32 array (n,) or None
+        Tokens on which each neuron was active (dead neurons have 0).
+    n_backup_rows : int
+        Rows computed on the dense backup path (host int: the backup is sized
+        from it).
+    n_overflow_rows : int or None
+        Of those, rows routed because a TwELL tile overflowed (inference only).
+    """
+
+    n_rows: int
+    n_cols: int
+    nnz: object
+    l0: object
+    l1: object = None
+    neuron_counts: object = None
+    n_backup_rows: int = 0
+    n_overflow_rows: int | None = None
+
+    def to_dict(self) -> dict:
+        """All statistics as host Python values (neuron_counts as a list)."""
+        counts = self.neuron_counts
+        if counts is not None and hasattr(counts, "get") and not isinstance(counts, np.ndarray):
+            counts = counts.get()
+        return {
+            "n_rows": int(self.n_rows),
+            "n_cols": int(self.n_cols),
+            "nnz": _host_scalar(self.nnz),
+            "l0": _host_scalar(self.l0),
+            "l1": _host_scalar(self.l1),
+            "neuron_counts": None if counts is None else np.asarray(counts).tolist(),
+            "n_backup_rows": int(self.n_backup_rows),
+            "n_overflow_rows": None if self.n_overflow_rows is None else int(self.n_overflow_rows),
+        }
+
+
+_call_ids = itertools.count(1)
+
+
+@dataclass
+class SavedForBackward:
+    """What :func:`twell.gated_ffn_backward` needs from :func:`twell.gated_ffn_forward`.
+
+    Holds references to the inputs (not copies) plus state proportional to the
+    number of non-zeros.  It can be consumed once; a second backward raises.
+
+    Attributes
+    ----------
+    x, w_gate, w_up, w_down : arrays
+        References to the forward inputs (x (M, d), weights (n, d)).
+    gate : Hybrid
+        Pattern of ``g = relu(x w_gateᵀ)`` with the gate values ``g`` as values;
+        backup rows hold dense ``g`` rows.
+    up_values : array (nnz,)
+        ``u = x w_upᵀ`` at each compact entry of ``gate``.
+    up_backup : array (R, n)
+        Dense ``u`` rows of the backup rows.
+    l1_weight : float
+        λ of the L1 penalty; the backward adds ``(λ / M) * sign(h)`` to ``dh``.
+    call_id : int
+        Unique id of the forward call that made it.
+    consumed : bool
+        Set by the backward.
+    """
+
+    x: object
+    w_gate: object
+    w_up: object
+    w_down: object
+    gate: Hybrid
+    up_values: object
+    up_backup: object
+    l1_weight: float
+    call_id: int = field(default_factory=lambda: next(_call_ids))
+    consumed: bool = False
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Device/host bytes held by the saved state itself (inputs excluded)."""
+        g = self.gate
+        arrays = [g.row_ptr, g.col_indices, g.values, g.backup_slot, g.backup_rows, g.backup_values,
+                  self.up_values, self.up_backup]
+        if g.transposed is not None:
+            arrays += [g.transposed.col_ptr, g.transposed.row_indices, g.transposed.positions]
+        return int(sum(int(a.nbytes) for a in arrays))
