@@ -19,6 +19,7 @@ from .format import (
     unpack_hybrid,
     unpack_twell,
 )
+from .ffn import down_projection, ffn, gated_ffn, gated_ffn_backward, gated_ffn_forward, gated_up_down
 from .results import FFNStats, SavedForBackward
 
 __version__ = "0.1.0"
@@ -27,5 +28,6 @@ __all__ = [
     "TwELL", "Hybrid", "NeuronMajorPattern", "FFNStats", "SavedForBackward",
     "pack_twell", "unpack_twell", "twell_to_scipy", "twell_from_scipy",
     "pack_hybrid", "unpack_hybrid", "hybrid_to_scipy", "hybrid_from_scipy", "transpose_pattern",
+    "gated_ffn", "ffn", "gated_up_down", "down_projection", "gated_ffn_forward", "gated_ffn_backward",
     "__version__",
 ]

@@ -1,0 +1,193 @@
+// pack.cu -- dense -> TwELL / Hybrid packing, unpacking, and backup-row routing.
+//
+// Layouts are specified in docs/format.md.  Every kernel is deterministic: entries are placed by
+// warp prefix sums in ascending column order, never by atomics (the only atomics are the integer
+// per-neuron activity counters, whose result does not depend on order).
+#include "common.cuh"
+
+// Route codes written per row by the TwELL pack (docs/format.md, "routing").
+#define ROUTE_COMPACT 0
+#define ROUTE_THRESHOLD 1
+#define ROUTE_OVERFLOW 2
+
+// One warp per row.  Lane l owns columns [l*E, l*E+E) of every tile (E = TILE/32), so a warp
+// prefix sum over per-lane counts gives each entry its slot in ascending column order.
+// RELU: entries are !(v <= 0) (the gate epilogue); else entries are v != 0.
+// VEC: n % E == 0, so every lane chunk is either fully in bounds (vector load) or fully out.
+template <typename T, int TILE, bool RELU, bool VEC>
+__global__ void __launch_bounds__(256) pack_twell(
+    const T* __restrict__ dense, int M, int n, int n_tiles, int slots, int threshold,
+    int* __restrict__ counts, u8* __restrict__ indices, T* __restrict__ values,
+    int* __restrict__ row_nnz, int* __restrict__ row_route, int* __restrict__ neuron_counts)
+{
+    constexpr int E = TILE / 32;
+    constexpr int U = (E >= 8) ? 2 : 4;          // tiles whose loads are issued together
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= M) return;
+    const T* src = dense + (long long)row * n;
+    int nnz = 0;
+    bool overflow = false;
+    for (int t0 = 0; t0 < n_tiles; t0 += U) {
+        Chunk<T, E, VEC> ch[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int col = (t0 + u) * TILE + lane * E;
+            if (t0 + u < n_tiles && col < n) {
+                if (VEC) ch[u].load(src + col);
+                else ch[u].load_partial(src + col, n - col);
+            } else {
+                ch[u].load_partial(src, 0);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int t = t0 + u;
+            if (t >= n_tiles) break;
+            const int col0 = t * TILE + lane * E;
+            unsigned mask = 0;
+#pragma unroll
+            for (int k = 0; k < E; ++k)
+                if (col0 + k < n && is_entry<RELU>(ch[u].v[k])) mask |= 1u << k;
+            const int c = __popc(mask);
+            const int incl = warp_inclusive_scan(c);
+            const int total = __shfl_sync(0xffffffffu, incl, 31);
+            const long long base = ((long long)row * n_tiles + t) * slots;
+            int pos = incl - c;
+#pragma unroll
+            for (int k = 0; k < E; ++k) {
+                if (mask & (1u << k)) {
+                    if (pos < slots) {
+                        indices[base + pos] = (u8)(lane * E + k);
+                        values[base + pos] = ch[u].v[k];
+                    }
+                    if (neuron_counts) atomicAdd(neuron_counts + col0 + k, 1);
+                    ++pos;
+                }
+            }
+            for (int s = total + lane; s < slots; s += 32) {
+                indices[base + s] = 0;
+                values[base + s] = from_f<T>(0.0f);
+            }
+            if (lane == 0) counts[(long long)row * n_tiles + t] = total;
+            nnz += total;
+            overflow |= total > slots;
+        }
+    }
+    if (lane == 0) {
+        row_nnz[row] = nnz;
+        row_route[row] = overflow ? ROUTE_OVERFLOW : (nnz > threshold ? ROUTE_THRESHOLD : ROUTE_COMPACT);
+    }
+}
+
+// Backup-row compaction from an inclusive prefix sum of (route != 0) (computed by CuPy/CUB).
+// Row order is preserved, so backup_rows is ascending.
+__global__ void scatter_backup_rows(const int* __restrict__ row_route, const int* __restrict__ prefix, int M,
+                                    int* __restrict__ backup_slot, int* __restrict__ backup_rows)
+{
+    for (int row = blockIdx.x * blockDim.x + threadIdx.x; row < M; row += gridDim.x * blockDim.x) {
+        if (row_route[row] != ROUTE_COMPACT) {
+            const int slot = prefix[row] - 1;
+            backup_slot[row] = slot;
+            backup_rows[slot] = row;
+        } else {
+            backup_slot[row] = -1;
+        }
+    }
+}
+
+// TwELL -> dense for the compact rows (dense must be zero-initialised; backup rows are copied by
+// the caller).  One thread per (row, tile, slot).
+template <typename T>
+__global__ void unpack_twell(const int* __restrict__ counts, const u8* __restrict__ indices,
+                             const T* __restrict__ values, const int* __restrict__ backup_slot,
+                             int M, int n, int n_tiles, int slots, int tile_width, T* __restrict__ dense)
+{
+    const long long total = (long long)M * n_tiles * slots;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int s = (int)(i % slots);
+        const long long rt = i / slots;
+        const int row = (int)(rt / n_tiles);
+        const int t = (int)(rt % n_tiles);
+        if (backup_slot[row] >= 0) continue;
+        if (s < min(counts[rt], slots)) dense[(long long)row * n + t * tile_width + indices[i]] = values[i];
+    }
+}
+
+// Hybrid pass 1: entries per row (one warp per row) and optional per-neuron counts.
+template <typename T, bool RELU, bool VEC>
+__global__ void __launch_bounds__(256) count_row_entries(
+    const T* __restrict__ dense, int M, int n, int* __restrict__ row_nnz, int* __restrict__ neuron_counts)
+{
+    constexpr int E = 8;
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= M) return;
+    const T* src = dense + (long long)row * n;
+    int c = 0;
+    for (int col0 = lane * E; col0 < n; col0 += 32 * E) {
+        Chunk<T, E, VEC> ch;
+        if (VEC) ch.load(src + col0); else ch.load_partial(src + col0, n - col0);
+#pragma unroll
+        for (int k = 0; k < E; ++k) {
+            if (col0 + k < n && is_entry<RELU>(ch.v[k])) {
+                ++c;
+                if (neuron_counts) atomicAdd(neuron_counts + col0 + k, 1);
+            }
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
+    if (lane == 0) row_nnz[row] = c;
+}
+
+// Hybrid pass 2: compact rows' entries in ascending column order at row_ptr[row] (one warp per
+// row).  Backup rows (row_ptr[row+1] == row_ptr[row] while they have entries) are skipped by
+// backup_slot.
+template <typename T, bool RELU, bool VEC>
+__global__ void __launch_bounds__(256) fill_hybrid_rows(
+    const T* __restrict__ dense, int M, int n, const int* __restrict__ row_ptr,
+    const int* __restrict__ backup_slot, int* __restrict__ col_indices, T* __restrict__ values)
+{
+    constexpr int E = 8;
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= M || backup_slot[row] >= 0) return;
+    const T* src = dense + (long long)row * n;
+    int out = row_ptr[row];
+    for (int base = 0; base < n; base += 32 * E) {
+        const int col0 = base + lane * E;
+        Chunk<T, E, VEC> ch;
+        if (col0 < n) { if (VEC) ch.load(src + col0); else ch.load_partial(src + col0, n - col0); }
+        else ch.load_partial(src, 0);
+        unsigned mask = 0;
+#pragma unroll
+        for (int k = 0; k < E; ++k)
+            if (col0 + k < n && is_entry<RELU>(ch.v[k])) mask |= 1u << k;
+        const int c = __popc(mask);
+        const int incl = warp_inclusive_scan(c);
+        int pos = out + incl - c;
+#pragma unroll
+        for (int k = 0; k < E; ++k) {
+            if (mask & (1u << k)) {
+                col_indices[pos] = col0 + k;
+                values[pos] = ch.v[k];
+                ++pos;
+            }
+        }
+        out += __shfl_sync(0xffffffffu, incl, 31);
+    }
+}
+
+// Hybrid -> dense for the compact rows (dense zero-initialised).  One warp per row.
+template <typename T>
+__global__ void unpack_hybrid_rows(const int* __restrict__ row_ptr, const int* __restrict__ col_indices,
+                                   const T* __restrict__ values, int M, int n, T* __restrict__ dense)
+{
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= M) return;
+    for (int p = row_ptr[row] + lane; p < row_ptr[row + 1]; p += 32)
+        dense[(long long)row * n + col_indices[p]] = values[p];
+}

@@ -1,0 +1,208 @@
+"""GPU inference ops (gated_ffn, ffn, gated_up_down, down_projection) vs the float64 reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import rel_error
+from hypothesis import given
+from hypothesis import strategies as st
+
+import twell
+from twell import reference
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = ["bfloat16", "float16", "float32"]
+# Dense computation in the same precision (cuBLAS GEMMs, h rounded once) sets the error scale.
+FLOOR = {"bfloat16": 2e-3, "float16": 3e-4, "float32": 1e-5}
+
+
+def _np_dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def make_ffn(rng, m, d, n, dtype, mean_active=12.0, row_bias=None):
+    """x (M, d) with x[:, 0] = 1 (or row_bias), neuron-major weights, about mean_active active per row."""
+    from scipy.stats import norm
+    x = rng.standard_normal((m, d)).astype(np.float32)
+    x[:, 0] = 1.0 if row_bias is None else row_bias
+    wg = (rng.standard_normal((n, d)) / np.sqrt(d)).astype(np.float32)
+    wu = (rng.standard_normal((n, d)) / np.sqrt(d)).astype(np.float32)
+    wd = (rng.standard_normal((n, d)) / np.sqrt(d)).astype(np.float32)
+    rate = min(max(mean_active / n, 1e-4), 0.9)
+    wg[:, 0] = -norm.isf(rate) * np.sqrt((d - 1) / d)
+    dt = _np_dtype(dtype)
+    return [a.astype(dt) for a in (x, wg, wu, wd)]
+
+
+def dense_same_precision(cp, x, wg, wu, wd):
+    """The dense computation in the inputs' precision (what the bf16 tolerance is relative to)."""
+    from twell.kernels import ffn_forward
+    z = cp.matmul(x, wg.T)
+    h = ffn_forward.gate_mul(z, cp.matmul(x, wu.T), relu=True)
+    return cp.matmul(h, wd)
+
+
+def _check(cp, out, arrays, dtype):
+    x, wg, wu, wd = arrays
+    ref = reference.gated_ffn_dense(*[a.astype(np.float64) for a in arrays])
+    dense = dense_same_precision(cp, *[cp.asarray(a) for a in arrays])
+    err = rel_error(out, ref)
+    err_dense = rel_error(dense, ref)
+    assert err <= 2.0 * err_dense + FLOOR[dtype] * 0.1, f"rel err {err:.3g} vs same-precision dense {err_dense:.3g}"
+    return err, err_dense
+
+
+@given(
+    m=st.sampled_from([1, 3, 8, 65, 130, 517]),
+    d=st.sampled_from([8, 64, 72, 100, 256, 2048]),
+    n=st.sampled_from([33, 300, 1000, 5632]),
+    dtype=st.sampled_from(DTYPES),
+    tile_width=st.sampled_from([64, 256]),
+    mean=st.sampled_from([1.0, 10.0, 40.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_gated_ffn_matches_reference(cp, m, d, n, dtype, tile_width, mean, seed):
+    rng = np.random.default_rng(seed)
+    arrays = make_ffn(rng, m, d, n, dtype, mean_active=min(mean, n / 2))
+    dev = [cp.asarray(a) for a in arrays]
+    out = cp.full((m, d), np.nan, dtype=dev[0].dtype)          # poisoned: every row must be written
+    y, stats = twell.gated_ffn(*dev, tile_width=tile_width, return_stats=True, out=out)
+    assert y is out
+    _check(cp, y, arrays, dtype)
+    _, ref_stats = reference.gated_ffn(*arrays, tile_width=tile_width, return_stats=True,
+                                       dense_row_threshold=twell.ffn.DEFAULT_INFERENCE_ROW_THRESHOLD)
+    assert int(stats.nnz) == pytest.approx(int(ref_stats.nnz), rel=0.02, abs=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_ffn_empty_full_and_overflow_rows(cp, dtype):
+    rng = np.random.default_rng(5)
+    m, d, n = 40, 256, 700
+    bias = np.ones(m, np.float32)
+    bias[0] = 100.0    # nothing active
+    bias[1] = -100.0   # all n active -> overflow -> dense backup
+    bias[2] = -3.0     # heavy row
+    arrays = make_ffn(rng, m, d, n, dtype, mean_active=10, row_bias=bias)
+    dev = [cp.asarray(a) for a in arrays]
+    for threshold in ("auto", None, 0, 5):
+        out = cp.full((m, d), np.nan, dtype=dev[0].dtype)
+        y, stats = twell.gated_ffn(*dev, dense_row_threshold=threshold, return_stats=True, out=out)
+        _check(cp, y, arrays, dtype)
+        assert stats.n_backup_rows >= 1 and stats.n_overflow_rows >= 1
+        assert np.all(y[0].get().astype(np.float32) == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ffn_non_gated(cp, dtype):
+    rng = np.random.default_rng(7)
+    x, wg, wu, wd = make_ffn(rng, 300, 128, 900, dtype, mean_active=20)
+    dev = [cp.asarray(a) for a in (x, wg, wd)]
+    out = cp.full((300, 128), np.nan, dtype=dev[0].dtype)
+    y = twell.ffn(*dev, out=out)
+    ref = reference.ffn_dense(*[a.astype(np.float64) for a in (x, wg, wd)])
+    z = cp.matmul(dev[0], dev[1].T)
+    dense = cp.matmul(cp.where(z > 0, z, cp.zeros((), z.dtype)), dev[2])
+    assert rel_error(y, ref) <= 2.0 * rel_error(dense, ref) + FLOOR[dtype] * 0.1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_up_down_at_and_over_capacity(cp, dtype):
+    """Hand-built gate: tiles exactly at capacity (compact) and one over (backup)."""
+    rng = np.random.default_rng(9)
+    m, d, n = 6, 96, 300
+    g = np.zeros((m, n), np.float32)
+    g[0, :16] = rng.random(16) + 0.1          # tile 0 at capacity (16 slots)
+    g[1, 64:81] = rng.random(17) + 0.1        # one over -> backup
+    g[2, 290:300] = rng.random(10)            # partial last tile
+    g[4, ::7] = rng.random(len(range(0, n, 7))) + 0.5
+    dt = _np_dtype(dtype)
+    g = g.astype(dt)
+    x = rng.standard_normal((m, d)).astype(dt)
+    wu = (rng.standard_normal((n, d)) / 10).astype(dt)
+    wd = (rng.standard_normal((n, d)) / 10).astype(dt)
+    tw = twell.pack_twell(cp.asarray(g), tile_width=64, compression=4)
+    assert 1 in tw.backup_rows.get() and 0 not in tw.backup_rows.get()
+    out = cp.full((m, d), np.nan, dtype=dt)
+    y = twell.gated_up_down(cp.asarray(x), tw, cp.asarray(wu), cp.asarray(wd), out=out)
+    ref = (g.astype(np.float64) * (x.astype(np.float64) @ wu.astype(np.float64).T)) @ wd.astype(np.float64)
+    assert rel_error(y, ref) < FLOOR[dtype] * 3
+    yd = twell.down_projection(tw, cp.asarray(wd))
+    assert rel_error(yd, g.astype(np.float64) @ wd.astype(np.float64)) < FLOOR[dtype] * 3
+
+
+def test_user_twell_with_long_compact_rows(cp):
+    """A TwELL whose compact rows exceed the kernel's list length is still exact (routed on the fly)."""
+    rng = np.random.default_rng(1)
+    m, d, n = 4, 64, 2048
+    g = (rng.random((m, n)) * (rng.random((m, n)) < 0.5)).astype(np.float32)
+    tw = twell.pack_twell(cp.asarray(g), tile_width=256, compression=1)   # 256 slots: nothing overflows
+    assert tw.n_backup == 0
+    x = rng.standard_normal((m, d)).astype(np.float32)
+    wu = rng.standard_normal((n, d)).astype(np.float32) / 30
+    wd = rng.standard_normal((n, d)).astype(np.float32) / 30
+    y = twell.gated_up_down(cp.asarray(x), tw, cp.asarray(wu), cp.asarray(wd))
+    ref = (g.astype(np.float64) * (x.astype(np.float64) @ wu.astype(np.float64).T)) @ wd.astype(np.float64)
+    assert rel_error(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("m", [1, 8, 64, 2000])
+def test_gated_ffn_bitwise_deterministic(cp, m):
+    rng = np.random.default_rng(m)
+    dev = [cp.asarray(a) for a in make_ffn(rng, m, 2048, 5632, "bfloat16", mean_active=29)]
+    first = twell.gated_ffn(*dev).get()
+    for _ in range(9):
+        np.testing.assert_array_equal(twell.gated_ffn(*dev).get().view(np.uint16), first.view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_inf_in_x_propagate_like_dense(cp, dtype):
+    rng = np.random.default_rng(2)
+    arrays = make_ffn(rng, 20, 64, 500, dtype, mean_active=10)
+    arrays[0][3, 5] = np.nan
+    arrays[0][7, 9] = np.inf
+    dev = [cp.asarray(a) for a in arrays]
+    y = twell.gated_ffn(*dev).get().astype(np.float32)
+    dense = dense_same_precision(cp, *dev).get().astype(np.float32)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(dense))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(dense))
+    ok = np.isfinite(dense)
+    assert rel_error(y[ok], dense[ok]) < FLOOR[dtype] * 5
+
+
+def test_dlpack_inputs_from_torch(cp):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    rng = np.random.default_rng(4)
+    arrays = make_ffn(rng, 64, 128, 512, "float32", mean_active=10)
+    tens = [torch.from_numpy(a).cuda() for a in arrays]
+    y = twell.gated_ffn(*tens)
+    assert isinstance(y, cp.ndarray)
+    yc = twell.gated_ffn(*[cp.asarray(a) for a in arrays])
+    np.testing.assert_array_equal(y.get(), yc.get())
+
+
+def test_gpu_ffn_bad_input(cp):
+    rng = np.random.default_rng(0)
+    x, wg, wu, wd = [cp.asarray(a) for a in make_ffn(rng, 8, 64, 128, "float32")]
+    with pytest.raises(TypeError, match="w_up must have the dtype of x"):
+        twell.gated_ffn(x, wg, wu.astype(cp.float16), wd)
+    with pytest.raises(ValueError, match="w_down must have shape \\(n, d\\)"):
+        twell.gated_ffn(x, wg, wu, cp.ascontiguousarray(wd.T))
+    with pytest.raises(ValueError, match="w_gate must be C-contiguous"):
+        twell.gated_ffn(x, cp.asfortranarray(wg), wu, wd)
+    with pytest.raises(TypeError, match="host .* device|device .* host"):
+        twell.gated_ffn(x.get(), wg, wu, wd)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        twell.gated_ffn(x[0], wg, wu, wd)
+    bad = wg.copy()
+    bad[3, 3] = cp.nan
+    with pytest.raises(ValueError, match="w_gate contains NaN"):
+        twell.gated_ffn(x, bad, wu, wd, check_finite=True)
+    with pytest.raises(TypeError, match="out must have dtype"):
+        twell.gated_ffn(x, wg, wu, wd, out=cp.empty((8, 64), cp.float16))

@@ -1,0 +1,141 @@
+"""GPU pack / unpack kernels vs the NumPy reference (marker ``gpu``; skipped without a device)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import twell
+from twell import reference
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = ["bfloat16", "float16", "float32"]
+
+
+def _np_dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _random_sparse(rng, m, n, density, dtype, full_rows=(), empty_rows=()):
+    a = rng.standard_normal((m, n)).astype(np.float32)
+    a[rng.random((m, n)) >= density] = 0
+    for r in full_rows:
+        a[r] = rng.standard_normal(n) + 3.0
+    for r in empty_rows:
+        a[r] = 0
+    return a.astype(_np_dtype(dtype))
+
+
+def _assert_twell_equal(gpu, ref):
+    g = gpu.host()
+    assert g.shape == ref.shape and g.slots == ref.slots and g.tile_width == ref.tile_width
+    np.testing.assert_array_equal(g.counts, ref.counts)
+    np.testing.assert_array_equal(g.backup_rows, ref.backup_rows)
+    np.testing.assert_array_equal(g.backup_slot, ref.backup_slot)
+    np.testing.assert_array_equal(g.backup_values.view(np.uint8), ref.backup_values.view(np.uint8))
+    # Slots are authoritative (and fully specified) for every row: first min(count, S) entries in column order.
+    np.testing.assert_array_equal(g.indices, ref.indices)
+    np.testing.assert_array_equal(g.values.view(np.uint8), ref.values.view(np.uint8))
+
+
+@given(
+    m=st.integers(1, 70),
+    n=st.integers(1, 700),
+    tile_width=st.sampled_from([32, 64, 128, 256]),
+    log2c=st.integers(0, 5),
+    density=st.sampled_from([0.0, 0.01, 0.05, 0.2, 0.6]),
+    dtype=st.sampled_from(DTYPES),
+    threshold=st.one_of(st.none(), st.integers(0, 40)),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_pack_twell_matches_reference(cp, m, n, tile_width, log2c, density, dtype, threshold, seed):
+    compression = min(2**log2c, tile_width)
+    rng = np.random.default_rng(seed)
+    a = _random_sparse(rng, m, n, density, dtype, full_rows=[0] if m > 2 else (), empty_rows=[m - 1])
+    ref = reference.pack_twell(a, tile_width, compression, threshold)
+    gpu = twell.pack_twell(cp.asarray(a), tile_width, compression, threshold)
+    _assert_twell_equal(gpu, ref)
+    back = twell.unpack_twell(gpu)
+    np.testing.assert_array_equal(back.get().view(np.uint8), a.view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_twell_capacity_edges(cp, dtype):
+    """Tiles exactly at capacity stay compact; one over routes the row to the backup."""
+    tile_width, compression = 64, 4  # 16 slots
+    m, n = 6, 200
+    a = np.zeros((m, n), np.float32)
+    a[0, :16] = np.arange(1, 17)          # exactly at capacity in tile 0
+    a[1, 64:81] = np.arange(1, 18)        # one over in tile 1
+    a[2, 192:200] = 5.0                   # partial last tile
+    a[3] = np.linspace(-1, 1, n)          # every tile overflows
+    a[4, ::3] = 2.0
+    a = a.astype(_np_dtype(dtype))
+    gpu = twell.pack_twell(cp.asarray(a), tile_width, compression)
+    ref = reference.pack_twell(a, tile_width, compression)
+    _assert_twell_equal(gpu, ref)
+    assert 0 not in gpu.backup_rows.get() and 1 in gpu.backup_rows.get() and 3 in gpu.backup_rows.get()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_twell_relu_mode_keeps_nan(cp, dtype):
+    from twell.kernels import pack as gpu_pack
+
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((33, 300)).astype(np.float32)
+    z[5, 7] = np.nan
+    z = z.astype(_np_dtype(dtype))
+    tw = gpu_pack.pack_twell(cp.asarray(z), 256, 2, 300, relu=True)
+    dense = twell.unpack_twell(tw).get().astype(np.float32)
+    want = np.where(~(z.astype(np.float32) <= 0), z.astype(np.float32), 0)
+    np.testing.assert_array_equal(np.isnan(dense), np.isnan(want))
+    np.testing.assert_array_equal(np.nan_to_num(dense), np.nan_to_num(want))
+
+
+@given(
+    m=st.integers(1, 60), n=st.integers(1, 600), threshold=st.integers(0, 50),
+    density=st.sampled_from([0.0, 0.02, 0.1, 0.5]), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1),
+)
+def test_pack_hybrid_matches_reference(cp, m, n, threshold, density, dtype, seed):
+    rng = np.random.default_rng(seed)
+    a = _random_sparse(rng, m, n, density, dtype, full_rows=[m // 2], empty_rows=[0])
+    ref = reference.pack_hybrid(a, threshold, True)
+    gpu = twell.pack_hybrid(cp.asarray(a), threshold, True).host()
+    for f in ("row_ptr", "col_indices", "backup_slot", "backup_rows"):
+        np.testing.assert_array_equal(getattr(gpu, f), getattr(ref, f), err_msg=f)
+    np.testing.assert_array_equal(gpu.values.view(np.uint8), ref.values.view(np.uint8))
+    np.testing.assert_array_equal(gpu.backup_values.view(np.uint8), ref.backup_values.view(np.uint8))
+    for f in ("col_ptr", "row_indices", "positions"):
+        np.testing.assert_array_equal(getattr(gpu.transposed, f), getattr(ref.transposed, f), err_msg=f)
+    back = twell.unpack_hybrid(twell.pack_hybrid(cp.asarray(a), threshold, False)).get()
+    np.testing.assert_array_equal(back.view(np.uint8), a.view(np.uint8))
+
+
+def test_pack_is_deterministic(cp):
+    rng = np.random.default_rng(11)
+    a = cp.asarray(_random_sparse(rng, 2048, 5632, 0.01, "bfloat16"))
+    first = twell.pack_twell(a).host()
+    for _ in range(5):
+        again = twell.pack_twell(a).host()
+        np.testing.assert_array_equal(again.indices, first.indices)
+        np.testing.assert_array_equal(again.values.view(np.uint8), first.values.view(np.uint8))
+
+
+def test_gpu_pack_bad_input(cp):
+    a = cp.ones((4, 64), dtype=cp.float32)
+    with pytest.raises(ValueError, match="dense must be C-contiguous"):
+        twell.pack_twell(cp.asfortranarray(cp.ones((4, 64), cp.float32)))
+    with pytest.raises(TypeError, match="dense has dtype float64"):
+        twell.pack_twell(a.astype(cp.float64))
+    with pytest.raises(ValueError, match="tile_width"):
+        twell.pack_twell(a, tile_width=48)
+    with pytest.raises(ValueError, match="compression"):
+        twell.pack_twell(a, tile_width=64, compression=3)
+    with pytest.raises(ValueError, match="dense must be 2-D"):
+        twell.pack_twell(cp.ones(5, cp.float32))

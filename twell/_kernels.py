@@ -1,0 +1,265 @@
+"""Kernel loader: CUDA sources -> one ``cupy.RawModule`` per kernel family.
+
+* :func:`cuda_src_dir` finds the ``.cu``/``.cuh`` files (package data in a wheel,
+  ``cuda_src/`` in a source checkout or editable install).
+* :func:`family_source` inlines the family's local headers into one source
+  string, because CuPy's on-disk cache key hashes the source text and options,
+  not headers reached through ``-I``.
+* :func:`get_kernel` builds (lazily, once per family and device) a
+  ``RawModule`` with every name expression of the family, the family's options
+  and an explicit architecture (``sm_90a`` on compute capability 9.0).
+* :func:`nvrtc_compile` compiles the same source with the same options through
+  NVRTC only (no GPU needed) and reports registers, stack and spills per kernel.
+
+Kernel families register themselves from their launcher modules in
+:mod:`twell.kernels` (importing those needs no GPU and never imports CuPy).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "CTYPE",
+    "KernelFamily",
+    "register_family",
+    "families",
+    "cuda_src_dir",
+    "family_source",
+    "device_arch",
+    "get_module",
+    "get_kernel",
+    "nvrtc_compile",
+    "KernelResources",
+]
+
+#: C++ type of each supported device dtype (by numpy dtype name).
+CTYPE = {"bfloat16": "__nv_bfloat16", "float16": "__half", "float32": "float"}
+
+BASE_OPTIONS = ("-std=c++17",)
+
+
+@dataclass(frozen=True)
+class KernelFamily:
+    """One ``.cu`` file compiled into one ``RawModule``.
+
+    Attributes
+    ----------
+    name : str
+        Family name (the ``.cu`` file's stem).
+    name_expressions : tuple of str
+        Every kernel instantiation the launchers use (templates included).
+    options : tuple of str
+        Extra NVRTC options.
+    requires_sm90a : bool
+        The family uses Hopper-only instructions (wgmma, setmaxnreg).
+    """
+
+    name: str
+    name_expressions: tuple
+    options: tuple = ()
+    requires_sm90a: bool = False
+    hot_kernels: tuple = field(default=())  # name-expression prefixes that must not spill
+
+    @property
+    def source_file(self) -> str:
+        return f"{self.name}.cu"
+
+
+_FAMILIES: dict[str, KernelFamily] = {}
+_lock = threading.Lock()
+_modules: dict = {}
+
+
+def register_family(family: KernelFamily) -> KernelFamily:
+    """Register a kernel family (idempotent for an identical family)."""
+    old = _FAMILIES.get(family.name)
+    if old is not None and old != family:
+        raise ValueError(f"kernel family {family.name!r} registered twice with different contents")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def families() -> dict[str, KernelFamily]:
+    """All registered families (imports :mod:`twell.kernels` so every launcher registers)."""
+    from . import kernels  # noqa: F401, PLC0415
+    return dict(_FAMILIES)
+
+
+def cuda_src_dir() -> Path:
+    """Directory holding the CUDA sources.
+
+    Looks for the ``twell/cuda_src`` package data of an installed wheel first,
+    then the ``cuda_src/`` directory of a source checkout.
+    """
+    here = Path(__file__).resolve().parent
+    candidates = [here / "cuda_src", here.parent / "cuda_src"]
+    try:
+        from importlib import resources  # noqa: PLC0415
+        res = resources.files("twell.cuda_src")
+        candidates.insert(0, Path(str(res)))
+    except Exception:
+        pass
+    for c in candidates:
+        if c.is_dir() and any(c.glob("*.cu")):
+            return c
+    raise FileNotFoundError(
+        "twell could not find its CUDA sources (cuda_src/*.cu); looked in: " + ", ".join(map(str, candidates))
+    )
+
+
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
+
+
+def _inline(text: str, directory: Path, seen: set) -> str:
+    def repl(m):
+        name = m.group(1)
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"local header {name!r} not found in {directory}")
+        if name in seen:
+            return f"// (already inlined: {name})"
+        seen.add(name)
+        body = _inline(path.read_text(), directory, seen)
+        return f"// ---- begin {name}\n{body}\n// ---- end {name}"
+
+    return _INCLUDE.sub(repl, text)
+
+
+def family_source(name: str) -> str:
+    """Source of a family with every local ``#include "x.cuh"`` inlined."""
+    d = cuda_src_dir()
+    path = d / f"{name}.cu"
+    if not path.is_file():
+        raise FileNotFoundError(f"no CUDA source for kernel family {name!r}: {path}")
+    return _inline(path.read_text(), d, set())
+
+
+def _family(name: str) -> KernelFamily:
+    fam = _FAMILIES.get(name)
+    if fam is None:
+        families()
+        fam = _FAMILIES.get(name)
+    if fam is None:
+        raise KeyError(f"unknown kernel family {name!r}; known: {sorted(_FAMILIES)}")
+    return fam
+
+
+def arch_for_capability(cc: str) -> str:
+    """``sm_90a`` for compute capability 9.0 (Hopper-only instructions), else ``sm_XY``."""
+    return "sm_90a" if cc == "90" else f"sm_{cc}"
+
+
+def device_arch(device_id: int | None = None) -> str:
+    """Architecture string used for the current (or given) CUDA device."""
+    import cupy  # noqa: PLC0415
+    dev = cupy.cuda.Device(device_id)
+    return arch_for_capability(dev.compute_capability)
+
+
+def _options(fam: KernelFamily, arch: str) -> tuple:
+    return BASE_OPTIONS + tuple(fam.options) + (f"-arch={arch}",)
+
+
+def get_module(name: str):
+    """The compiled ``cupy.RawModule`` of a family for the current device (memoized)."""
+    import cupy  # noqa: PLC0415
+
+    fam = _family(name)
+    dev = cupy.cuda.Device()
+    key = (name, dev.id)
+    mod = _modules.get(key)
+    if mod is not None:
+        return mod
+    with _lock:
+        mod = _modules.get(key)
+        if mod is None:
+            arch = arch_for_capability(dev.compute_capability)
+            if fam.requires_sm90a and arch != "sm_90a":
+                raise RuntimeError(f"kernel family {name!r} needs a Hopper GPU (sm_90a); this device is {arch}")
+            mod = cupy.RawModule(
+                code=family_source(name),
+                options=_options(fam, arch),
+                name_expressions=list(fam.name_expressions),
+            )
+            mod.compile()
+            _modules[key] = mod
+    return mod
+
+
+def get_kernel(name: str, name_expression: str):
+    """One kernel (``cupy.RawKernel``) of a family, by its name expression."""
+    fam = _family(name)
+    if name_expression not in fam.name_expressions:
+        raise KeyError(f"{name_expression!r} is not a registered name expression of family {name!r}")
+    return get_module(name).get_function(name_expression)
+
+
+@dataclass
+class KernelResources:
+    """Resource usage of one compiled kernel (from ptxas ``-v``)."""
+
+    name_expression: str
+    mangled: str
+    registers: int
+    stack_bytes: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+
+
+_RE_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_RE_PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_RE_REGS = re.compile(r"Used (\d+) registers")
+_RE_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def _parse_ptxas(log: str, mapping: dict) -> list:
+    demangled = {v: k for k, v in mapping.items()}
+    out, cur = [], None
+    for line in log.splitlines():
+        m = _RE_ENTRY.search(line)
+        if m:
+            cur = {"mangled": m.group(1), "registers": 0, "stack": 0, "ss": 0, "sl": 0, "smem": 0}
+            out.append(cur)
+            continue
+        if cur is None:
+            continue
+        m = _RE_PROPS.search(line)
+        if m:
+            cur["stack"], cur["ss"], cur["sl"] = map(int, m.groups())
+        m = _RE_REGS.search(line)
+        if m:
+            cur["registers"] = int(m.group(1))
+            s = _RE_SMEM.search(line)
+            if s:
+                cur["smem"] = int(s.group(1))
+    return [
+        KernelResources(demangled.get(c["mangled"], c["mangled"]), c["mangled"], c["registers"], c["stack"],
+                        c["ss"], c["sl"], c["smem"])
+        for c in out
+    ]
+
+
+def nvrtc_compile(name: str, arch: str = "sm_90a") -> list:
+    """Compile a family with NVRTC only (no GPU needed) and return per-kernel :class:`KernelResources`.
+
+    Uses the same source string, options and name expressions as
+    :func:`get_module`, plus ``-Xptxas=-v`` for the resource report.  Relies on
+    CuPy's private ``assemble_cupy_compiler_options`` and ``_NVRTCProgram``
+    (present in CuPy 14.x, which ``pyproject.toml`` pins).
+    """
+    import cupy._core.core as core  # noqa: PLC0415
+    from cupy.cuda import compiler  # noqa: PLC0415
+
+    fam = _family(name)
+    options = core.assemble_cupy_compiler_options(_options(fam, arch) + ("-Xptxas=-v", "-ftz=true"))
+    prog = compiler._NVRTCProgram(family_source(name), f"{name}.cu",
+                                  name_expressions=list(fam.name_expressions), method="cubin")
+    log = io.StringIO()
+    _, mapping = prog.compile(options, log_stream=log)
+    return _parse_ptxas(log.getvalue(), mapping)

@@ -1,0 +1,127 @@
+"""GPU orchestration of the public FFN ops (arguments already validated by :mod:`twell.ffn`).
+
+Everything runs on the current CuPy stream.  The only host synchronisation in
+the inference ops is the 8-byte read-back of (backup rows, overflowed rows),
+which is enqueued right after the pack kernel and waited for while the fused
+up/down kernel runs, so the GPU does not idle.
+"""
+
+from __future__ import annotations
+
+from ..format import TwELL, twell_layout
+from ..results import FFNStats
+from . import ffn_forward, pack
+from ._launch import HostReadback
+
+
+def _cp():
+    import cupy  # noqa: PLC0415
+    return cupy
+
+
+def _effective_threshold(threshold: int, n: int, tile_width: int, compression: int) -> int:
+    n_tiles, slots = twell_layout(n, tile_width, compression)
+    return min(threshold, ffn_forward.MAX_LIST, n_tiles * slots)
+
+
+def _output(out, m, d, dtype):
+    cp = _cp()
+    if out is None:
+        return cp.empty((m, d), dtype=dtype)
+    return out
+
+
+def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold, return_stats, gated, out):
+    """gate GEMM (cuBLAS) -> TwELL pack -> fused up/down (compact rows) + cuBLAS (backup rows)."""
+    cp = _cp()
+    m, d = x.shape
+    n = w_down.shape[0]
+    eff = _effective_threshold(threshold, n, tile_width, compression)
+    z = cp.matmul(x, w_first.T)                                        # (M, n)
+    p = pack.pack_twell_async(z, tile_width, compression, eff, relu=True, neuron_counts=return_stats)
+    readback = HostReadback(p.n_backup_dev, p.n_overflow_dev)
+    y = _output(out, m, d, x.dtype)
+    ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.backup_slot, w_up, w_down, tile_width, y,
+                              gated=gated)
+    n_backup, n_overflow = readback.wait()
+    if n_backup:
+        rows = p.backup_rows_buf[:n_backup]
+        zr = z[rows]
+        h = ffn_forward.gate_mul(zr, cp.matmul(x[rows], w_up.T), relu=True) if gated else pack.relu_keep_nan(zr)
+        y[rows] = cp.matmul(h, w_down)
+    if not return_stats:
+        return y
+    nnz = p.row_nnz.sum(dtype=cp.int64)
+    stats = FFNStats(n_rows=m, n_cols=n, nnz=nnz, l0=nnz / max(m, 1), l1=None, neuron_counts=p.neuron_counts,
+                     n_backup_rows=n_backup, n_overflow_rows=n_overflow)
+    return y, stats
+
+
+def gated_ffn(x, w_gate, w_up, w_down, tile_width, compression, threshold, return_stats, out=None):
+    """GPU gated FFN (see :func:`twell.gated_ffn`)."""
+    return _sparse_forward(x, w_gate, w_up, w_down, tile_width, compression, threshold, return_stats, True, out)
+
+
+def ffn(x, w_up, w_down, tile_width, compression, threshold, return_stats, out=None):
+    """GPU non-gated FFN (see :func:`twell.ffn`)."""
+    return _sparse_forward(x, w_up, w_up, w_down, tile_width, compression, threshold, return_stats, False, out)
+
+
+def _long_compact_rows(tw: TwELL):
+    """Compact rows whose active list exceeds the kernel's MAX_LIST (only possible in user-built TwELL)."""
+    cp = _cp()
+    nnz = cp.minimum(tw.counts, tw.slots).sum(axis=1)
+    return cp.flatnonzero((nnz > ffn_forward.MAX_LIST) & (tw.backup_slot < 0)).astype(cp.int32)
+
+
+def _twell_rows_dense(tw: TwELL, rows):
+    """Dense rows of a TwELL's compact part."""
+    cp = _cp()
+    sub = TwELL(tw.counts[rows], tw.indices[rows], tw.values[rows], cp.full(rows.shape[0], -1, cp.int32),
+                cp.zeros(0, cp.int32), cp.zeros((0, tw.n_cols), tw.dtype), tw.n_cols, tw.tile_width,
+                tw.dense_row_threshold)
+    return pack.unpack_twell(sub)
+
+
+def _sparse_product(x, tw: TwELL, w_up, w_down, gated: bool, out):
+    cp = _cp()
+    m, d = x.shape
+    y = _output(out, m, d, x.dtype)
+    long_rows = _long_compact_rows(tw)   # host sync (size of the result), user-built TwELL only
+    backup_slot = tw.backup_slot
+    if long_rows.size:
+        backup_slot = backup_slot.copy()
+        backup_slot[long_rows] = 0       # any value >= 0: the kernel skips the row
+    ffn_forward.twell_up_down(x, tw.counts, tw.indices, tw.values, backup_slot, w_up, w_down, tw.tile_width, y,
+                              gated=gated)
+    for rows, g in ((tw.backup_rows, tw.backup_values), (long_rows, None)):
+        if rows.size == 0:
+            continue
+        if g is None:
+            g = _twell_rows_dense(tw, rows)
+        h = ffn_forward.gate_mul(g, cp.matmul(x[rows], w_up.T), relu=False) if gated else g
+        y[rows] = cp.matmul(h, w_down)
+    return y
+
+
+def gated_up_down(x, gate: TwELL, w_up, w_down, out=None):
+    """y = (g ⊙ (x w_upᵀ)) w_down for a TwELL ``gate`` holding g (see :func:`twell.gated_up_down`)."""
+    return _sparse_product(x, gate, w_up, w_down, True, out)
+
+
+def down_projection(h: TwELL, w_down, out=None):
+    """y = h w_down for a TwELL ``h`` (see :func:`twell.down_projection`)."""
+    cp = _cp()
+    m = h.n_rows
+    dummy_x = cp.empty((m, w_down.shape[1]), dtype=w_down.dtype)  # unread: non-gated kernel stages no x
+    return _sparse_product(dummy_x, h, w_down, w_down, False, out)
+
+
+def gated_ffn_forward(x, w_gate, w_up, w_down, l1_weight, threshold):
+    from . import train
+    return train.gated_ffn_forward(x, w_gate, w_up, w_down, l1_weight, threshold)
+
+
+def gated_ffn_backward(saved, dy):
+    from . import train
+    return train.gated_ffn_backward(saved, dy)

@@ -1,0 +1,260 @@
+"""Launchers of the ``pack`` kernel family (cuda_src/pack.cu): dense <-> TwELL / Hybrid on the GPU.
+
+Same op names as :mod:`twell.reference`.  Packing is split into an asynchronous
+part (kernels only) and a sizing step that reads the number of backup rows /
+compact entries back to the host; :func:`pack_twell` and :func:`pack_hybrid`
+do both, the FFN ops overlap the read-back with other kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .._kernels import KernelFamily, get_kernel, register_family
+from ..format import Hybrid, NeuronMajorPattern, TwELL, twell_layout
+from ._launch import NULL, HostReadback, aligned, cbool, ctype_of, device_matrix, grid_1d, i32
+
+TILE_WIDTHS = (32, 64, 128, 256)
+DEVICE_DTYPES = ("bfloat16", "float16", "float32")
+ROUTE_COMPACT, ROUTE_THRESHOLD, ROUTE_OVERFLOW = 0, 1, 2
+
+_names = []
+for _d in DEVICE_DTYPES:
+    _t = ctype_of(_d, "dtype")
+    for _w in TILE_WIDTHS:
+        for _r in (True, False):
+            for _v in (True, False):
+                _names.append(f"pack_twell<{_t}, {_w}, {cbool(_r)}, {cbool(_v)}>")
+    for _r in (True, False):
+        for _v in (True, False):
+            _names.append(f"count_row_entries<{_t}, {cbool(_r)}, {cbool(_v)}>")
+            _names.append(f"fill_hybrid_rows<{_t}, {cbool(_r)}, {cbool(_v)}>")
+    _names.append(f"unpack_twell<{_t}>")
+    _names.append(f"unpack_hybrid_rows<{_t}>")
+_names.append("scatter_backup_rows")
+
+FAMILY = register_family(KernelFamily("pack", tuple(_names), hot_kernels=("pack_twell<",)))
+
+WARPS_PER_BLOCK = 8
+
+
+def _cp():
+    import cupy  # noqa: PLC0415
+    return cupy
+
+
+@dataclass
+class TwellPending:
+    """TwELL arrays produced on the device before the backup has been sized (no host sync yet)."""
+
+    counts: object
+    indices: object
+    values: object
+    row_nnz: object
+    row_route: object
+    backup_slot: object
+    backup_rows_buf: object  # capacity M; the first n_backup entries are valid
+    n_backup_dev: object  # 0-d int32 device array
+    n_overflow_dev: object
+    n_cols: int
+    tile_width: int
+    dense_row_threshold: int
+    neuron_counts: object = None
+
+
+def pack_twell_async(dense, tile_width: int, compression: int, dense_row_threshold: int, *, relu: bool = False,
+                     neuron_counts: bool = False) -> TwellPending:
+    """Launch the TwELL pack of ``dense`` (M, n) and the backup-row compaction; no host sync.
+
+    ``relu=True`` keeps entries where ``not (v <= 0)`` (the gate epilogue: the
+    values are relu(z)), otherwise non-zeros.
+    """
+    cp = _cp()
+    m, n = dense.shape
+    n_tiles, slots = twell_layout(n, tile_width, compression)
+    e = tile_width // 32
+    ct = ctype_of(dense.dtype, "dense")
+    vec = n % e == 0 and aligned(dense, e * dense.dtype.itemsize)
+    counts = cp.empty((m, n_tiles), dtype=cp.int32)
+    indices = cp.empty((m, n_tiles, slots), dtype=cp.uint8)
+    values = cp.empty((m, n_tiles, slots), dtype=dense.dtype)
+    row_nnz = cp.empty(m, dtype=cp.int32)
+    row_route = cp.empty(m, dtype=cp.int32)
+    ncounts = cp.zeros(n, dtype=cp.int32) if neuron_counts else None
+    if m:
+        k = get_kernel("pack", f"pack_twell<{ct}, {tile_width}, {cbool(relu)}, {cbool(vec)}>")
+        k((grid_1d(m, WARPS_PER_BLOCK, cap=2**31 - 1),), (32 * WARPS_PER_BLOCK,),
+          (dense, i32(m), i32(n), i32(n_tiles), i32(slots), i32(dense_row_threshold), counts, indices, values,
+           row_nnz, row_route, NULL if ncounts is None else ncounts))
+    backup_slot, backup_rows_buf, n_backup, n_overflow = _route_rows(row_route)
+    return TwellPending(counts, indices, values, row_nnz, row_route, backup_slot, backup_rows_buf, n_backup,
+                        n_overflow, n, tile_width, dense_row_threshold, ncounts)
+
+
+def _route_rows(row_route):
+    """backup_slot (M,), backup_rows buffer (M,), and device counts of backup / overflow rows."""
+    cp = _cp()
+    m = row_route.shape[0]
+    backup_slot = cp.empty(m, dtype=cp.int32)
+    backup_rows_buf = cp.empty(max(m, 1), dtype=cp.int32)
+    if m == 0:
+        zero = cp.zeros((), dtype=cp.int32)
+        return backup_slot, backup_rows_buf, zero, zero.copy()
+    prefix = cp.cumsum(row_route != ROUTE_COMPACT, dtype=cp.int32)
+    k = get_kernel("pack", "scatter_backup_rows")
+    k((grid_1d(m, 256, cap=4096),), (256,), (row_route, prefix, i32(m), backup_slot, backup_rows_buf))
+    n_overflow = (row_route == ROUTE_OVERFLOW).sum(dtype=cp.int32)
+    return backup_slot, backup_rows_buf, prefix[-1], n_overflow
+
+
+def relu_keep_nan(a):
+    """relu that keeps NaN (``where(not a <= 0, a, 0)``), like the dense relu and the pack kernels."""
+    cp = _cp()
+    return cp.where(~(a <= 0), a, cp.zeros((), dtype=a.dtype))
+
+
+def finish_twell(p: TwellPending, dense, n_backup: int, *, relu: bool = False) -> TwELL:
+    """Build the :class:`TwELL` once the number of backup rows is known (gathers their dense rows)."""
+    backup_rows = p.backup_rows_buf[:n_backup]
+    backup_values = dense[backup_rows] if n_backup else dense[:0]
+    if relu:
+        backup_values = relu_keep_nan(backup_values)
+    return TwELL(p.counts, p.indices, p.values, p.backup_slot, backup_rows, backup_values, p.n_cols,
+                 p.tile_width, p.dense_row_threshold)
+
+
+def pack_twell(dense, tile_width: int, compression: int, dense_row_threshold: int, *, relu: bool = False) -> TwELL:
+    """GPU pack of a dense (M, n) matrix into TwELL (one host sync to size the backup)."""
+    dense = device_matrix(dense, "dense")
+    p = pack_twell_async(dense, tile_width, compression, dense_row_threshold, relu=relu)
+    (n_backup,) = HostReadback(p.n_backup_dev).wait()
+    return finish_twell(p, dense, n_backup, relu=relu)
+
+
+def unpack_twell(tw: TwELL):
+    """Dense (M, n) array of a device TwELL."""
+    cp = _cp()
+    m, n = tw.shape
+    dense = cp.zeros((m, n), dtype=tw.dtype)
+    total = m * tw.n_tiles * tw.slots
+    if total:
+        k = get_kernel("pack", f"unpack_twell<{ctype_of(tw.dtype, 'values')}>")
+        k((grid_1d(total, 256),), (256,),
+          (tw.counts, tw.indices, tw.values, tw.backup_slot, i32(m), i32(n), i32(tw.n_tiles), i32(tw.slots),
+           i32(tw.tile_width), dense))
+    if tw.n_backup:
+        dense[tw.backup_rows] = tw.backup_values
+    return dense
+
+
+# --------------------------------------------------------------------------- hybrid
+
+
+@dataclass
+class HybridPending:
+    """Hybrid routing computed on the device before sizing (row_ptr valid, entries not written)."""
+
+    row_nnz: object
+    row_ptr: object
+    backup_slot: object
+    backup_rows_buf: object
+    nnz_dev: object
+    n_backup_dev: object
+    neuron_counts: object
+    n_cols: int
+    dense_row_threshold: int
+
+
+def pack_hybrid_async(dense, dense_row_threshold: int, *, relu: bool = False, neuron_counts: bool = False):
+    """Count entries per row, route rows, scan offsets; no host sync."""
+    cp = _cp()
+    m, n = dense.shape
+    ct = ctype_of(dense.dtype, "dense")
+    vec = n % 8 == 0 and aligned(dense, 8 * dense.dtype.itemsize)
+    row_nnz = cp.empty(m, dtype=cp.int32)
+    ncounts = cp.zeros(n, dtype=cp.int32) if neuron_counts else None
+    if m:
+        k = get_kernel("pack", f"count_row_entries<{ct}, {cbool(relu)}, {cbool(vec)}>")
+        k((grid_1d(m, WARPS_PER_BLOCK, cap=2**31 - 1),), (32 * WARPS_PER_BLOCK,),
+          (dense, i32(m), i32(n), row_nnz, NULL if ncounts is None else ncounts))
+    route = (row_nnz > dense_row_threshold).astype(cp.int32)
+    backup_slot, backup_rows_buf, n_backup, _ = _route_rows(route)
+    compact_len = cp.where(route == 0, row_nnz, 0)
+    row_ptr = cp.zeros(m + 1, dtype=cp.int32)
+    if m:
+        cp.cumsum(compact_len, dtype=cp.int32, out=row_ptr[1:])
+    return HybridPending(row_nnz, row_ptr, backup_slot, backup_rows_buf, row_ptr[-1], n_backup, ncounts, n,
+                         dense_row_threshold)
+
+
+def finish_hybrid(p: HybridPending, dense, nnz: int, n_backup: int, *, relu: bool = False,
+                  transpose: bool = True, values_from=None) -> Hybrid:
+    """Write the compact entries (and optionally the transposed pattern) once sizes are known."""
+    cp = _cp()
+    m, n = dense.shape
+    ct = ctype_of(dense.dtype, "dense")
+    vec = n % 8 == 0 and aligned(dense, 8 * dense.dtype.itemsize)
+    col_indices = cp.empty(nnz, dtype=cp.int32)
+    values = cp.empty(nnz, dtype=dense.dtype)
+    if m:
+        k = get_kernel("pack", f"fill_hybrid_rows<{ct}, {cbool(relu)}, {cbool(vec)}>")
+        k((grid_1d(m, WARPS_PER_BLOCK, cap=2**31 - 1),), (32 * WARPS_PER_BLOCK,),
+          (dense, i32(m), i32(n), p.row_ptr, p.backup_slot, col_indices, values))
+    backup_rows = p.backup_rows_buf[:n_backup]
+    backup_values = dense[backup_rows] if n_backup else dense[:0]
+    if relu:
+        backup_values = relu_keep_nan(backup_values)
+    hy = Hybrid(p.row_ptr, col_indices, values, p.backup_slot, backup_rows, backup_values, n,
+                p.dense_row_threshold)
+    if transpose:
+        hy = Hybrid(hy.row_ptr, hy.col_indices, hy.values, hy.backup_slot, hy.backup_rows, hy.backup_values, n,
+                    hy.dense_row_threshold, transpose_pattern(hy))
+    return hy
+
+
+def pack_hybrid(dense, dense_row_threshold: int, transpose: bool = True, *, relu: bool = False) -> Hybrid:
+    """GPU pack of a dense (M, n) matrix into the Hybrid format (one host sync to size it)."""
+    dense = device_matrix(dense, "dense")
+    p = pack_hybrid_async(dense, dense_row_threshold, relu=relu)
+    nnz, n_backup = HostReadback(p.nnz_dev, p.n_backup_dev).wait()
+    return finish_hybrid(p, dense, nnz, n_backup, relu=relu, transpose=transpose)
+
+
+def unpack_hybrid(hy: Hybrid):
+    """Dense (M, n) array of a device Hybrid."""
+    cp = _cp()
+    m, n = hy.shape
+    dense = cp.zeros((m, n), dtype=hy.dtype)
+    if m:
+        k = get_kernel("pack", f"unpack_hybrid_rows<{ctype_of(hy.dtype, 'values')}>")
+        k((grid_1d(m, WARPS_PER_BLOCK, cap=2**31 - 1),), (32 * WARPS_PER_BLOCK,),
+          (hy.row_ptr, hy.col_indices, hy.values, i32(m), i32(n), dense))
+    if hy.n_backup:
+        dense[hy.backup_rows] = hy.backup_values
+    return dense
+
+
+def transpose_pattern(hy: Hybrid) -> NeuronMajorPattern:
+    """Neuron-major pattern of a device Hybrid: histogram + scan + stable radix scatter (CUB via CuPy).
+
+    ``positions`` is a stable argsort of ``col_indices``: entries of a column
+    come out in ascending row order, so the result is unique (deterministic).
+    """
+    cp = _cp()
+    n = hy.n_cols
+    col_counts = cp.bincount(hy.col_indices, minlength=n).astype(cp.int32) if hy.nnz else cp.zeros(n, cp.int32)
+    col_ptr = cp.zeros(n + 1, dtype=cp.int32)
+    cp.cumsum(col_counts, dtype=cp.int32, out=col_ptr[1:])
+    positions = cp.argsort(hy.col_indices, kind="stable").astype(cp.int32) if hy.nnz else cp.zeros(0, cp.int32)
+    row_of_entry = _entry_rows(hy.row_ptr, hy.nnz)
+    row_indices = row_of_entry[positions] if hy.nnz else cp.zeros(0, cp.int32)
+    return NeuronMajorPattern(col_ptr, row_indices, positions)
+
+
+def _entry_rows(row_ptr, nnz: int):
+    """Row id of every CSR entry (searchsorted over row_ptr, no host sync)."""
+    cp = _cp()
+    if nnz == 0:
+        return cp.zeros(0, dtype=cp.int32)
+    return (cp.searchsorted(row_ptr, cp.arange(nnz, dtype=cp.int32), side="right") - 1).astype(cp.int32)
+
