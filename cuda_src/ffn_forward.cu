@@ -12,109 +12,48 @@
 // dense backup (backup_slot >= 0) are skipped: the host computes them exactly with cuBLAS.
 // splits > 1 (decode: few rows, many CTAs per row): each split takes a contiguous part of the list and
 // writes an fp32 partial row; reduce_split_rows sums the partials in split order.
-#include "common.cuh"
+#include "ffn_common.cuh"
 
-#define FFN_THREADS 128
-#define FFN_WARPS (FFN_THREADS / 32)
-// Largest active list of a compact row.  The launcher routes rows with more entries to the dense
-// backup, so this is never exceeded (see twell/kernels/ffn_forward.py: MAX_LIST).
-#define MAX_LIST 512
-#define SLAB_CHUNKS 2   // 16-byte chunks of y per thread per slab
-
-template <typename T, bool VEC> struct Vec {
-    static constexpr int N = VEC ? (int)(16 / sizeof(T)) : 1;   // elements per chunk
-};
-
-// Block-wide exclusive scan of one int per thread (FFN_THREADS threads); returns the block total.
-__device__ __forceinline__ int block_exclusive_scan(int v, int* warp_totals, int& total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int incl = warp_inclusive_scan(v);
-    if (lane == 31) warp_totals[warp] = incl;
-    __syncthreads();
-    int offset = 0;
-    total = 0;
+// ---------------------------------------------------------------- CTA-per-row building blocks
+// list_val[e] := h_e = g_e * (x . w_up[list_col[e]]) for e in [lo, hi); one warp per entry.
+// u_out (nullable): u_e is stored, rounded, at u_out[e].  Returns, in lane 0, this warp's sum of |h_e|.
+template <typename T, bool VEC>
+__device__ __forceinline__ float up_phase(const int* list_col, float* list_val, int lo, int hi,
+                                          const T* xs, const T* __restrict__ w_up, int d,
+                                          T* __restrict__ u_out = nullptr) {
+    constexpr int CW = Vec<T, VEC>::N;
+    const int d_chunks = d / CW, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float l1 = 0.f;
+    for (int e = lo + warp; e < hi; e += FFN_WARPS) {
+        const T* wr = w_up + (long long)list_col[e] * d;
+        float acc = 0.f;
+#pragma unroll 4
+        for (int c = lane; c < d_chunks; c += 32) {
+            Chunk<T, CW, VEC> w; w.load(wr + c * CW);
+            const T* xc = xs + c * CW;
 #pragma unroll
-    for (int w = 0; w < FFN_WARPS; ++w) {
-        const int t = warp_totals[w];
-        if (w < warp) offset += t;
-        total += t;
+            for (int k = 0; k < CW; ++k) acc = fmaf(to_f<T>(w.v[k]), to_f<T>(xc[k]), acc);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) {
+            const float h = list_val[e] * acc;
+            list_val[e] = h;
+            l1 += fabsf(h);
+            if (u_out) u_out[e] = from_f<T>(acc);
+        }
     }
-    __syncthreads();
-    return offset + incl - v;
+    return l1;
 }
 
-template <typename T, bool VEC, bool GATED>
-__global__ void __launch_bounds__(FFN_THREADS) twell_up_down(
-    const T* __restrict__ x, const int* __restrict__ counts, const u8* __restrict__ indices,
-    const T* __restrict__ values, const int* __restrict__ backup_slot,
-    const T* __restrict__ w_up, const T* __restrict__ w_down,
-    int M, int d, int n_tiles, int slots, int tile_width, int splits,
-    T* __restrict__ y, float* __restrict__ partial)
-{
+// sum over e in [lo, hi) of list_val[e] * w_down[list_col[e]], in list order, for the columns of one slab.
+// MODE 0: store to y (rounded); 1: store fp32 to part; 2: add fp32 to part.
+template <typename T, bool VEC, int MODE>
+__device__ __forceinline__ void down_phase(const int* list_col, const float* list_val, int lo, int hi,
+                                           const T* __restrict__ w_down, int d, T* __restrict__ yr,
+                                           float* __restrict__ part) {
     constexpr int CW = Vec<T, VEC>::N;
     typedef Chunk<T, CW, VEC> C;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    T* xs = reinterpret_cast<T*>(smem_raw);                       // d elements (GATED only)
-    __shared__ int list_col[MAX_LIST];
-    __shared__ float list_val[MAX_LIST];
-    __shared__ int warp_totals[FFN_WARPS];
-
-    const int row = blockIdx.x / splits;
-    const int split = blockIdx.x - row * splits;
-    if (row >= M || backup_slot[row] >= 0) return;               // uniform per CTA
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int d_chunks = d / CW;
-
-    // ---- 1. active list of the row (ascending column) and the x row
-    int list_len = 0;
-    for (int t0 = 0; t0 < n_tiles; t0 += FFN_THREADS) {
-        const int t = t0 + tid;
-        const int c = (t < n_tiles) ? min(counts[(long long)row * n_tiles + t], slots) : 0;
-        int chunk_total;
-        const int pos = list_len + block_exclusive_scan(c, warp_totals, chunk_total);
-        const long long base = ((long long)row * n_tiles + t) * slots;
-        for (int s = 0; s < c; ++s) {
-            if (pos + s < MAX_LIST) {
-                list_col[pos + s] = t * tile_width + indices[base + s];
-                list_val[pos + s] = to_f<T>(values[base + s]);
-            }
-        }
-        list_len += chunk_total;
-    }
-    list_len = min(list_len, MAX_LIST);
-    const T* xr = x + (long long)row * d;
-    if (GATED) {
-        for (int c = tid; c < d_chunks; c += FFN_THREADS) {
-            C ch; ch.load(xr + c * CW);
-#pragma unroll
-            for (int k = 0; k < CW; ++k) xs[c * CW + k] = ch.v[k];
-        }
-    }
-    __syncthreads();
-
-    // This work item's part of the list.
-    const int per = (list_len + splits - 1) / splits;
-    const int lo = min(split * per, list_len), hi = min(lo + per, list_len);
-
-    // ---- 2. h_j = g_j * (x . w_up[j])
-    if (GATED) {
-        for (int e = lo + warp; e < hi; e += FFN_WARPS) {
-            const T* wr = w_up + (long long)list_col[e] * d;
-            float acc = 0.f;
-#pragma unroll 4
-            for (int c = lane; c < d_chunks; c += 32) {
-                C w; w.load(wr + c * CW);
-                const T* xc = xs + c * CW;
-#pragma unroll
-                for (int k = 0; k < CW; ++k) acc = fmaf(to_f<T>(w.v[k]), to_f<T>(xc[k]), acc);
-            }
-            acc = warp_sum(acc);
-            if (lane == 0) list_val[e] *= acc;
-        }
-        __syncthreads();
-    }
-
-    // ---- 3. y[row] (+)= sum_j h_j * w_down[j]
+    const int d_chunks = d / CW, tid = threadIdx.x;
     for (int slab = 0; slab < d_chunks; slab += FFN_THREADS * SLAB_CHUNKS) {
         float acc[SLAB_CHUNKS][CW];
 #pragma unroll
@@ -160,23 +99,356 @@ __global__ void __launch_bounds__(FFN_THREADS) twell_up_down(
         for (int q = 0; q < SLAB_CHUNKS; ++q) {
             const int c = slab + q * FFN_THREADS + tid;
             if (c >= d_chunks) continue;
-            if (splits == 1) {
-                C out;
+            if (MODE == 0) {
 #pragma unroll
-                for (int k = 0; k < CW; ++k) out.v[k] = from_f<T>(acc[q][k]);
-                T* dst = y + (long long)row * d + c * CW;
-                if (VEC && (CW * sizeof(T)) % 16 == 0) *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<uint4*>(out.v);
-                else {
-#pragma unroll
-                    for (int k = 0; k < CW; ++k) dst[k] = out.v[k];
-                }
+                for (int k = 0; k < CW; ++k) yr[c * CW + k] = from_f<T>(acc[q][k]);
             } else {
-                float* dst = partial + ((long long)row * splits + split) * d + c * CW;
 #pragma unroll
-                for (int k = 0; k < CW; ++k) dst[k] = acc[q][k];
+                for (int k = 0; k < CW; ++k) part[c * CW + k] = (MODE == 2 ? part[c * CW + k] : 0.f) + acc[q][k];
             }
         }
     }
+}
+
+// ---------------------------------------------------------------- general TwELL kernel (any d, dtype)
+template <typename T, bool VEC, bool GATED>
+__global__ void __launch_bounds__(FFN_THREADS) twell_up_down(
+    const T* __restrict__ x, const int* __restrict__ counts, const u8* __restrict__ indices,
+    const T* __restrict__ values, const int* __restrict__ backup_slot,
+    const T* __restrict__ w_up, const T* __restrict__ w_down,
+    int M, int d, int n_tiles, int slots, int tile_width, int splits,
+    T* __restrict__ y, float* __restrict__ partial)
+{
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* xs = reinterpret_cast<T*>(smem_raw);                       // d elements (GATED only)
+    __shared__ int list_col[MAX_LIST];
+    __shared__ float list_val[MAX_LIST];
+    __shared__ int warp_totals[FFN_WARPS];
+
+    const int row = blockIdx.x / splits;
+    const int split = blockIdx.x - row * splits;
+    if (row >= M || backup_slot[row] >= 0) return;               // uniform per CTA
+    const int tid = threadIdx.x;
+
+    if (GATED) stage_row<T, VEC>(x + (long long)row * d, d, xs);
+    // Active list of the row in ascending column order (block prefix sum over tiles).
+    int list_len = 0;
+    for (int t0 = 0; t0 < n_tiles; t0 += FFN_THREADS) {
+        const int t = t0 + tid;
+        const int c = (t < n_tiles) ? min(counts[(long long)row * n_tiles + t], slots) : 0;
+        int chunk_total;
+        const int pos = list_len + block_exclusive_scan(c, warp_totals, chunk_total);
+        const long long base = ((long long)row * n_tiles + t) * slots;
+        for (int s = 0; s < c; ++s) {
+            if (pos + s < MAX_LIST) {
+                list_col[pos + s] = t * tile_width + indices[base + s];
+                list_val[pos + s] = to_f<T>(values[base + s]);
+            }
+        }
+        list_len += chunk_total;
+    }
+    list_len = min(list_len, MAX_LIST);
+    __syncthreads();
+
+    const int per = (list_len + splits - 1) / splits;
+    const int lo = min(split * per, list_len), hi = min(lo + per, list_len);
+    if (GATED) {
+        up_phase<T, VEC>(list_col, list_val, lo, hi, xs, w_up, d);
+        __syncthreads();
+    }
+    if (splits == 1)
+        down_phase<T, VEC, 0>(list_col, list_val, lo, hi, w_down, d, y + (long long)row * d, nullptr);
+    else
+        down_phase<T, VEC, 1>(list_col, list_val, lo, hi, w_down, d, nullptr,
+                              partial + ((long long)row * splits + split) * d);
+}
+
+// ---------------------------------------------------------------- decode: straight from the dense gate z
+// CTA per (row, split); no TwELL, no routing, no host sync: every row is exact whatever its activity.
+// The split takes ranks [lo, hi) of the row's entries (ascending column), in rounds of MAX_LIST,
+// and accumulates into a zero-initialised fp32 partial row (reduced by reduce_split_rows).  VEC: 16-byte loads of x / weights and
+// n % 8 == 0 for the z row.
+template <typename T, bool VEC, bool GATED>
+__global__ void __launch_bounds__(FFN_THREADS) dense_gate_up_down(
+    const T* __restrict__ x, const T* __restrict__ z, const T* __restrict__ w_up, const T* __restrict__ w_down,
+    int M, int d, int n, int splits, float* __restrict__ partial)
+{
+    constexpr int E = 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* xs = reinterpret_cast<T*>(smem_raw);
+    __shared__ int list_col[MAX_LIST];
+    __shared__ float list_val[MAX_LIST];
+    __shared__ int warp_totals[FFN_WARPS];
+    const int row = blockIdx.x / splits;
+    const int split = blockIdx.x - row * splits;
+    if (row >= M) return;
+    const int tid = threadIdx.x;
+    const T* zr = z + (long long)row * n;
+    float* part = partial + ((long long)row * splits + split) * d;
+
+    if (GATED) stage_row<T, VEC>(x + (long long)row * d, d, xs);
+    // Pass 1: entries in the row.
+    int cnt = 0;
+    for (int col0 = tid * E; col0 < n; col0 += FFN_THREADS * E) {
+        Chunk<T, E, VEC> ch;
+        if (VEC) ch.load(zr + col0); else ch.load_partial(zr + col0, n - col0);
+#pragma unroll
+        for (int k = 0; k < E; ++k) cnt += (col0 + k < n) && is_entry<true>(ch.v[k]);
+    }
+    int total;
+    block_exclusive_scan(cnt, warp_totals, total);
+    const int per = (total + splits - 1) / splits;
+    const int lo_all = min(split * per, total), hi_all = min(lo_all + per, total);
+    int round = 0;
+    for (int lo = lo_all; round == 0 || lo < hi_all; lo += MAX_LIST, ++round) {
+        const int hi = min(lo + MAX_LIST, hi_all);
+        // Pass 2: ranks [lo, hi) into the list.
+        int base_rank = 0;
+        for (int b = 0; b < n; b += FFN_THREADS * E) {
+            const int col0 = b + tid * E;
+            Chunk<T, E, VEC> ch;
+            if (col0 < n) { if (VEC) ch.load(zr + col0); else ch.load_partial(zr + col0, n - col0); }
+            else ch.load_partial(zr, 0);
+            unsigned mask = 0;
+#pragma unroll
+            for (int k = 0; k < E; ++k) if (col0 + k < n && is_entry<true>(ch.v[k])) mask |= 1u << k;
+            int chunk_total;
+            int r = base_rank + block_exclusive_scan(__popc(mask), warp_totals, chunk_total);
+#pragma unroll
+            for (int k = 0; k < E; ++k) {
+                if (mask & (1u << k)) {
+                    if (r >= lo && r < hi) { list_col[r - lo] = col0 + k; list_val[r - lo] = to_f<T>(ch.v[k]); }
+                    ++r;
+                }
+            }
+            base_rank += chunk_total;
+        }
+        __syncthreads();
+        const int len = max(hi - lo, 0);
+        if (GATED) {
+            up_phase<T, VEC>(list_col, list_val, 0, len, xs, w_up, d);
+            __syncthreads();
+        }
+        down_phase<T, VEC, 2>(list_col, list_val, 0, len, w_down, d, nullptr, part);
+
+        __syncthreads();
+    }
+}
+
+// ---------------------------------------------------------------- warp-per-row building blocks
+// One warp, one gated row: acc += sum_e h_e * w_down[j_e] with h_e = g_e * (x . w_up[j_e]), software
+// pipelined (w_down[j_e] and w_up[j_{e+1}] are in flight while x . w_up[j_e] is reduced).
+// u_out (nullable): u_e stored rounded at u_out[e].  Returns sum_e |h_e| (same value in every lane).
+template <typename T, int NC>
+__device__ __forceinline__ float warp_gated_row(const uint4 (&xr)[NC], const int* lcol, const float* lval,
+                                                int len, const T* __restrict__ w_up,
+                                                const T* __restrict__ w_down, float (&acc)[NC][8],
+                                                T* __restrict__ u_out) {
+    constexpr int D = NC * 256;
+    const int lane = threadIdx.x & 31;
+    const T* tag = nullptr;
+    float l1 = 0.f;
+    uint4 ucur[NC];
+    if (len > 0) {
+        const uint4* wu = reinterpret_cast<const uint4*>(w_up + (long long)lcol[0] * D);
+#pragma unroll
+        for (int k = 0; k < NC; ++k) ucur[k] = __ldg(wu + k * 32 + lane);
+    }
+    for (int e = 0; e < len; ++e) {
+        uint4 dv[NC], unext[NC];
+        const uint4* wd = reinterpret_cast<const uint4*>(w_down + (long long)lcol[e] * D);
+#pragma unroll
+        for (int k = 0; k < NC; ++k) dv[k] = __ldg(wd + k * 32 + lane);
+        if (e + 1 < len) {
+            const uint4* wu = reinterpret_cast<const uint4*>(w_up + (long long)lcol[e + 1] * D);
+#pragma unroll
+            for (int k = 0; k < NC; ++k) unext[k] = __ldg(wu + k * 32 + lane);
+        }
+        float dot = 0.f;
+#pragma unroll
+        for (int k = 0; k < NC; ++k) {
+            float fu[8], fx[8];
+            unpack8(ucur[k], fu, tag);
+            unpack8(xr[k], fx, tag);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) dot = fmaf(fu[i], fx[i], dot);
+        }
+        dot = warp_sum(dot);
+        const float h = lval[e] * dot;
+        l1 += fabsf(h);
+        if (u_out && lane == 0) u_out[e] = from_f<T>(dot);
+#pragma unroll
+        for (int k = 0; k < NC; ++k) {
+            float fd[8];
+            unpack8(dv[k], fd, tag);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[k][i] = fmaf(h, fd[i], acc[k][i]);
+        }
+#pragma unroll
+        for (int k = 0; k < NC; ++k) ucur[k] = unext[k];
+    }
+    return l1;
+}
+
+// One warp, one non-gated row: acc += sum_e lval[e] * w_down[lcol[e]], two rows in flight.
+template <typename T, int NC>
+__device__ __forceinline__ void warp_down_row(const int* lcol, const float* lval, int len,
+                                              const T* __restrict__ w_down, float (&acc)[NC][8]) {
+    constexpr int D = NC * 256;
+    const int lane = threadIdx.x & 31;
+    const T* tag = nullptr;
+    int e = 0;
+    for (; e + 2 <= len; e += 2) {
+        uint4 d0[NC], d1[NC];
+        const uint4* w0 = reinterpret_cast<const uint4*>(w_down + (long long)lcol[e] * D);
+        const uint4* w1 = reinterpret_cast<const uint4*>(w_down + (long long)lcol[e + 1] * D);
+#pragma unroll
+        for (int k = 0; k < NC; ++k) { d0[k] = __ldg(w0 + k * 32 + lane); d1[k] = __ldg(w1 + k * 32 + lane); }
+        const float h0 = lval[e], h1 = lval[e + 1];
+#pragma unroll
+        for (int k = 0; k < NC; ++k) {
+            float f0[8], f1[8];
+            unpack8(d0[k], f0, tag);
+            unpack8(d1[k], f1, tag);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[k][i] = fmaf(h1, f1[i], fmaf(h0, f0[i], acc[k][i]));
+        }
+    }
+    if (e < len) {
+        const uint4* w0 = reinterpret_cast<const uint4*>(w_down + (long long)lcol[e] * D);
+        const float h0 = lval[e];
+#pragma unroll
+        for (int k = 0; k < NC; ++k) {
+            float f0[8];
+            unpack8(__ldg(w0 + k * 32 + lane), f0, tag);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[k][i] = fmaf(h0, f0[i], acc[k][i]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- fast path: one warp per TwELL row
+// 16-bit T, d = 256 * NC.  x and y stay in registers; x and y use cache-streaming accesses so the
+// gathered weight rows keep L2.
+template <typename T, int NC, bool GATED>
+__global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) twell_up_down_warp(
+    const T* __restrict__ x, const int* __restrict__ counts, const u8* __restrict__ indices,
+    const T* __restrict__ values, const int* __restrict__ backup_slot,
+    const T* __restrict__ w_up, const T* __restrict__ w_down,
+    int M, int n_tiles, int slots, int tile_width, T* __restrict__ y, int* __restrict__ work_counter)
+{
+    constexpr int D = NC * 256;
+    __shared__ int s_col[WARP_KERNEL_WARPS][MAX_LIST];
+    __shared__ float s_val[WARP_KERNEL_WARPS][MAX_LIST];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int* lcol = s_col[warp];
+    float* lval = s_val[warp];
+    for (;;) {
+        const int row = next_row(work_counter);
+        if (row >= M) break;
+        if (backup_slot[row] >= 0) continue;
+        // Active list (ascending column): warp prefix sum over tiles.
+        int len = 0;
+        for (int t0 = 0; t0 < n_tiles; t0 += 32) {
+            const int t = t0 + lane;
+            const int c = (t < n_tiles) ? min(counts[(long long)row * n_tiles + t], slots) : 0;
+            const int incl = warp_inclusive_scan(c);
+            const int pos = len + incl - c;
+            const long long base = ((long long)row * n_tiles + t) * slots;
+            for (int s = 0; s < c; ++s) {
+                if (pos + s < MAX_LIST) {
+                    lcol[pos + s] = t * tile_width + indices[base + s];
+                    lval[pos + s] = to_f<T>(values[base + s]);
+                }
+            }
+            len += __shfl_sync(0xffffffffu, incl, 31);
+        }
+        len = min(len, MAX_LIST);
+        __syncwarp();
+        float acc[NC][8];
+        zero_acc<NC>(acc);
+        if (GATED) {
+            uint4 xr[NC];
+            load_row_stream<T, NC>(x + (long long)row * D, xr);
+            warp_gated_row<T, NC>(xr, lcol, lval, len, w_up, w_down, acc, nullptr);
+        } else {
+            warp_down_row<T, NC>(lcol, lval, len, w_down, acc);
+        }
+        store_row_stream<T, NC>(y + (long long)row * D, acc);
+        __syncwarp();
+    }
+}
+
+// ---------------------------------------------------------------- training forward (hybrid / CSR rows)
+// Fast path: one warp per compact row.  Also stores u_e at every entry (for the backward) and the
+// row's sum |h| (for the L1 statistic).  Backup rows (backup_slot >= 0) are skipped.
+template <typename T, int NC>
+__global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) csr_up_down_warp(
+    const T* __restrict__ x, const int* __restrict__ row_ptr, const int* __restrict__ col_indices,
+    const T* __restrict__ g_values, const int* __restrict__ backup_slot,
+    const T* __restrict__ w_up, const T* __restrict__ w_down, int M,
+    T* __restrict__ y, T* __restrict__ u_values, float* __restrict__ row_l1, int* __restrict__ work_counter)
+{
+    constexpr int D = NC * 256;
+    __shared__ int s_col[WARP_KERNEL_WARPS][MAX_LIST];
+    __shared__ float s_val[WARP_KERNEL_WARPS][MAX_LIST];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int* lcol = s_col[warp];
+    float* lval = s_val[warp];
+    for (;;) {
+        const int row = next_row(work_counter);
+        if (row >= M) break;
+        if (backup_slot[row] >= 0) continue;
+        const int p0 = row_ptr[row];
+        const int len = min(row_ptr[row + 1] - p0, MAX_LIST);
+        for (int i = lane; i < len; i += 32) {
+            lcol[i] = col_indices[p0 + i];
+            lval[i] = to_f<T>(g_values[p0 + i]);
+        }
+        __syncwarp();
+        float acc[NC][8];
+        zero_acc<NC>(acc);
+        uint4 xr[NC];
+        load_row_stream<T, NC>(x + (long long)row * D, xr);
+        const float l1 = warp_gated_row<T, NC>(xr, lcol, lval, len, w_up, w_down, acc, u_values + p0);
+        store_row_stream<T, NC>(y + (long long)row * D, acc);
+        if (lane == 0) row_l1[row] = l1;
+        __syncwarp();
+    }
+}
+
+// General path (any d, dtype): CTA per compact row, as twell_up_down.
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(FFN_THREADS) csr_up_down(
+    const T* __restrict__ x, const int* __restrict__ row_ptr, const int* __restrict__ col_indices,
+    const T* __restrict__ g_values, const int* __restrict__ backup_slot,
+    const T* __restrict__ w_up, const T* __restrict__ w_down, int M, int d,
+    T* __restrict__ y, T* __restrict__ u_values, float* __restrict__ row_l1)
+{
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* xs = reinterpret_cast<T*>(smem_raw);
+    __shared__ int list_col[MAX_LIST];
+    __shared__ float list_val[MAX_LIST];
+    __shared__ float warp_l1[FFN_WARPS];
+    const int row = blockIdx.x;
+    if (row >= M || backup_slot[row] >= 0) return;
+    const int p0 = row_ptr[row];
+    const int len = min(row_ptr[row + 1] - p0, MAX_LIST);
+    stage_row<T, VEC>(x + (long long)row * d, d, xs);
+    for (int i = threadIdx.x; i < len; i += FFN_THREADS) {
+        list_col[i] = col_indices[p0 + i];
+        list_val[i] = to_f<T>(g_values[p0 + i]);
+    }
+    __syncthreads();
+    const float l1 = up_phase<T, VEC>(list_col, list_val, 0, len, xs, w_up, d, u_values + p0);
+    if ((threadIdx.x & 31) == 0) warp_l1[threadIdx.x >> 5] = l1;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float s = 0.f;
+        for (int w = 0; w < FFN_WARPS; ++w) s += warp_l1[w];
+        row_l1[row] = s;
+    }
+    down_phase<T, VEC, 0>(list_col, list_val, 0, len, w_down, d, y + (long long)row * d, nullptr);
 }
 
 // y[row, :] = sum over splits (in order) of partial[row, split, :], for compact rows only.
@@ -188,7 +460,7 @@ __global__ void reduce_split_rows(const float* __restrict__ partial, const int* 
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
         const int row = (int)(i / d);
-        if (backup_slot[row] >= 0) continue;
+        if (backup_slot && backup_slot[row] >= 0) continue;
         const int col = (int)(i - (long long)row * d);
         const float* p = partial + (long long)row * splits * d + col;
         float s = 0.f;

@@ -21,7 +21,7 @@ __global__ void __launch_bounds__(256) pack_twell(
     int* __restrict__ row_nnz, int* __restrict__ row_route, int* __restrict__ neuron_counts)
 {
     constexpr int E = TILE / 32;
-    constexpr int U = (E >= 8) ? 2 : 4;          // tiles whose loads are issued together
+    constexpr int U = 8;                         // tiles whose loads are issued together
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= M) return;
@@ -80,19 +80,54 @@ __global__ void __launch_bounds__(256) pack_twell(
     }
 }
 
-// Backup-row compaction from an inclusive prefix sum of (route != 0) (computed by CuPy/CUB).
-// Row order is preserved, so backup_rows is ascending.
-__global__ void scatter_backup_rows(const int* __restrict__ row_route, const int* __restrict__ prefix, int M,
-                                    int* __restrict__ backup_slot, int* __restrict__ backup_rows)
+// Backup-row compaction (one CTA of ROUTE_THREADS threads; deterministic, row order preserved so
+// backup_rows is ascending).  Thread t owns the contiguous rows [t*per, t*per + per).
+// totals[0] = backup rows, totals[1] = rows routed by tile overflow, totals[2] = 0 (a work counter
+// for the kernels that follow).
+#define ROUTE_THREADS 1024
+__global__ void __launch_bounds__(ROUTE_THREADS) route_rows(
+    const int* __restrict__ row_route, int M, int* __restrict__ backup_slot, int* __restrict__ backup_rows,
+    int* __restrict__ totals)
 {
-    for (int row = blockIdx.x * blockDim.x + threadIdx.x; row < M; row += gridDim.x * blockDim.x) {
-        if (row_route[row] != ROUTE_COMPACT) {
-            const int slot = prefix[row] - 1;
-            backup_slot[row] = slot;
-            backup_rows[slot] = row;
+    __shared__ int warp_sums[ROUTE_THREADS / 32][2];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int per = (M + ROUTE_THREADS - 1) / ROUTE_THREADS;
+    const int lo = min(tid * per, M), hi = min(lo + per, M);
+    int cnt = 0, ovf = 0;
+#pragma unroll 8
+    for (int r = lo; r < hi; ++r) {
+        const int v = row_route[r];
+        cnt += v != ROUTE_COMPACT;
+        ovf += v == ROUTE_OVERFLOW;
+    }
+    const int incl = warp_inclusive_scan(cnt);
+    int ovf_sum = ovf;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ovf_sum += __shfl_xor_sync(0xffffffffu, ovf_sum, o);
+    if (lane == 31) warp_sums[warp][0] = incl;
+    if (lane == 0) warp_sums[warp][1] = ovf_sum;
+    __syncthreads();
+    int offset = 0, total = 0, total_ovf = 0;
+    for (int w = 0; w < ROUTE_THREADS / 32; ++w) {
+        const int c = warp_sums[w][0];
+        if (w < warp) offset += c;
+        total += c;
+        total_ovf += warp_sums[w][1];
+    }
+    int slot = offset + incl - cnt;
+    for (int r = lo; r < hi; ++r) {
+        if (row_route[r] != ROUTE_COMPACT) {
+            backup_slot[r] = slot;
+            backup_rows[slot] = r;
+            ++slot;
         } else {
-            backup_slot[row] = -1;
+            backup_slot[r] = -1;
         }
+    }
+    if (tid == 0) {
+        totals[0] = total;
+        totals[1] = total_ovf;
+        totals[2] = 0;
     }
 }
 
@@ -190,4 +225,13 @@ __global__ void unpack_hybrid_rows(const int* __restrict__ row_ptr, const int* _
     if (row >= M) return;
     for (int p = row_ptr[row] + lane; p < row_ptr[row + 1]; p += 32)
         dense[(long long)row * n + col_indices[p]] = values[p];
+}
+
+// out = relu(a) keeping NaN (where NOT (a <= 0)), elementwise; used for dense backup rows of a gate.
+template <typename T>
+__global__ void relu_keep_nan(const T* __restrict__ a, long long total, T* __restrict__ out)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = is_entry<true>(a[i]) ? a[i] : from_f<T>(0.0f);
 }

@@ -58,7 +58,7 @@ def _check(cp, out, arrays, dtype):
 
 
 @given(
-    m=st.sampled_from([1, 3, 8, 65, 130, 517]),
+    m=st.sampled_from([1, 3, 8, 64, 65, 130, 517, 1100]),
     d=st.sampled_from([8, 64, 72, 100, 256, 2048]),
     n=st.sampled_from([33, 300, 1000, 5632]),
     dtype=st.sampled_from(DTYPES),
@@ -82,7 +82,7 @@ def test_gated_ffn_matches_reference(cp, m, d, n, dtype, tile_width, mean, seed)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gated_ffn_empty_full_and_overflow_rows(cp, dtype):
     rng = np.random.default_rng(5)
-    m, d, n = 40, 256, 700
+    m, d, n = 100, 256, 700
     bias = np.ones(m, np.float32)
     bias[0] = 100.0    # nothing active
     bias[1] = -100.0   # all n active -> overflow -> dense backup
@@ -98,16 +98,37 @@ def test_gated_ffn_empty_full_and_overflow_rows(cp, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_decode_path_exact_for_any_row_activity(cp, dtype, m):
+    """Decode batches (M <= 64) run straight from z: empty, heavy and all-active rows are all exact."""
+    rng = np.random.default_rng(m)
+    d, n = 256, 1500
+    bias = np.ones(m, np.float32)
+    bias[0] = -100.0                  # all n active
+    if m > 2:
+        bias[1] = 100.0               # nothing active
+        bias[2] = -2.0                # heavy
+    arrays = make_ffn(rng, m, d, n, dtype, mean_active=30, row_bias=bias)
+    dev = [cp.asarray(a) for a in arrays]
+    out = cp.full((m, d), np.nan, dtype=dev[0].dtype)
+    y, stats = twell.gated_ffn(*dev, return_stats=True, out=out)
+    _check(cp, y, arrays, dtype)
+    z = arrays[0].astype(np.float32) @ arrays[1].astype(np.float32).T
+    assert int(stats.nnz) == pytest.approx(int((z > 0).sum()), rel=0.01, abs=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_ffn_non_gated(cp, dtype):
     rng = np.random.default_rng(7)
-    x, wg, wu, wd = make_ffn(rng, 300, 128, 900, dtype, mean_active=20)
-    dev = [cp.asarray(a) for a in (x, wg, wd)]
-    out = cp.full((300, 128), np.nan, dtype=dev[0].dtype)
-    y = twell.ffn(*dev, out=out)
-    ref = reference.ffn_dense(*[a.astype(np.float64) for a in (x, wg, wd)])
-    z = cp.matmul(dev[0], dev[1].T)
-    dense = cp.matmul(cp.where(z > 0, z, cp.zeros((), z.dtype)), dev[2])
-    assert rel_error(y, ref) <= 2.0 * rel_error(dense, ref) + FLOOR[dtype] * 0.1
+    for m in (7, 300, 1500):
+        x, wg, wu, wd = make_ffn(rng, m, 256, 900, dtype, mean_active=20)
+        dev = [cp.asarray(a) for a in (x, wg, wd)]
+        out = cp.full((m, 256), np.nan, dtype=dev[0].dtype)
+        y = twell.ffn(*dev, out=out)
+        ref = reference.ffn_dense(*[a.astype(np.float64) for a in (x, wg, wd)])
+        z = cp.matmul(dev[0], dev[1].T)
+        dense = cp.matmul(cp.where(z > 0, z, cp.zeros((), z.dtype)), dev[2])
+        assert rel_error(y, ref) <= 2.0 * rel_error(dense, ref) + FLOOR[dtype] * 0.1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -57,13 +57,16 @@ class KernelFamily:
         Extra NVRTC options.
     requires_sm90a : bool
         The family uses Hopper-only instructions (wgmma, setmaxnreg).
+    hot_kernels : tuple of str
+        Regular expressions (``re.match``) of the name expressions on the hot
+        path: the compile test fails if any of them spills to local memory.
     """
 
     name: str
     name_expressions: tuple
     options: tuple = ()
     requires_sm90a: bool = False
-    hot_kernels: tuple = field(default=())  # name-expression prefixes that must not spill
+    hot_kernels: tuple = field(default=())  # regexes of name expressions that must not spill
 
     @property
     def source_file(self) -> str:

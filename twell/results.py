@@ -99,6 +99,10 @@ class SavedForBackward:
         Dense ``u`` rows of the backup rows.
     l1_weight : float
         λ of the L1 penalty; the backward adds ``(λ / M) * sign(h)`` to ``dh``.
+    workspace : tuple of int or None
+        GPU path: upper bounds (work items, fp32 partial slots) of the
+        neuron-major weight-gradient kernel, read back in the forward's single
+        host synchronisation so the backward needs none.
     call_id : int
         Unique id of the forward call that made it.
     consumed : bool
@@ -113,6 +117,7 @@ class SavedForBackward:
     up_values: object
     up_backup: object
     l1_weight: float
+    workspace: tuple | None = None
     call_id: int = field(default_factory=lambda: next(_call_ids))
     consumed: bool = False
 

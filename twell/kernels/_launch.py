@@ -11,13 +11,13 @@ NULL = np.uint64(0)  # a null device pointer argument
 
 
 def ctype_of(dtype, name: str) -> str:
-    """C++ type for a device dtype, or a TypeError naming the argument."""
-    dt = np.dtype(dtype)
+    """C++ type for a device dtype (or dtype name), or a TypeError naming the argument."""
+    key = dtype if isinstance(dtype, str) else np.dtype(dtype).name
     try:
-        return CTYPE[dt.name]
+        return CTYPE[key]
     except KeyError:
         raise TypeError(
-            f"{name} has dtype {dt.name}; the CUDA kernels take {{{', '.join(CTYPE)}}} "
+            f"{name} has dtype {key}; the CUDA kernels take {{{', '.join(CTYPE)}}} "
             "(float64 runs on the host reference only)"
         ) from None
 
@@ -52,23 +52,29 @@ def device_matrix(a, name: str, *, ndim: int = 2):
 
 
 class HostReadback:
-    """Copy a few device int32 scalars to pinned host memory without blocking now.
+    """Copy a few small device int32 arrays to pinned host memory without blocking now.
 
-    ``enqueue`` records the copies on the current stream; ``wait`` blocks only
+    The copies are enqueued on the current stream; :meth:`wait` blocks only
     until they (and the work before them) are done, so kernels queued after
-    ``enqueue`` keep the GPU busy while the host waits.
+    the constructor keep the GPU busy while the host waits.  ``wait`` returns
+    every element of every array, in order, as Python ints.
     """
 
-    def __init__(self, *device_scalars):
+    def __init__(self, *device_arrays):
         import cupy as cp  # noqa: PLC0415
 
-        self._n = len(device_scalars)
-        self._mem = cp.cuda.alloc_pinned_memory(4 * max(self._n, 1))
-        self._host = np.frombuffer(self._mem, dtype=np.int32, count=self._n)
+        sizes = [int(a.size) for a in device_arrays]
+        total = sum(sizes)
+        self._mem = cp.cuda.alloc_pinned_memory(4 * max(total, 1))
+        self._host = np.frombuffer(self._mem, dtype=np.int32, count=total)
         stream = cp.cuda.get_current_stream()
-        for i, s in enumerate(device_scalars):
-            cp.cuda.runtime.memcpyAsync(self._host.ctypes.data + 4 * i, s.data.ptr, 4,
+        offset = 0
+        for a, size in zip(device_arrays, sizes):
+            if a.dtype != np.int32 or not a.flags.c_contiguous:
+                raise TypeError("HostReadback takes contiguous int32 device arrays")
+            cp.cuda.runtime.memcpyAsync(self._host.ctypes.data + 4 * offset, a.data.ptr, 4 * size,
                                         cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+            offset += size
         self._event = cp.cuda.Event(block=False, disable_timing=True)
         self._event.record(stream)
 

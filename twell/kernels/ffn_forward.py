@@ -1,7 +1,12 @@
 """Launchers of the ``ffn_forward`` kernel family (cuda_src/ffn_forward.cu).
 
-Same op names as :mod:`twell.reference`: :func:`gated_up_down` (fused gated
-up/down projection from a TwELL gate) and :func:`down_projection` (non-gated).
+* :func:`twell_up_down` -- fused up/down projection from a TwELL gate (or a
+  non-gated down projection) for the compact rows: the warp-per-row fast path
+  (16-bit dtypes, d a multiple of 256 up to 2048) or the general CTA-per-row
+  kernel (any dtype and d; also the split-row decode variant).
+* :func:`dense_gate_up_down` -- decode path straight from the dense gate z (no
+  TwELL, no routing, no host synchronisation; exact at any activity).
+* :func:`gate_mul` -- h = (relu) g * u for the dense backup rows.
 """
 
 from __future__ import annotations
@@ -9,13 +14,15 @@ from __future__ import annotations
 import numpy as np
 
 from .._kernels import KernelFamily, get_kernel, register_family
-from ._launch import aligned, cbool, ctype_of, grid_1d, i32
+from ._launch import NULL, aligned, cbool, ctype_of, grid_1d, i32
 from .pack import DEVICE_DTYPES
 
-#: Longest active list of a compact row the kernel holds (cuda_src/ffn_forward.cu MAX_LIST); the FFN
+#: Longest active list of a compact row the kernels hold (cuda_src/ffn_forward.cu MAX_LIST); the FFN
 #: ops route longer rows to the dense backup.
 MAX_LIST = 512
 THREADS = 128
+WARP_KERNEL_WARPS = 4
+WARP_KERNEL_MAX_NC = 8  # d <= 2048 on the warp-per-row path
 
 _names = []
 for _d in DEVICE_DTYPES:
@@ -23,16 +30,31 @@ for _d in DEVICE_DTYPES:
     for _v in (True, False):
         for _g in (True, False):
             _names.append(f"twell_up_down<{_t}, {cbool(_v)}, {cbool(_g)}>")
+            _names.append(f"dense_gate_up_down<{_t}, {cbool(_v)}, {cbool(_g)}>")
+        _names.append(f"csr_up_down<{_t}, {cbool(_v)}>")
+    if _d != "float32":
+        for _nc in range(1, WARP_KERNEL_MAX_NC + 1):
+            for _g in (True, False):
+                _names.append(f"twell_up_down_warp<{_t}, {_nc}, {cbool(_g)}>")
+            _names.append(f"csr_up_down_warp<{_t}, {_nc}>")
     _names.append(f"reduce_split_rows<{_t}>")
     _names.append(f"gate_mul<{_t}, true>")
     _names.append(f"gate_mul<{_t}, false>")
 
-FAMILY = register_family(KernelFamily("ffn_forward", tuple(_names), hot_kernels=("twell_up_down<",)))
+# Hot: the warp-per-row kernels and the 16-byte-load variants of the CTA kernels (the scalar-load
+# fallbacks for odd d may spill a few bytes).
+FAMILY = register_family(KernelFamily("ffn_forward", tuple(_names),
+                                      hot_kernels=(r"twell_up_down_warp<", r"csr_up_down_warp<",
+                                                   r"(twell_up_down|csr_up_down|dense_gate_up_down)<[^,]+, true")))
 
 
 def _cp():
     import cupy  # noqa: PLC0415
     return cupy
+
+
+def _sm_count() -> int:
+    return _cp().cuda.Device().attributes["MultiProcessorCount"]
 
 
 def choose_splits(m: int, sm_count: int) -> int:
@@ -48,13 +70,31 @@ def _vec_ok(dtype, d, *arrays) -> bool:
     return d % width == 0 and all(aligned(a, 16) for a in arrays)
 
 
+def warp_path_nc(dtype, d, *arrays) -> int:
+    """16-byte chunks per lane of the warp-per-row kernel, or 0 if it cannot take this shape."""
+    if np.dtype(dtype).itemsize != 2 or d % 256 or not 1 <= d // 256 <= WARP_KERNEL_MAX_NC:
+        return 0
+    return d // 256 if all(aligned(a, 16) for a in arrays) else 0
+
+
+def _blocks_per_sm(kernel, threads: int, static_smem: int) -> int:
+    regs = max(int(kernel.num_regs), 1)
+    per_warp = -(-regs * 32 // 256) * 256
+    warps = min(64, 65536 // per_warp)
+    by_regs = warps // (threads // 32)
+    by_smem = (227 * 1024) // max(static_smem + 1024, 1)
+    return max(1, min(by_regs, by_smem, 2048 // threads, 32))
+
+
 def twell_up_down(x, counts, indices, values, backup_slot, w_up, w_down, tile_width: int, y, *,
-                  gated: bool = True, splits: int | None = None):
-    """Launch the fused up/down kernel for the compact rows of a TwELL gate (backup rows untouched).
+                  gated: bool = True, splits: int | None = None, work_counter=None):
+    """Fused up/down for the compact rows of a TwELL gate (backup rows are left untouched).
 
     x (M, d); counts (M, NT) int32; indices (M, NT, S) uint8; values (M, NT, S);
     backup_slot (M,) int32; w_up, w_down (n, d); y (M, d) written for compact rows.
-    ``gated=False``: the TwELL values are h itself and w_up is unused.
+    ``gated=False``: the TwELL values are h itself and ``w_up`` is unused.
+    ``work_counter``: a zeroed int32 device scalar for the warp path's dynamic
+    row scheduler (allocated if not given).
     """
     cp = _cp()
     m, d = x.shape
@@ -62,22 +102,100 @@ def twell_up_down(x, counts, indices, values, backup_slot, w_up, w_down, tile_wi
         return y
     n_tiles, slots = counts.shape[1], indices.shape[2]
     ct = ctype_of(x.dtype, "x")
+    sms = _sm_count()
     if splits is None:
-        splits = choose_splits(m, cp.cuda.Device().attributes["MultiProcessorCount"])
+        splits = choose_splits(m, sms)
+    nc = warp_path_nc(x.dtype, d, x, w_up, w_down, y)
+    if nc and splits == 1:
+        k = get_kernel("ffn_forward", f"twell_up_down_warp<{ct}, {nc}, {cbool(gated)}>")
+        threads = 32 * WARP_KERNEL_WARPS
+        blocks = min(_blocks_per_sm(k, threads, WARP_KERNEL_WARPS * MAX_LIST * 8) * sms,
+                     -(-m // WARP_KERNEL_WARPS))
+        if work_counter is None:
+            work_counter = cp.zeros(1, dtype=cp.int32)
+        k((blocks,), (threads,),
+          (x, counts, indices, values, backup_slot, w_up, w_down, i32(m), i32(n_tiles), i32(slots),
+           i32(tile_width), y, work_counter))
+        return y
     vec = _vec_ok(x.dtype, d, x, w_up, w_down, y)
     k = get_kernel("ffn_forward", f"twell_up_down<{ct}, {cbool(vec)}, {cbool(gated)}>")
     smem = d * x.dtype.itemsize if gated else 0
-    if smem > 48 * 1024:
-        k.max_dynamic_shared_size_bytes = smem
+    _raise_smem_limit(k, smem)
     partial = cp.empty((m, splits, d), dtype=cp.float32) if splits > 1 else None
     k((m * splits,), (THREADS,),
       (x, counts, indices, values, backup_slot, w_up, w_down, i32(m), i32(d), i32(n_tiles), i32(slots),
        i32(tile_width), i32(splits), y, partial if partial is not None else y),
       shared_mem=smem)
     if splits > 1:
-        r = get_kernel("ffn_forward", f"reduce_split_rows<{ct}>")
-        r((grid_1d(m * d, 256),), (256,), (partial, backup_slot, i32(m), i32(d), i32(splits), y))
+        _reduce(partial, backup_slot, y, splits)
     return y
+
+
+def _raise_smem_limit(kernel, smem: int):
+    if smem > 48 * 1024:
+        kernel.max_dynamic_shared_size_bytes = smem
+
+
+def _reduce(partial, backup_slot, y, splits: int):
+    m, d = y.shape
+    r = get_kernel("ffn_forward", f"reduce_split_rows<{ctype_of(y.dtype, 'y')}>")
+    r((grid_1d(m * d, 256),), (256,), (partial, NULL if backup_slot is None else backup_slot, i32(m), i32(d),
+                                       i32(splits), y))
+
+
+def dense_gate_up_down(x, z, w_up, w_down, y, *, gated: bool = True, splits: int | None = None):
+    """y = (relu(z) ⊙ (x w_upᵀ)) w_down (``gated``) or relu(z) w_down, reading the dense gate z (M, n).
+
+    Every row is computed sparsely and exactly, whatever its number of active
+    neurons; no host synchronisation (CUDA-graph capturable).  For decode-sized M.
+    """
+    cp = _cp()
+    m, d = x.shape
+    n = z.shape[1]
+    if m == 0:
+        return y
+    if splits is None:
+        splits = choose_splits(m, _sm_count())
+    ct = ctype_of(x.dtype, "x")
+    vec = _vec_ok(x.dtype, d, x, w_up, w_down) and n % 8 == 0 and aligned(z, 16)
+    k = get_kernel("ffn_forward", f"dense_gate_up_down<{ct}, {cbool(vec)}, {cbool(gated)}>")
+    smem = d * x.dtype.itemsize if gated else 0
+    _raise_smem_limit(k, smem)
+    partial = cp.zeros((m, splits, d), dtype=cp.float32)
+    k((m * splits,), (THREADS,), (x, z, w_up, w_down, i32(m), i32(d), i32(n), i32(splits), partial),
+      shared_mem=smem)
+    _reduce(partial, None, y, splits)
+    return y
+
+
+def csr_up_down(x, row_ptr, col_indices, g_values, backup_slot, w_up, w_down, y, u_values, row_l1, *,
+                work_counter=None):
+    """Training forward for the compact rows of a Hybrid gate: y, u at every entry, and sum |h| per row.
+
+    Backup rows (``backup_slot >= 0``) are left untouched in ``y`` and ``row_l1``.
+    """
+    cp = _cp()
+    m, d = x.shape
+    if m == 0:
+        return
+    ct = ctype_of(x.dtype, "x")
+    nc = warp_path_nc(x.dtype, d, x, w_up, w_down, y)
+    if nc:
+        k = get_kernel("ffn_forward", f"csr_up_down_warp<{ct}, {nc}>")
+        threads = 32 * WARP_KERNEL_WARPS
+        blocks = min(_blocks_per_sm(k, threads, WARP_KERNEL_WARPS * MAX_LIST * 8) * _sm_count(),
+                     -(-m // WARP_KERNEL_WARPS))
+        if work_counter is None:
+            work_counter = cp.zeros(1, dtype=cp.int32)
+        k((blocks,), (threads,), (x, row_ptr, col_indices, g_values, backup_slot, w_up, w_down, i32(m), y,
+                                  u_values, row_l1, work_counter))
+        return
+    vec = _vec_ok(x.dtype, d, x, w_up, w_down, y)
+    k = get_kernel("ffn_forward", f"csr_up_down<{ct}, {cbool(vec)}>")
+    smem = d * x.dtype.itemsize
+    _raise_smem_limit(k, smem)
+    k((m,), (THREADS,), (x, row_ptr, col_indices, g_values, backup_slot, w_up, w_down, i32(m), i32(d), y,
+                         u_values, row_l1), shared_mem=smem)
 
 
 def gate_mul(g, u, *, relu: bool):

@@ -31,6 +31,26 @@ def _output(out, m, d, dtype):
     return out
 
 
+#: Batches up to this many rows take the decode path (no TwELL, no host sync, graph-capturable).
+DECODE_MAX_ROWS = 64
+
+
+def _decode_forward(x, z, w_up, w_down, return_stats, gated, out):
+    """Every row sparse and exact straight from the dense gate z: one kernel + a split reduction."""
+    cp = _cp()
+    m, d = x.shape
+    n = z.shape[1]
+    y = _output(out, m, d, x.dtype)
+    ffn_forward.dense_gate_up_down(x, z, w_up, w_down, y, gated=gated)
+    if not return_stats:
+        return y
+    active = ~(z <= 0)
+    nnz = active.sum(dtype=cp.int64)
+    stats = FFNStats(n_rows=m, n_cols=n, nnz=nnz, l0=nnz / max(m, 1), l1=None,
+                     neuron_counts=active.sum(axis=0, dtype=cp.int32), n_backup_rows=0, n_overflow_rows=0)
+    return y, stats
+
+
 def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold, return_stats, gated, out):
     """gate GEMM (cuBLAS) -> TwELL pack -> fused up/down (compact rows) + cuBLAS (backup rows)."""
     cp = _cp()
@@ -38,11 +58,13 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
     n = w_down.shape[0]
     eff = _effective_threshold(threshold, n, tile_width, compression)
     z = cp.matmul(x, w_first.T)                                        # (M, n)
+    if m <= DECODE_MAX_ROWS:
+        return _decode_forward(x, z, w_up, w_down, return_stats, gated, out)
     p = pack.pack_twell_async(z, tile_width, compression, eff, relu=True, neuron_counts=return_stats)
-    readback = HostReadback(p.n_backup_dev, p.n_overflow_dev)
+    readback = HostReadback(p.totals[:2])
     y = _output(out, m, d, x.dtype)
     ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.backup_slot, w_up, w_down, tile_width, y,
-                              gated=gated)
+                              gated=gated, work_counter=p.totals[2:3])
     n_backup, n_overflow = readback.wait()
     if n_backup:
         rows = p.backup_rows_buf[:n_backup]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .._kernels import KernelFamily, get_kernel, register_family
 from ..format import Hybrid, NeuronMajorPattern, TwELL, twell_layout
 from ._launch import NULL, HostReadback, aligned, cbool, ctype_of, device_matrix, grid_1d, i32
@@ -17,6 +19,7 @@ from ._launch import NULL, HostReadback, aligned, cbool, ctype_of, device_matrix
 TILE_WIDTHS = (32, 64, 128, 256)
 DEVICE_DTYPES = ("bfloat16", "float16", "float32")
 ROUTE_COMPACT, ROUTE_THRESHOLD, ROUTE_OVERFLOW = 0, 1, 2
+ROUTE_THREADS = 1024
 
 _names = []
 for _d in DEVICE_DTYPES:
@@ -31,9 +34,11 @@ for _d in DEVICE_DTYPES:
             _names.append(f"fill_hybrid_rows<{_t}, {cbool(_r)}, {cbool(_v)}>")
     _names.append(f"unpack_twell<{_t}>")
     _names.append(f"unpack_hybrid_rows<{_t}>")
-_names.append("scatter_backup_rows")
+    _names.append(f"relu_keep_nan<{_t}>")
+_names.append("route_rows")
 
-FAMILY = register_family(KernelFamily("pack", tuple(_names), hot_kernels=("pack_twell<",)))
+FAMILY = register_family(KernelFamily("pack", tuple(_names),
+                                      hot_kernels=(r"pack_twell<", r"count_row_entries<", r"fill_hybrid_rows<")))
 
 WARPS_PER_BLOCK = 8
 
@@ -54,8 +59,7 @@ class TwellPending:
     row_route: object
     backup_slot: object
     backup_rows_buf: object  # capacity M; the first n_backup entries are valid
-    n_backup_dev: object  # 0-d int32 device array
-    n_overflow_dev: object
+    totals: object  # int32 (3,) on the device: backup rows, overflowed rows, 0 (work counter)
     n_cols: int
     tile_width: int
     dense_row_threshold: int
@@ -86,31 +90,32 @@ def pack_twell_async(dense, tile_width: int, compression: int, dense_row_thresho
         k((grid_1d(m, WARPS_PER_BLOCK, cap=2**31 - 1),), (32 * WARPS_PER_BLOCK,),
           (dense, i32(m), i32(n), i32(n_tiles), i32(slots), i32(dense_row_threshold), counts, indices, values,
            row_nnz, row_route, NULL if ncounts is None else ncounts))
-    backup_slot, backup_rows_buf, n_backup, n_overflow = _route_rows(row_route)
-    return TwellPending(counts, indices, values, row_nnz, row_route, backup_slot, backup_rows_buf, n_backup,
-                        n_overflow, n, tile_width, dense_row_threshold, ncounts)
+    backup_slot, backup_rows_buf, totals = _route_rows(row_route)
+    return TwellPending(counts, indices, values, row_nnz, row_route, backup_slot, backup_rows_buf, totals,
+                        n, tile_width, dense_row_threshold, ncounts)
 
 
 def _route_rows(row_route):
-    """backup_slot (M,), backup_rows buffer (M,), and device counts of backup / overflow rows."""
+    """backup_slot (M,), backup_rows buffer (M,), and device totals (backup rows, overflow rows, 0)."""
     cp = _cp()
     m = row_route.shape[0]
     backup_slot = cp.empty(m, dtype=cp.int32)
     backup_rows_buf = cp.empty(max(m, 1), dtype=cp.int32)
-    if m == 0:
-        zero = cp.zeros((), dtype=cp.int32)
-        return backup_slot, backup_rows_buf, zero, zero.copy()
-    prefix = cp.cumsum(row_route != ROUTE_COMPACT, dtype=cp.int32)
-    k = get_kernel("pack", "scatter_backup_rows")
-    k((grid_1d(m, 256, cap=4096),), (256,), (row_route, prefix, i32(m), backup_slot, backup_rows_buf))
-    n_overflow = (row_route == ROUTE_OVERFLOW).sum(dtype=cp.int32)
-    return backup_slot, backup_rows_buf, prefix[-1], n_overflow
+    totals = cp.empty(3, dtype=cp.int32)
+    k = get_kernel("pack", "route_rows")
+    k((1,), (ROUTE_THREADS,), (row_route, i32(m), backup_slot, backup_rows_buf, totals))
+    return backup_slot, backup_rows_buf, totals
 
 
 def relu_keep_nan(a):
     """relu that keeps NaN (``where(not a <= 0, a, 0)``), like the dense relu and the pack kernels."""
     cp = _cp()
-    return cp.where(~(a <= 0), a, cp.zeros((), dtype=a.dtype))
+    a = cp.ascontiguousarray(a)
+    out = cp.empty_like(a)
+    if a.size:
+        k = get_kernel("pack", f"relu_keep_nan<{ctype_of(a.dtype, 'a')}>")
+        k((grid_1d(a.size, 256),), (256,), (a, np.int64(a.size), out))
+    return out
 
 
 def finish_twell(p: TwellPending, dense, n_backup: int, *, relu: bool = False) -> TwELL:
@@ -127,7 +132,7 @@ def pack_twell(dense, tile_width: int, compression: int, dense_row_threshold: in
     """GPU pack of a dense (M, n) matrix into TwELL (one host sync to size the backup)."""
     dense = device_matrix(dense, "dense")
     p = pack_twell_async(dense, tile_width, compression, dense_row_threshold, relu=relu)
-    (n_backup,) = HostReadback(p.n_backup_dev).wait()
+    n_backup, _ = HostReadback(p.totals[:2]).wait()
     return finish_twell(p, dense, n_backup, relu=relu)
 
 
@@ -159,7 +164,7 @@ class HybridPending:
     backup_slot: object
     backup_rows_buf: object
     nnz_dev: object
-    n_backup_dev: object
+    totals: object
     neuron_counts: object
     n_cols: int
     dense_row_threshold: int
@@ -178,12 +183,12 @@ def pack_hybrid_async(dense, dense_row_threshold: int, *, relu: bool = False, ne
         k((grid_1d(m, WARPS_PER_BLOCK, cap=2**31 - 1),), (32 * WARPS_PER_BLOCK,),
           (dense, i32(m), i32(n), row_nnz, NULL if ncounts is None else ncounts))
     route = (row_nnz > dense_row_threshold).astype(cp.int32)
-    backup_slot, backup_rows_buf, n_backup, _ = _route_rows(route)
+    backup_slot, backup_rows_buf, totals = _route_rows(route)
     compact_len = cp.where(route == 0, row_nnz, 0)
     row_ptr = cp.zeros(m + 1, dtype=cp.int32)
     if m:
         cp.cumsum(compact_len, dtype=cp.int32, out=row_ptr[1:])
-    return HybridPending(row_nnz, row_ptr, backup_slot, backup_rows_buf, row_ptr[-1], n_backup, ncounts, n,
+    return HybridPending(row_nnz, row_ptr, backup_slot, backup_rows_buf, row_ptr[-1:], totals, ncounts, n,
                          dense_row_threshold)
 
 
@@ -216,7 +221,7 @@ def pack_hybrid(dense, dense_row_threshold: int, transpose: bool = True, *, relu
     """GPU pack of a dense (M, n) matrix into the Hybrid format (one host sync to size it)."""
     dense = device_matrix(dense, "dense")
     p = pack_hybrid_async(dense, dense_row_threshold, relu=relu)
-    nnz, n_backup = HostReadback(p.nnz_dev, p.n_backup_dev).wait()
+    nnz, n_backup = HostReadback(p.nnz_dev, p.totals[:1]).wait()
     return finish_hybrid(p, dense, nnz, n_backup, relu=relu, transpose=transpose)
 
 
