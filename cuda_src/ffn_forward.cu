@@ -9,7 +9,8 @@
 //   3. phase 2: every thread owns 16-byte column chunks of y and accumulates h_j * w_down[j, chunk]
 //      over the list in list order (a fully coalesced 4 KiB row read per neuron per CTA).
 // No atomics; the summation order is fixed, so results are bitwise reproducible.  Rows routed to the
-// dense backup (backup_slot >= 0) are skipped: the host computes them exactly with cuBLAS.
+// dense backup are skipped (route[row] != compact: route is the TwELL's backup_slot with compact = -1, or
+// the pack kernel's route codes with compact = 0): the host computes them exactly with cuBLAS.
 // splits > 1 (decode: few rows, many CTAs per row): each split takes a contiguous part of the list and
 // writes an fp32 partial row; reduce_split_rows sums the partials in split order.
 #include "ffn_common.cuh"
@@ -114,7 +115,7 @@ __device__ __forceinline__ void down_phase(const int* list_col, const float* lis
 template <typename T, bool VEC, bool GATED>
 __global__ void __launch_bounds__(FFN_THREADS) twell_up_down(
     const T* __restrict__ x, const int* __restrict__ counts, const u8* __restrict__ indices,
-    const T* __restrict__ values, const int* __restrict__ backup_slot,
+    const T* __restrict__ values, const int* __restrict__ route, int compact,
     const T* __restrict__ w_up, const T* __restrict__ w_down,
     int M, int d, int n_tiles, int slots, int tile_width, int splits,
     T* __restrict__ y, float* __restrict__ partial)
@@ -127,7 +128,7 @@ __global__ void __launch_bounds__(FFN_THREADS) twell_up_down(
 
     const int row = blockIdx.x / splits;
     const int split = blockIdx.x - row * splits;
-    if (row >= M || backup_slot[row] >= 0) return;               // uniform per CTA
+    if (row >= M || route[row] != compact) return;               // uniform per CTA
     const int tid = threadIdx.x;
 
     if (GATED) stage_row<T, VEC>(x + (long long)row * d, d, xs);
@@ -333,7 +334,7 @@ __device__ __forceinline__ void warp_down_row(const int* lcol, const float* lval
 template <typename T, int NC, bool GATED>
 __global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) twell_up_down_warp(
     const T* __restrict__ x, const int* __restrict__ counts, const u8* __restrict__ indices,
-    const T* __restrict__ values, const int* __restrict__ backup_slot,
+    const T* __restrict__ values, const int* __restrict__ route, int compact,
     const T* __restrict__ w_up, const T* __restrict__ w_down,
     int M, int n_tiles, int slots, int tile_width, T* __restrict__ y, int* __restrict__ work_counter)
 {
@@ -346,7 +347,7 @@ __global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) twell_up_down_warp(
     for (;;) {
         const int row = next_row(work_counter);
         if (row >= M) break;
-        if (backup_slot[row] >= 0) continue;
+        if (route[row] != compact) continue;
         // Active list (ascending column): warp prefix sum over tiles.
         int len = 0;
         for (int t0 = 0; t0 < n_tiles; t0 += 32) {
@@ -453,14 +454,14 @@ __global__ void __launch_bounds__(FFN_THREADS) csr_up_down(
 
 // y[row, :] = sum over splits (in order) of partial[row, split, :], for compact rows only.
 template <typename T>
-__global__ void reduce_split_rows(const float* __restrict__ partial, const int* __restrict__ backup_slot,
+__global__ void reduce_split_rows(const float* __restrict__ partial, const int* __restrict__ route, int compact,
                                   int M, int d, int splits, T* __restrict__ y)
 {
     const long long total = (long long)M * d;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
         const int row = (int)(i / d);
-        if (backup_slot && backup_slot[row] >= 0) continue;
+        if (route && route[row] != compact) continue;
         const int col = (int)(i - (long long)row * d);
         const float* p = partial + (long long)row * splits * d + col;
         float s = 0.f;

@@ -18,7 +18,8 @@ template <typename T, int TILE, bool RELU, bool VEC>
 __global__ void __launch_bounds__(256) pack_twell(
     const T* __restrict__ dense, int M, int n, int n_tiles, int slots, int threshold,
     int* __restrict__ counts, u8* __restrict__ indices, T* __restrict__ values,
-    int* __restrict__ row_nnz, int* __restrict__ row_route, int* __restrict__ neuron_counts)
+    int* __restrict__ row_nnz, int* __restrict__ row_route, int* __restrict__ neuron_counts,
+    int* __restrict__ totals)
 {
     constexpr int E = TILE / 32;
     constexpr int U = 8;                         // tiles whose loads are issued together
@@ -75,8 +76,12 @@ __global__ void __launch_bounds__(256) pack_twell(
         }
     }
     if (lane == 0) {
+        const int route = overflow ? ROUTE_OVERFLOW : (nnz > threshold ? ROUTE_THRESHOLD : ROUTE_COMPACT);
         row_nnz[row] = nnz;
-        row_route[row] = overflow ? ROUTE_OVERFLOW : (nnz > threshold ? ROUTE_THRESHOLD : ROUTE_COMPACT);
+        row_route[row] = route;
+        // Integer counts of routed rows (order-independent): totals[0] backup rows, totals[1] overflowed.
+        if (route != ROUTE_COMPACT) atomicAdd(totals, 1);
+        if (overflow) atomicAdd(totals + 1, 1);
     }
 }
 
@@ -234,4 +239,74 @@ __global__ void relu_keep_nan(const T* __restrict__ a, long long total, T* __res
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x)
         out[i] = is_entry<true>(a[i]) ? a[i] : from_f<T>(0.0f);
+}
+
+// ---------------------------------------------------------------- deterministic pattern transpose
+// CSR (row-major) pattern -> neuron-major, rows ascending within each column, no sort and no
+// order-dependent atomics.  Rows are cut into blocks of 64; a block marks, per column, which of its
+// rows hold the column (64-bit mask, atomicOr: the result does not depend on order).  The rank of an
+// entry among its column's entries of the block is a popcount of the lower bits; ranks across blocks
+// come from a column-wise prefix sum over the blocks' popcounts.
+#define TRANSPOSE_ROWS 64
+#define TRANSPOSE_THREADS 256
+
+__device__ __forceinline__ void transpose_block_masks(const int* __restrict__ row_ptr,
+                                                      const int* __restrict__ col_indices, int M, int n,
+                                                      unsigned long long* mask)
+{
+    const int r0 = blockIdx.x * TRANSPOSE_ROWS;
+    for (int c = threadIdx.x; c < n; c += TRANSPOSE_THREADS) mask[c] = 0ull;
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int r = warp; r < TRANSPOSE_ROWS && r0 + r < M; r += TRANSPOSE_THREADS / 32)
+        for (int e = row_ptr[r0 + r] + lane; e < row_ptr[r0 + r + 1]; e += 32)
+            atomicOr(mask + col_indices[e], 1ull << r);
+    __syncthreads();
+}
+
+// Pass 1: per (block, column) entry counts.
+__global__ void __launch_bounds__(TRANSPOSE_THREADS) transpose_count(
+    const int* __restrict__ row_ptr, const int* __restrict__ col_indices, int M, int n, int* __restrict__ block_counts)
+{
+    extern __shared__ unsigned long long mask[];
+    transpose_block_masks(row_ptr, col_indices, M, n, mask);
+    int* out = block_counts + (long long)blockIdx.x * n;
+    for (int c = threadIdx.x; c < n; c += TRANSPOSE_THREADS) out[c] = __popcll(mask[c]);
+}
+
+// Pass 2: column-wise exclusive prefix over blocks (in place) and per-column totals.
+__global__ void transpose_scan(int* __restrict__ block_counts, int n_blocks, int n, int* __restrict__ col_counts)
+{
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= n) return;
+    int run = 0;
+    for (int b = 0; b < n_blocks; ++b) {
+        const long long i = (long long)b * n + c;
+        const int v = block_counts[i];
+        block_counts[i] = run;
+        run += v;
+    }
+    col_counts[c] = run;
+}
+
+// Pass 3: place every entry.
+__global__ void __launch_bounds__(TRANSPOSE_THREADS) transpose_place(
+    const int* __restrict__ row_ptr, const int* __restrict__ col_indices, int M, int n,
+    const int* __restrict__ block_offsets, const int* __restrict__ col_ptr,
+    int* __restrict__ row_indices, int* __restrict__ positions)
+{
+    extern __shared__ unsigned long long mask[];
+    transpose_block_masks(row_ptr, col_indices, M, n, mask);
+    const int r0 = blockIdx.x * TRANSPOSE_ROWS;
+    const int* off = block_offsets + (long long)blockIdx.x * n;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int r = warp; r < TRANSPOSE_ROWS && r0 + r < M; r += TRANSPOSE_THREADS / 32) {
+        const unsigned long long below = (1ull << r) - 1ull;
+        for (int e = row_ptr[r0 + r] + lane; e < row_ptr[r0 + r + 1]; e += 32) {
+            const int c = col_indices[e];
+            const int pos = col_ptr[c] + off[c] + __popcll(mask[c] & below);
+            row_indices[pos] = r0 + r;
+            positions[pos] = e;
+        }
+    }
 }

@@ -19,7 +19,7 @@ from .format import (
     unpack_hybrid,
     unpack_twell,
 )
-from .ffn import down_projection, ffn, gated_ffn, gated_ffn_backward, gated_ffn_forward, gated_up_down
+from .ops import down_projection, ffn, gated_ffn, gated_ffn_backward, gated_ffn_forward, gated_up_down
 from .results import FFNStats, SavedForBackward
 
 __version__ = "0.1.0"

@@ -86,12 +86,14 @@ def _blocks_per_sm(kernel, threads: int, static_smem: int) -> int:
     return max(1, min(by_regs, by_smem, 2048 // threads, 32))
 
 
-def twell_up_down(x, counts, indices, values, backup_slot, w_up, w_down, tile_width: int, y, *,
+def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: int, y, *, compact: int = -1,
                   gated: bool = True, splits: int | None = None, work_counter=None):
     """Fused up/down for the compact rows of a TwELL gate (backup rows are left untouched).
 
     x (M, d); counts (M, NT) int32; indices (M, NT, S) uint8; values (M, NT, S);
-    backup_slot (M,) int32; w_up, w_down (n, d); y (M, d) written for compact rows.
+    route (M,) int32: a row is computed iff ``route[row] == compact`` (a TwELL's
+    ``backup_slot`` with compact = -1, or the pack kernel's route codes with
+    compact = 0); w_up, w_down (n, d); y (M, d) written for compact rows.
     ``gated=False``: the TwELL values are h itself and ``w_up`` is unused.
     ``work_counter``: a zeroed int32 device scalar for the warp path's dynamic
     row scheduler (allocated if not given).
@@ -114,7 +116,7 @@ def twell_up_down(x, counts, indices, values, backup_slot, w_up, w_down, tile_wi
         if work_counter is None:
             work_counter = cp.zeros(1, dtype=cp.int32)
         k((blocks,), (threads,),
-          (x, counts, indices, values, backup_slot, w_up, w_down, i32(m), i32(n_tiles), i32(slots),
+          (x, counts, indices, values, route, i32(compact), w_up, w_down, i32(m), i32(n_tiles), i32(slots),
            i32(tile_width), y, work_counter))
         return y
     vec = _vec_ok(x.dtype, d, x, w_up, w_down, y)
@@ -123,11 +125,11 @@ def twell_up_down(x, counts, indices, values, backup_slot, w_up, w_down, tile_wi
     _raise_smem_limit(k, smem)
     partial = cp.empty((m, splits, d), dtype=cp.float32) if splits > 1 else None
     k((m * splits,), (THREADS,),
-      (x, counts, indices, values, backup_slot, w_up, w_down, i32(m), i32(d), i32(n_tiles), i32(slots),
+      (x, counts, indices, values, route, i32(compact), w_up, w_down, i32(m), i32(d), i32(n_tiles), i32(slots),
        i32(tile_width), i32(splits), y, partial if partial is not None else y),
       shared_mem=smem)
     if splits > 1:
-        _reduce(partial, backup_slot, y, splits)
+        _reduce(partial, route, compact, y, splits)
     return y
 
 
@@ -136,10 +138,10 @@ def _raise_smem_limit(kernel, smem: int):
         kernel.max_dynamic_shared_size_bytes = smem
 
 
-def _reduce(partial, backup_slot, y, splits: int):
+def _reduce(partial, route, compact: int, y, splits: int):
     m, d = y.shape
     r = get_kernel("ffn_forward", f"reduce_split_rows<{ctype_of(y.dtype, 'y')}>")
-    r((grid_1d(m * d, 256),), (256,), (partial, NULL if backup_slot is None else backup_slot, i32(m), i32(d),
+    r((grid_1d(m * d, 256),), (256,), (partial, NULL if route is None else route, i32(compact), i32(m), i32(d),
                                        i32(splits), y))
 
 
@@ -164,7 +166,7 @@ def dense_gate_up_down(x, z, w_up, w_down, y, *, gated: bool = True, splits: int
     partial = cp.zeros((m, splits, d), dtype=cp.float32)
     k((m * splits,), (THREADS,), (x, z, w_up, w_down, i32(m), i32(d), i32(n), i32(splits), partial),
       shared_mem=smem)
-    _reduce(partial, None, y, splits)
+    _reduce(partial, None, 0, y, splits)
     return y
 
 

@@ -1,4 +1,4 @@
-"""GPU orchestration of the public FFN ops (arguments already validated by :mod:`twell.ffn`).
+"""GPU orchestration of the public FFN ops (arguments already validated by :mod:`twell.ops`).
 
 Everything runs on the current CuPy stream.  The only host synchronisation in
 the inference ops is the 8-byte read-back of (backup rows, overflowed rows),
@@ -63,11 +63,12 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
     p = pack.pack_twell_async(z, tile_width, compression, eff, relu=True, neuron_counts=return_stats)
     readback = HostReadback(p.totals[:2])
     y = _output(out, m, d, x.dtype)
-    ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.backup_slot, w_up, w_down, tile_width, y,
-                              gated=gated, work_counter=p.totals[2:3])
+    ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.row_route, w_up, w_down, tile_width, y,
+                              compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3])
     n_backup, n_overflow = readback.wait()
     if n_backup:
-        rows = p.backup_rows_buf[:n_backup]
+        _, backup_rows_buf, _ = pack.route_rows(p.row_route)
+        rows = backup_rows_buf[:n_backup]
         zr = z[rows]
         h = ffn_forward.gate_mul(zr, cp.matmul(x[rows], w_up.T), relu=True) if gated else pack.relu_keep_nan(zr)
         y[rows] = cp.matmul(h, w_down)

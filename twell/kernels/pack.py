@@ -35,7 +35,7 @@ for _d in DEVICE_DTYPES:
     _names.append(f"unpack_twell<{_t}>")
     _names.append(f"unpack_hybrid_rows<{_t}>")
     _names.append(f"relu_keep_nan<{_t}>")
-_names.append("route_rows")
+_names += ["route_rows", "transpose_count", "transpose_scan", "transpose_place"]
 
 FAMILY = register_family(KernelFamily("pack", tuple(_names),
                                       hot_kernels=(r"pack_twell<", r"count_row_entries<", r"fill_hybrid_rows<")))
@@ -50,15 +50,13 @@ def _cp():
 
 @dataclass
 class TwellPending:
-    """TwELL arrays produced on the device before the backup has been sized (no host sync yet)."""
+    """TwELL arrays produced on the device, before routing and backup sizing (no host sync yet)."""
 
     counts: object
     indices: object
     values: object
     row_nnz: object
-    row_route: object
-    backup_slot: object
-    backup_rows_buf: object  # capacity M; the first n_backup entries are valid
+    row_route: object  # int32 (M,): 0 compact, 1 over the row threshold, 2 a tile overflowed
     totals: object  # int32 (3,) on the device: backup rows, overflowed rows, 0 (work counter)
     n_cols: int
     tile_width: int
@@ -68,10 +66,11 @@ class TwellPending:
 
 def pack_twell_async(dense, tile_width: int, compression: int, dense_row_threshold: int, *, relu: bool = False,
                      neuron_counts: bool = False) -> TwellPending:
-    """Launch the TwELL pack of ``dense`` (M, n) and the backup-row compaction; no host sync.
+    """Launch the TwELL pack of ``dense`` (M, n); no host sync, no ordered routing yet.
 
     ``relu=True`` keeps entries where ``not (v <= 0)`` (the gate epilogue: the
-    values are relu(z)), otherwise non-zeros.
+    values are relu(z)), otherwise non-zeros.  ``totals`` counts the routed
+    rows; :func:`route_rows` gives their ordered list when it is needed.
     """
     cp = _cp()
     m, n = dense.shape
@@ -84,19 +83,20 @@ def pack_twell_async(dense, tile_width: int, compression: int, dense_row_thresho
     values = cp.empty((m, n_tiles, slots), dtype=dense.dtype)
     row_nnz = cp.empty(m, dtype=cp.int32)
     row_route = cp.empty(m, dtype=cp.int32)
+    totals = cp.zeros(3, dtype=cp.int32)
     ncounts = cp.zeros(n, dtype=cp.int32) if neuron_counts else None
     if m:
         k = get_kernel("pack", f"pack_twell<{ct}, {tile_width}, {cbool(relu)}, {cbool(vec)}>")
         k((grid_1d(m, WARPS_PER_BLOCK, cap=2**31 - 1),), (32 * WARPS_PER_BLOCK,),
           (dense, i32(m), i32(n), i32(n_tiles), i32(slots), i32(dense_row_threshold), counts, indices, values,
-           row_nnz, row_route, NULL if ncounts is None else ncounts))
-    backup_slot, backup_rows_buf, totals = _route_rows(row_route)
-    return TwellPending(counts, indices, values, row_nnz, row_route, backup_slot, backup_rows_buf, totals,
-                        n, tile_width, dense_row_threshold, ncounts)
+           row_nnz, row_route, NULL if ncounts is None else ncounts, totals))
+    return TwellPending(counts, indices, values, row_nnz, row_route, totals, n, tile_width, dense_row_threshold,
+                        ncounts)
 
 
-def _route_rows(row_route):
-    """backup_slot (M,), backup_rows buffer (M,), and device totals (backup rows, overflow rows, 0)."""
+def route_rows(row_route):
+    """Ordered routing of rows with ``row_route != 0``: backup_slot (M,), backup_rows buffer (capacity M)
+    and device totals (backup rows, overflowed rows, 0).  Deterministic (single CTA, row order)."""
     cp = _cp()
     m = row_route.shape[0]
     backup_slot = cp.empty(m, dtype=cp.int32)
@@ -118,22 +118,23 @@ def relu_keep_nan(a):
     return out
 
 
-def finish_twell(p: TwellPending, dense, n_backup: int, *, relu: bool = False) -> TwELL:
-    """Build the :class:`TwELL` once the number of backup rows is known (gathers their dense rows)."""
-    backup_rows = p.backup_rows_buf[:n_backup]
+def finish_twell(p: TwellPending, dense, *, relu: bool = False) -> TwELL:
+    """Route the rows (ordered) and build the :class:`TwELL` (one host sync to size the backup)."""
+    backup_slot, backup_rows_buf, totals = route_rows(p.row_route)
+    n_backup, _ = HostReadback(totals[:2]).wait()
+    backup_rows = backup_rows_buf[:n_backup]
     backup_values = dense[backup_rows] if n_backup else dense[:0]
     if relu:
         backup_values = relu_keep_nan(backup_values)
-    return TwELL(p.counts, p.indices, p.values, p.backup_slot, backup_rows, backup_values, p.n_cols,
-                 p.tile_width, p.dense_row_threshold)
+    return TwELL(p.counts, p.indices, p.values, backup_slot, backup_rows, backup_values, p.n_cols, p.tile_width,
+                 p.dense_row_threshold)
 
 
 def pack_twell(dense, tile_width: int, compression: int, dense_row_threshold: int, *, relu: bool = False) -> TwELL:
     """GPU pack of a dense (M, n) matrix into TwELL (one host sync to size the backup)."""
     dense = device_matrix(dense, "dense")
     p = pack_twell_async(dense, tile_width, compression, dense_row_threshold, relu=relu)
-    n_backup, _ = HostReadback(p.totals[:2]).wait()
-    return finish_twell(p, dense, n_backup, relu=relu)
+    return finish_twell(p, dense, relu=relu)
 
 
 def unpack_twell(tw: TwELL):
@@ -183,7 +184,7 @@ def pack_hybrid_async(dense, dense_row_threshold: int, *, relu: bool = False, ne
         k((grid_1d(m, WARPS_PER_BLOCK, cap=2**31 - 1),), (32 * WARPS_PER_BLOCK,),
           (dense, i32(m), i32(n), row_nnz, NULL if ncounts is None else ncounts))
     route = (row_nnz > dense_row_threshold).astype(cp.int32)
-    backup_slot, backup_rows_buf, totals = _route_rows(route)
+    backup_slot, backup_rows_buf, totals = route_rows(route)
     compact_len = cp.where(route == 0, row_nnz, 0)
     row_ptr = cp.zeros(m + 1, dtype=cp.int32)
     if m:
@@ -239,20 +240,44 @@ def unpack_hybrid(hy: Hybrid):
     return dense
 
 
-def transpose_pattern(hy: Hybrid) -> NeuronMajorPattern:
-    """Neuron-major pattern of a device Hybrid: histogram + scan + stable radix scatter (CUB via CuPy).
+TRANSPOSE_ROWS = 64
+TRANSPOSE_THREADS = 256
+#: Widest n the shared-memory column masks of the transpose kernels hold (8 bytes per column).
+TRANSPOSE_MAX_COLS = 227 * 1024 // 8
 
-    ``positions`` is a stable argsort of ``col_indices``: entries of a column
-    come out in ascending row order, so the result is unique (deterministic).
+
+def transpose_pattern(hy: Hybrid) -> NeuronMajorPattern:
+    """Neuron-major pattern of a device Hybrid, deterministic (rows ascending within each column).
+
+    Three kernels (per-block column masks -> column-wise prefix -> placement),
+    no sort and no order-dependent atomics; for n wider than the shared-memory
+    masks allow, a stable CUB radix argsort (through CuPy) gives the same result.
     """
     cp = _cp()
-    n = hy.n_cols
-    col_counts = cp.bincount(hy.col_indices, minlength=n).astype(cp.int32) if hy.nnz else cp.zeros(n, cp.int32)
+    n, m = hy.n_cols, hy.n_rows
     col_ptr = cp.zeros(n + 1, dtype=cp.int32)
+    row_indices = cp.empty(hy.nnz, dtype=cp.int32)
+    positions = cp.empty(hy.nnz, dtype=cp.int32)
+    if hy.nnz == 0:
+        return NeuronMajorPattern(col_ptr, row_indices, positions)
+    if n > TRANSPOSE_MAX_COLS:
+        cp.cumsum(cp.bincount(hy.col_indices, minlength=n), dtype=cp.int32, out=col_ptr[1:])
+        positions = cp.argsort(hy.col_indices, kind="stable").astype(cp.int32)
+        return NeuronMajorPattern(col_ptr, _entry_rows(hy.row_ptr, hy.nnz)[positions], positions)
+    n_blocks = -(-m // TRANSPOSE_ROWS)
+    smem = 8 * n
+    counts = cp.empty((n_blocks, n), dtype=cp.int32)
+    col_counts = cp.empty(n, dtype=cp.int32)
+    kc = get_kernel("pack", "transpose_count")
+    kp = get_kernel("pack", "transpose_place")
+    for k in (kc, kp):
+        if smem > 48 * 1024:
+            k.max_dynamic_shared_size_bytes = smem
+    kc((n_blocks,), (TRANSPOSE_THREADS,), (hy.row_ptr, hy.col_indices, i32(m), i32(n), counts), shared_mem=smem)
+    get_kernel("pack", "transpose_scan")((-(-n // 128),), (128,), (counts, i32(n_blocks), i32(n), col_counts))
     cp.cumsum(col_counts, dtype=cp.int32, out=col_ptr[1:])
-    positions = cp.argsort(hy.col_indices, kind="stable").astype(cp.int32) if hy.nnz else cp.zeros(0, cp.int32)
-    row_of_entry = _entry_rows(hy.row_ptr, hy.nnz)
-    row_indices = row_of_entry[positions] if hy.nnz else cp.zeros(0, cp.int32)
+    kp((n_blocks,), (TRANSPOSE_THREADS,), (hy.row_ptr, hy.col_indices, i32(m), i32(n), counts, col_ptr,
+                                           row_indices, positions), shared_mem=smem)
     return NeuronMajorPattern(col_ptr, row_indices, positions)
 
 

@@ -1,4 +1,4 @@
-"""GPU training path: hybrid-routed gated FFN forward and backward (arguments validated by twell.ffn).
+"""GPU training path: hybrid-routed gated FFN forward and backward (arguments validated by twell.ops).
 
 Host synchronisation: exactly one, in the forward, right after the per-row
 counts (4 int32: compact non-zeros, backup rows, and two workspace bounds for

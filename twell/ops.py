@@ -307,6 +307,8 @@ def gated_ffn_backward(saved, dy):
     from .results import SavedForBackward
     if not isinstance(saved, SavedForBackward):
         raise TypeError(f"saved must be the SavedForBackward returned by gated_ffn_forward, got {type(saved).__name__}")
+    if saved.consumed:
+        raise ValueError("saved state already consumed by a backward; run gated_ffn_forward again")
     xp = B.array_module(saved.x, dy, names=["saved.x", "dy"])
     if xp is np:
         from . import reference

@@ -1,0 +1,150 @@
+"""GPU training path (gated_ffn_forward / gated_ffn_backward) vs the float64 reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import rel_error
+from hypothesis import given
+from hypothesis import strategies as st
+from test_gpu_ffn import DTYPES, HALF_ULP, _np_dtype, make_ffn
+
+import twell
+from twell import reference
+
+pytestmark = pytest.mark.gpu
+
+
+def dense_train_same_precision(cp, x, wg, wu, wd, dy, l1_weight):
+    """Dense fwd + bwd in the inputs' precision (cuBLAS GEMMs, elementwise in fp32 rounded once)."""
+    from twell.kernels import ffn_backward, ffn_forward
+    m = x.shape[0]
+    z = cp.matmul(x, wg.T)
+    u = cp.matmul(x, wu.T)
+    h = ffn_forward.gate_mul(z, u, relu=True)
+    y = cp.matmul(h, wd)
+    dh = cp.matmul(dy, wd.T)
+    g = cp.where(z > 0, z, cp.zeros((), z.dtype)).astype(x.dtype)
+    du, dz, h2 = ffn_backward.backup_row_grads(dh, g, u, l1_weight / m)
+    dx = (cp.matmul(du, wu).astype(cp.float32) + cp.matmul(dz, wg).astype(cp.float32)).astype(x.dtype)
+    return y, dx, cp.matmul(dz.T, x), cp.matmul(du.T, x), cp.matmul(h2.T, dy)
+
+
+def reference_train(arrays, dy, l1_weight, threshold=128):
+    f64 = [a.astype(np.float64) for a in arrays]
+    y, saved, stats = reference.gated_ffn_forward(*f64, l1_weight=l1_weight, dense_row_threshold=threshold)
+    grads = reference.gated_ffn_backward(saved, dy.astype(np.float64))
+    return y, grads, stats
+
+
+def check_train(cp, arrays, dy, dtype, l1_weight, threshold=128):
+    dev = [cp.asarray(a) for a in arrays]
+    dyd = cp.asarray(dy)
+    y, saved, stats = twell.gated_ffn_forward(*dev, l1_weight=l1_weight, dense_row_threshold=threshold)
+    grads = twell.gated_ffn_backward(saved, dyd)
+    ry, rgrads, rstats = reference_train(arrays, dy, l1_weight, threshold)
+    dense = dense_train_same_precision(cp, *dev, dyd, l1_weight)
+    names = ["y", "dx", "dw_gate", "dw_up", "dw_down"]
+    for name, out, ref, den in zip(names, (y, *grads), (ry, *rgrads), dense):
+        assert out.dtype == dev[0].dtype, name
+        err, err_dense = rel_error(out, ref), rel_error(den, ref)
+        assert err <= 2.0 * err_dense + HALF_ULP[dtype], f"{name}: rel err {err:.3g} vs dense {err_dense:.3g}"
+    assert int(stats.nnz) == pytest.approx(int(rstats.nnz), rel=0.02, abs=3)
+    assert float(stats.l1) == pytest.approx(float(rstats.l1), rel=5e-2 if dtype != "float32" else 1e-4, abs=1e-6)
+    return stats, saved
+
+
+@given(
+    m=st.sampled_from([1, 7, 64, 129, 1000, 2100]),
+    d=st.sampled_from([64, 72, 100, 256, 2048]),
+    n=st.sampled_from([40, 300, 1000, 5632]),
+    dtype=st.sampled_from(DTYPES),
+    mean=st.sampled_from([1.0, 12.0, 40.0]),
+    l1_weight=st.sampled_from([0.0, 0.01, 3.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_forward_backward_match_reference(cp, m, d, n, dtype, mean, l1_weight, seed):
+    rng = np.random.default_rng(seed)
+    arrays = make_ffn(rng, m, d, n, dtype, mean_active=min(mean, n / 3))
+    dy = rng.standard_normal((m, d)).astype(_np_dtype(dtype))
+    check_train(cp, arrays, dy, dtype, l1_weight)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_full_rows_and_neurons_on_every_token(cp, dtype):
+    rng = np.random.default_rng(3)
+    m, d, n = 300, 256, 900
+    bias = np.ones(m, np.float32)
+    bias[0] = 100.0     # nothing active
+    bias[1] = -100.0    # every neuron active -> dense backup
+    arrays = make_ffn(rng, m, d, n, dtype, mean_active=15, row_bias=bias)
+    arrays[1][5, 0] = 3.0     # neuron 5 active on (almost) every token: its column splits over chunks
+    arrays[1][6, 0] = 3.0
+    dy = rng.standard_normal((m, d)).astype(_np_dtype(dtype))
+    stats, _ = check_train(cp, arrays, dy, dtype, 0.1)
+    assert stats.n_backup_rows >= 1
+    assert int(stats.neuron_counts[5]) > 250
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adversarial_every_row_dense(cp, dtype):
+    """Every row exceeds the threshold: all rows take the exact dense backup."""
+    rng = np.random.default_rng(4)
+    arrays = make_ffn(rng, 200, 128, 500, dtype, mean_active=200)
+    dy = rng.standard_normal((200, 128)).astype(_np_dtype(dtype))
+    stats, saved = check_train(cp, arrays, dy, dtype, 0.05, threshold=20)
+    assert stats.n_backup_rows == 200
+
+
+def test_bitwise_deterministic(cp):
+    rng = np.random.default_rng(9)
+    dev = [cp.asarray(a) for a in make_ffn(rng, 3000, 2048, 5632, "bfloat16", mean_active=29)]
+    arrays_skew = dev
+    dy = cp.asarray(rng.standard_normal((3000, 2048)).astype(_np_dtype("bfloat16")))
+    first = None
+    for _ in range(4):
+        y, saved, _ = twell.gated_ffn_forward(*arrays_skew, l1_weight=0.01)
+        outs = [a.get().view(np.uint16) for a in (y, *twell.gated_ffn_backward(saved, dy))]
+        if first is None:
+            first = outs
+        else:
+            for a, b in zip(outs, first):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_saved_state_is_small_and_consumed_once(cp):
+    rng = np.random.default_rng(1)
+    m, d, n = 4096, 256, 5632
+    dev = [cp.asarray(a) for a in make_ffn(rng, m, d, n, "bfloat16", mean_active=29)]
+    y, saved, stats = twell.gated_ffn_forward(*dev)
+    nnz = int(stats.nnz)
+    # pattern (int32 column) + g + u per non-zero, row offsets and routing: no fixed-size buffers.
+    assert saved.nbytes <= nnz * 8 + m * 8 + 64 + saved.gate.n_backup * (n * 4 + 4)
+    dy = cp.ones_like(y)
+    twell.gated_ffn_backward(saved, dy)
+    with pytest.raises(ValueError, match="consumed"):
+        twell.gated_ffn_backward(saved, dy)
+
+
+def test_backward_bad_input(cp):
+    rng = np.random.default_rng(2)
+    dev = [cp.asarray(a) for a in make_ffn(rng, 64, 128, 300, "float32", mean_active=10)]
+    y, saved, _ = twell.gated_ffn_forward(*dev)
+    with pytest.raises(ValueError, match="dy must have shape"):
+        twell.gated_ffn_backward(saved, cp.ones((63, 128), cp.float32))
+    with pytest.raises(TypeError, match="dy must have dtype"):
+        twell.gated_ffn_backward(saved, cp.ones((64, 128), cp.float16))
+    with pytest.raises(TypeError, match="saved must be"):
+        twell.gated_ffn_backward((y, saved), cp.ones((64, 128), cp.float32))
+    with pytest.raises(ValueError, match="l1_weight"):
+        twell.gated_ffn_forward(*dev, l1_weight=-1.0)
+
+
+def test_training_example_runs_and_learns(cp):
+    import runpy
+    from pathlib import Path
+    example = Path(__file__).resolve().parents[1] / "docs" / "examples" / "train_sparse_ffn.py"
+    ns = runpy.run_path(str(example), run_name="not_main")
+    history = ns["train"](steps=30, m=2048, d=256, n=1024, seed=0, verbose=False)
+    assert history["loss"][-1] < 0.8 * history["loss"][0]
+    assert history["l0"][-1] < history["l0"][0]

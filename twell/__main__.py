@@ -1,0 +1,97 @@
+"""Command line: ``python -m twell {info,bench,plot}`` (also the ``twell`` console script).
+
+``info``   versions, CUDA / NVRTC, devices, CuPy cache dir, where ``cuda_src`` is (``--json``).
+``bench``  benchmark on synthetic problems (see :mod:`twell.bench` and ``bench --help``).
+``plot``   ``plot RESULTS.json OUT.png``: speedup vs realised mean active neurons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_info(args, parser, argv) -> int:
+    from .bench import environment_info, format_info  # noqa: PLC0415
+
+    info = environment_info()
+    if args.json:
+        print(json.dumps(info, indent=1, sort_keys=False))
+    else:
+        print(format_info(info))
+    return 0
+
+
+def _cmd_bench(args, parser, argv) -> int:
+    from .bench import bench_main  # noqa: PLC0415
+
+    return bench_main(args, parser, argv)
+
+
+def _cmd_plot(args, parser, argv) -> int:
+    from .bench import plot_results  # noqa: PLC0415
+
+    try:
+        with open(args.results) as f:
+            results = json.load(f)
+    except OSError as exc:
+        print(f"twell plot: error: cannot read {args.results}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except json.JSONDecodeError as exc:
+        print(f"twell plot: error: {args.results} is not valid JSON: {exc}", file=sys.stderr)
+        return 1
+    try:
+        out = plot_results(results, args.out)
+    except (RuntimeError, ValueError) as exc:
+        print(f"twell plot: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+_BENCH_DESCRIPTION = """\
+Times the gated FFN y = (relu(x Wg^T) * x Wu^T) Wd on seeded synthetic problems
+(twell.synthetic) with controlled activation sparsity.
+
+GPU (CuPy sees a device): dense_cupy / dense_cupy_cat (cuBLAS + one fused
+elementwise kernel), torch_eager (if PyTorch has CUDA), and every registered
+sparse implementation; eager and CUDA-graph medians (CUDA events), speedup vs
+the fastest dense.  CPU: dense_numpy (float32) and twell.reference.gated_ffn,
+timed with perf_counter.  See the twell.bench module docstring for details.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import bench  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m twell",
+                                     description="twell: activation-sparse transformer FFN kernels")
+    sub = parser.add_subparsers(dest="command", metavar="{info,bench,plot}")
+    sub.required = True
+
+    p = sub.add_parser("info", help="versions, CUDA/NVRTC, devices, cache and source locations")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_info, subparser=p)
+
+    p = sub.add_parser("bench", help="benchmark dense baselines and registered sparse implementations",
+                       description=_BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench, subparser=p)
+
+    p = sub.add_parser("plot", help="plot speedup vs realised mean active from a bench JSON")
+    p.add_argument("results", help="JSON written by bench --json")
+    p.add_argument("out", help="output image (png, svg, pdf)")
+    p.set_defaults(func=_cmd_plot, subparser=p)
+    return parser
+
+
+def main(argv: list | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    return int(args.func(args, args.subparser, argv) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
