@@ -41,19 +41,22 @@ DEFAULT_TILE_WIDTH = 256
 DEFAULT_COMPRESSION = 8
 #: Largest tile width: tile-local column indices are stored as uint8.
 MAX_TILE_WIDTH = 256
+#: Supported tile widths (one warp covers a tile, 1/2/4/8 columns per lane).
+TILE_WIDTHS = (32, 64, 128, 256)
 
 
 def twell_layout(n_cols: int, tile_width: int = DEFAULT_TILE_WIDTH, compression: int = DEFAULT_COMPRESSION):
     """Validate TwELL layout parameters and return ``(n_tiles, slots)``.
 
-    Rules: ``tile_width`` is a multiple of 32 in [32, 256] (tile-local indices
+    Rules: ``tile_width`` is one of 32, 64, 128, 256 (a warp covers a tile with 1, 2, 4 or 8 columns per
+    lane, and tile-local indices
     are uint8); ``compression`` is a positive integer dividing ``tile_width``;
     ``slots = tile_width // compression`` is the per-tile capacity.
     """
     n_cols = B.check_int(n_cols, "n_cols", minimum=1)
     tile_width = B.check_int(tile_width, "tile_width", minimum=32, maximum=MAX_TILE_WIDTH)
-    if tile_width % 32:
-        raise ValueError(f"tile_width must be a multiple of 32, got {tile_width}")
+    if tile_width not in TILE_WIDTHS:
+        raise ValueError(f"tile_width must be one of {TILE_WIDTHS}, got {tile_width}")
     compression = B.check_int(compression, "compression", minimum=1)
     if tile_width % compression:
         raise ValueError(f"compression must divide tile_width={tile_width}, got {compression}")
@@ -352,7 +355,7 @@ def pack_twell(dense, tile_width: int = DEFAULT_TILE_WIDTH, compression: int = D
         NumPy (packed by the reference) or CuPy / ``__dlpack__`` GPU array
         (packed by the CUDA kernel; one host synchronisation to size the backup).
     tile_width : int
-        Columns per tile (multiple of 32, at most 256).
+        Columns per tile: 32, 64, 128 or 256.
     compression : int
         Slots per tile are ``tile_width // compression``.
     dense_row_threshold : int or None

@@ -111,7 +111,7 @@ def gated_ffn(x, w_gate, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compres
     -----
     GPU path: cuBLAS gate GEMM → TwELL pack kernel → fused up/down kernel for
     the compact rows, while the host reads the number of backup rows (one
-    4-byte read-back overlapped with the up/down kernel) → cuBLAS for the backup
+    8-byte read-back overlapped with the up/down kernel) → cuBLAS for the backup
     rows.  Bitwise deterministic.
     """
     xp, x, w, n = _check_ffn_args(x, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down})

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._kernels import KernelFamily, get_kernel, register_family
-from ..format import Hybrid, NeuronMajorPattern, TwELL, twell_layout
+from ..format import TILE_WIDTHS, Hybrid, NeuronMajorPattern, TwELL, twell_layout
 from ._launch import NULL, HostReadback, aligned, cbool, ctype_of, device_matrix, grid_1d, i32
 
-TILE_WIDTHS = (32, 64, 128, 256)
 DEVICE_DTYPES = ("bfloat16", "float16", "float32")
 ROUTE_COMPACT, ROUTE_THRESHOLD, ROUTE_OVERFLOW = 0, 1, 2
 ROUTE_THREADS = 1024

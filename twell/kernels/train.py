@@ -27,6 +27,9 @@ def gated_ffn_forward(x, w_gate, w_up, w_down, l1_weight: float, threshold: int)
     m, d = x.shape
     n = w_gate.shape[0]
     eff = min(threshold, ffn_forward.MAX_LIST)
+    if m * min(eff, n) >= 2**31:
+        raise ValueError(f"M = {m} tokens with up to {min(eff, n)} compact entries each overflow the int32 row "
+                         "offsets; split the batch")
     z = cp.matmul(x, w_gate.T)                                          # cuBLAS (M, n)
     p = pack.pack_hybrid_async(z, eff, relu=True, neuron_counts=True)
     bounds = ffn_backward.workspace_bounds(p.neuron_counts)
