@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -197,6 +198,13 @@ def test_time_cpu_statistics():
     (["bench", "--sweep", "--m", "8"], "--sweep"),
     (["bench", "--dead-fraction", "1.5"], "--dead-fraction"),
     (["bench", "--json", "/nonexistent-dir-twell/x.json"], "--json"),
+    (["bench", "--mode", "training"], "--mode"),
+    (["bench", "--train"], "--train"),
+    (["bench", "--mode", "train", "--l1-weight", "-1"], "--l1-weight"),
+    (["bench", "--mode", "train", "--l1-weight", "nan"], "--l1-weight"),
+    (["bench", "--mode", "train", "--impl", "dense_numpy"], "--impl"),
+    (["bench", "--mode", "both", "--impl", "dense_numpy_train"], "--impl"),
+    (["bench", "--mode", "train", "--sweep", "--m", "8"], "--sweep"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
 ])
@@ -212,6 +220,18 @@ def test_bad_arguments_subprocess():
     assert r.returncode == 2 and "--m" in r.stderr
     r = _run("bench", "--kind", "sideways")
     assert r.returncode == 2 and "kind" in r.stderr
+    r = _run("bench", "--mode", "train", "--m", "0")
+    assert r.returncode == 2 and "--m" in r.stderr
+    r = _run("bench", "--mode", "sideways")
+    assert r.returncode == 2 and "--mode" in r.stderr
+
+
+def test_help_documents_training():
+    r = _run("bench", "--help")
+    assert r.returncode == 0, r.stderr
+    for word in ("--mode", "{infer,train,both}", "--l1-weight", "dense_cupy_train", "torch_autograd", "twell_train",
+                 "peak MiB", "saved MiB"):
+        assert word in r.stdout, word
 
 
 @pytest.mark.skipif(HAS_GPU, reason="a GPU is available")
@@ -281,3 +301,360 @@ def test_bench_gpu_small(tmp_path, capsys):
             t = case["impls"]["torch_eager"]
             assert "error" not in t, t.get("error")
             assert t["check_ok"] is True
+
+
+# ---------------------------------------------------------------------------- training benchmark (CPU)
+TRAIN_IMPL_KEYS = {"backend", "dense", "eager", "graph", "forward", "peak_bytes", "peak_mib", "rel_err", "check_ok",
+                   "speedup", "speedup_graph", "speedup_forward"}
+
+
+def _check_train_results(res, n_cases, impls=("dense_numpy_train", "reference_train")):
+    assert res["schema"] == bench.JSON_SCHEMA
+    for key in ("date", "command", "git_revision", "backend", "device", "environment", "timer"):
+        assert key in res["meta"]
+    train = res["train"]
+    assert set(train) >= {"l1_weight", "method", "impls", "cases"}
+    assert set(train["method"]) >= {"step", "timer", "peak_memory", "check", "speedup"}
+    assert list(train["impls"]) == list(impls)
+    assert len(train["cases"]) == n_cases
+    for case in train["cases"]:
+        assert "error" not in case, case.get("error")
+        for key in ("name", "kind", "m", "d", "n", "dtype", "mean_active_target", "realised", "impls", "dense",
+                    "problem", "l1_weight", "dy"):
+            assert key in case
+        assert list(case["impls"]) == list(impls)
+        assert case["dense"]["best"] == "dense_numpy_train" and case["dense"]["best_forward"] == "dense_numpy_train"
+        for name, r in case["impls"].items():
+            assert "error" not in r, r.get("error")
+            assert TRAIN_IMPL_KEYS <= set(r), name
+            for timing in ("eager", "forward"):
+                t = r[timing]
+                assert t["median_ms"] > 0 and t["p20_ms"] <= t["median_ms"] <= t["p80_ms"]
+            assert r["graph"] is None and r["graph_error"] == "no GPU"
+            assert r["peak_bytes"] is None  # not measured on the CPU
+            assert r["speedup"] > 0 and r["speedup_forward"] > 0
+        ref = case["impls"].get("reference_train")
+        if ref is not None:
+            assert ref["saved_bytes"] > 0 and ref["saved_mib"] == pytest.approx(ref["saved_bytes"] / 2**20)
+            assert ref["stats"]["l0"] == pytest.approx(case["realised"]["token"]["mean"], rel=1e-6)
+            assert ref["stats"]["nnz"] > 0 and ref["stats"]["n_backup_rows"] >= 0
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the CPU bench path needs a machine without a GPU (or --backend cpu)")
+def test_bench_train_subprocess_cpu(tmp_path):
+    out = tmp_path / "out.json"
+    r = _run("bench", "--mode", "train", "--m", "64", "--d", "64", "--n", "256", "--json", str(out),
+             "--budget", "0.02")
+    assert r.returncode == 0, r.stderr
+    assert "training: one fwd+bwd step" in r.stdout and "step ms" in r.stdout and "peak MiB" in r.stdout
+    assert "dense_numpy_train*" in r.stdout and "reference_train" in r.stdout
+    assert "median ms" not in r.stdout  # no inference table
+    res = json.loads(out.read_text())
+    assert res["meta"]["backend"] == "cpu" and res["config"]["mode"] == "train"
+    assert res["cases"] == [] and res["impls"] == {}
+    _check_train_results(res, 1)
+    case = res["train"]["cases"][0]
+    assert (case["m"], case["d"], case["n"], case["kind"]) == (64, 64, 256, "uniform")
+    assert case["impls"]["dense_numpy_train"]["speedup"] == pytest.approx(1.0)
+    assert case["impls"]["dense_numpy_train"]["rel_err"] is None  # no --check
+
+
+def test_bench_train_check_and_registry(tmp_path, capsys):
+    def good(tp):
+        arrays = [np.asarray(a, np.float32) for a in (*tp.arrays(), tp.dy)]
+        return lambda: bench.dense_train_math(*arrays, tp.l1_weight)
+
+    def wrong(tp):
+        def run():
+            outs = good(tp)()
+            return (outs[0], outs[1], outs[2], outs[3], np.zeros_like(outs[4]))  # dw_down missing
+        return run
+
+    def broken(tp):
+        raise RuntimeError("kaputt")
+
+    bench.register_train("good_train", good, backend="numpy")
+    bench.register_train("wrong_train", wrong, backend="numpy")
+    bench.register_train("broken_train", broken, backend="numpy")
+    try:
+        out = tmp_path / "t.json"
+        rc = main(["bench", "--backend", "cpu", "--mode", "train", "--m", "48", "--kind", "token_skew,neuron_skew",
+                   "--mean", "20", "--l1-weight", "0.05", "--check", "--json", str(out), *SMALL])
+        text = capsys.readouterr()
+        assert rc == 1  # wrong_train fails the check, broken_train errors
+        assert "CHECK FAILED" in text.err and "wrong_train" in text.err and "kaputt" in text.err
+        res = json.loads(out.read_text())
+        train = res["train"]
+        assert train["l1_weight"] == 0.05 and len(train["cases"]) == 2
+        for case in train["cases"]:
+            assert case["check"]["outputs"] == list(bench.TRAIN_OUTPUTS) and case["check"]["rows"] == 48
+            impls = case["impls"]
+            for name in ("dense_numpy_train", "reference_train", "good_train"):
+                r = impls[name]
+                assert r["check_ok"] is True, (name, r["rel_err"])
+                assert set(r["rel_err"]) == set(bench.TRAIN_OUTPUTS)
+                assert r["max_rel_err"] < 1e-5 and r["err_vs_dense"] < 2.5
+            # the float64 reference rounds once at the end: at least as accurate as float32 dense
+            assert impls["reference_train"]["max_rel_err"] <= impls["dense_numpy_train"]["max_rel_err"]
+            w = impls["wrong_train"]
+            assert w["check_ok"] is False and w["rel_err"]["dw_down"] == pytest.approx(1.0)
+            assert w["rel_err"]["y"] < 1e-5 and w["check_limit"]["y"] > w["rel_err"]["y"]
+            assert "kaputt" in impls["broken_train"]["error"]
+            assert case["dense"]["best"] == "dense_numpy_train"
+        assert "ERROR: RuntimeError: kaputt" in text.out and "FAIL" in text.out
+    finally:
+        for name in ("good_train", "wrong_train", "broken_train"):
+            bench.unregister(name)
+
+
+def test_bench_mode_both_sweep_cpu(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--backend", "cpu", "--mode", "both", "--sweep", "--sweep-m", "32", "--sweep-means", "8,29",
+               "--impl", "dense_numpy,dense_numpy_train", "--json", str(out), "--quiet", *SMALL])
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    assert "median ms" in text.out and "step ms" in text.out  # --quiet prints both final tables
+    res = json.loads(out.read_text())
+    assert [c["mean_active_target"] for c in res["cases"]] == [8, 29]
+    assert [c["mean_active_target"] for c in res["train"]["cases"]] == [8, 29]
+    assert all(c["sweep"] and c["m"] == 32 for _, c in bench._all_cases(res))
+    assert list(res["impls"]) == ["dense_numpy"] and list(res["train"]["impls"]) == ["dense_numpy_train"]
+    assert list(res["train"]["cases"][0]["impls"]) == ["dense_numpy_train"]
+
+
+def test_train_default_m_and_dy():
+    cfg = bench.BenchConfig(mode="train")
+    assert [c.m for c in bench.plan_cases(cfg, gpu=True, task="train")[0]] == list(bench.GPU_DEFAULT_TRAIN_M)
+    assert [c.m for c in bench.plan_cases(cfg, gpu=False, task="train")[0]] == list(bench.CPU_DEFAULT_TRAIN_M)
+    assert [c.m for c in bench.plan_cases(cfg, gpu=False)[0]] == list(bench.CPU_DEFAULT_M)
+    from twell import synthetic
+    p = synthetic.make_problem(16, 8, 32, mean_active=4)
+    dy = bench.make_dy(p, 3)
+    assert dy.shape == (16, 8) and dy.dtype == p.dtype
+    assert np.array_equal(dy.view(np.uint16), bench.make_dy(p, 3).view(np.uint16))
+    assert not np.array_equal(dy.view(np.uint16), bench.make_dy(p, 4).view(np.uint16))
+
+
+@pytest.mark.parametrize("l1_weight", [0.0, 0.3])
+def test_dense_train_math_matches_reference(l1_weight):
+    from twell import reference
+    rng = np.random.default_rng(5)
+    m, d, n = 40, 12, 30
+    x, wg, wu, wd, dy = (rng.standard_normal(s) for s in ((m, d), (n, d), (n, d), (n, d), (m, d)))
+    outs = bench.dense_train_math(x, wg, wu, wd, dy, l1_weight)
+    y, saved, _ = reference.gated_ffn_forward(x, wg, wu, wd, l1_weight=l1_weight)
+    ref = (y, *reference.gated_ffn_backward(saved, dy))
+    for name, a, b in zip(bench.TRAIN_OUTPUTS, outs, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=name)
+    y_only = bench.dense_train_math(x, wg, wu, wd, dy, l1_weight, forward_only=True)
+    np.testing.assert_allclose(y_only, y, rtol=1e-12)
+
+
+def test_train_check_rule():
+    res = {"d": {"dense": True, "rel_err": dict.fromkeys(bench.TRAIN_OUTPUTS, 1e-3)},
+           "bad_dense": {"dense": True, "rel_err": dict.fromkeys(bench.TRAIN_OUTPUTS, 0.5)},
+           "ok": {"dense": False, "rel_err": dict.fromkeys(bench.TRAIN_OUTPUTS, 2e-3)},
+           "no": {"dense": False, "rel_err": dict(dict.fromkeys(bench.TRAIN_OUTPUTS, 1e-3), dx=5e-3)},
+           "skip": {"dense": False, "rel_err": None}}
+    bench._apply_train_check(res, "bfloat16")
+    assert res["d"]["check_ok"] and not res["bad_dense"]["check_ok"]
+    assert res["ok"]["check_ok"] and res["ok"]["err_vs_dense"] == pytest.approx(2.0)
+    assert res["no"]["check_ok"] is False and res["no"]["check_limit"]["dx"] == pytest.approx(2e-3 + 2**-9)
+    assert "check_ok" not in res["skip"]
+
+
+def test_format_table_train():
+    res = {"train": {"cases": [
+        {"name": "uniform/29", "m": 8, "error": "ValueError: boom"},
+        {"name": "uniform/29", "m": 8, "realised": {"token": {"mean": 1.0, "p99": 2.0, "max": 3}},
+         "dense": {"best": "a"},
+         "impls": {"a": {"eager": {"median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1}, "graph": None,
+                         "forward": {"median_ms": 0.4}, "speedup": 1.0, "peak_mib": 900.0,
+                         "max_rel_err": 1e-3, "check_ok": True, "err_vs_dense": 1.0},
+                   "t": {"eager": {"median_ms": 0.5}, "stats": {"l0": 29.0, "n_backup_rows": 2}, "saved_mib": 4.5,
+                         "max_rel_err": float("inf"), "check_ok": False},
+                   "b": {"error": "RuntimeError: x"}}},
+    ]}}
+    text = bench.format_table(res)
+    assert "training" in text and "step ms" in text and "median ms" not in text
+    assert "ERROR: ValueError: boom" in text and "a*" in text and "FAIL" in text and "ERROR: RuntimeError: x" in text
+    assert "900" in text and "29.0" in text and "4.5" in text
+    both = bench.format_table({"cases": [], "train": {"cases": []}})
+    assert "step ms" in both and "median ms" not in both  # no inference cases: only the training header
+    rows = bench.format_table(res, header=False)
+    assert "step ms" not in rows and len(rows.splitlines()) == 4
+
+
+class _FakeDev:
+    """A host array dressed as a device array (``.data.ptr``) for the cuBLAS argument test."""
+
+    def __init__(self, a):
+        self.a = np.ascontiguousarray(a)
+        self.shape, self.dtype, self.flags = self.a.shape, self.a.dtype, self.a.flags
+        self.data = type("P", (), {"ptr": self.a.ctypes.data})()
+
+
+class _FakeCublas:
+    """cublasGemmEx in column-major float64 on host memory (pointers resolved through ``arrays``)."""
+
+    def __init__(self, arrays):
+        self.arrays = {a.data.ptr: a.a for a in arrays}
+
+    def cublasGemmEx(self, handle, transa, transb, m, n, k, alpha, A, at, lda, Bp, bt, ldb, beta, C, ct, ldc, comp,
+                     algo):
+        import ctypes
+
+        def colmajor(ptr, rows, cols, ld):
+            flat = self.arrays[ptr.value].reshape(-1)
+            return flat[: cols * ld].reshape(cols, ld)[:, :rows].T
+
+        def scalar(p):
+            return ctypes.cast(p, ctypes.POINTER(ctypes.c_float)).contents.value
+        a = colmajor(A, *((m, k) if transa == 0 else (k, m)), lda)
+        b = colmajor(Bp, *((k, n) if transb == 0 else (n, k)), ldb)
+        a = a if transa == 0 else a.T
+        b = b if transb == 0 else b.T
+        c = colmajor(C, m, n, ldc)
+        res = scalar(alpha) * (a.astype(np.float64) @ b.astype(np.float64)) + scalar(beta) * c
+        out = self.arrays[C.value].reshape(-1)
+        out[: n * ldc].reshape(n, ldc)[:, :m] = res.T
+        return 0
+
+
+@pytest.mark.parametrize("trans_a,trans_b,beta", [(False, False, 0.0), (False, True, 0.0), (True, False, 0.0),
+                                                  (True, True, 0.0), (False, False, 1.0), (True, False, 1.0)])
+def test_cublas_gemm_row_major_mapping(trans_a, trans_b, beta):
+    """CublasGemm.gemm's column-major argument mapping, against a host emulation of cublasGemmEx."""
+    import ctypes
+    rng = np.random.default_rng(0)
+    r, k, c = 5, 7, 3
+    a = rng.standard_normal((k, r) if trans_a else (r, k)).astype(np.float32)
+    b = rng.standard_normal((c, k) if trans_b else (k, c)).astype(np.float32)
+    out0 = rng.standard_normal((r, c)).astype(np.float32)
+    da, db, dout = _FakeDev(a), _FakeDev(b), _FakeDev(out0.copy())
+    g = object.__new__(bench.CublasGemm)
+    g._ct, g.lib, g.handle, g._scalars = ctypes, _FakeCublas([da, db, dout]), None, {}
+    g._bind = lambda: None
+    g.gemm(da, db, dout, trans_a=trans_a, trans_b=trans_b, beta=beta)
+    want = (a.T if trans_a else a) @ (b.T if trans_b else b) + beta * out0
+    np.testing.assert_allclose(dout.a, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="shapes"):
+        g.gemm(da, db, _FakeDev(np.zeros((r + 1, c), np.float32)), trans_a=trans_a, trans_b=trans_b)
+    if not trans_a and beta == 0.0:  # the inference helper: out = a @ (w.T if transposed else w)
+        dout.a[...] = 0
+        g.mm(da, db, dout, transposed=trans_b)
+        np.testing.assert_allclose(dout.a, a @ (b.T if trans_b else b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_bench_train_gpu_small(tmp_path, capsys):
+    out = tmp_path / "tg.json"
+    rc = main(["bench", "--backend", "gpu", "--mode", "train", "--m", "512", "--kind", "uniform,token_skew",
+               "--d", "256", "--n", "1024", "--l1-weight", "0.01", "--check", "--budget", "0.05", "--warmup", "2",
+               "--json", str(out)])
+    text = capsys.readouterr()
+    res = json.loads(out.read_text())
+    assert rc == 0, text.err
+    assert res["meta"]["backend"] == "gpu" and len(res["train"]["cases"]) == 2
+    assert "peak_memory" in res["train"]["method"]
+    for case in res["train"]["cases"]:
+        assert "error" not in case, case.get("error")
+        impls = case["impls"]
+        d = impls["dense_cupy_train"]
+        assert "error" not in d, d.get("error")
+        assert d["check_ok"] is True and d["max_rel_err"] < 1e-2
+        assert d["graph"] is not None, d.get("graph_error")
+        assert d["graph_max_rel_err"] == pytest.approx(d["max_rel_err"], rel=1e-6, abs=1e-12)
+        assert d["forward"]["median_ms"] > 0
+        # z, u, h, dh (M, n), y, dx (M, d), three (n, d) weight gradients, bfloat16, 512-byte rounding
+        m, dd, n = 512, 256, 1024
+        assert d["peak_bytes"] == pytest.approx(2 * (4 * m * n + 2 * m * dd + 3 * n * dd), rel=0.01)
+        if "twell_train" in impls:
+            t = impls["twell_train"]
+            assert "error" not in t, t.get("error")
+            assert t["graph"] is None and "not capturable" in t["graph_error"]
+            assert t["check_ok"] is True, t["rel_err"]
+            assert t["saved_mib"] > 0 and t["stats"]["l0"] > 0 and t["peak_bytes"] > 0
+        if "torch_autograd" in impls:
+            a = impls["torch_autograd"]
+            assert "error" not in a, a.get("error")
+            assert a["check_ok"] is True and a["peak_bytes"] > 0
+
+
+# ---------------------------------------------------------------------------- bench elementwise kernels, no GPU
+def _ew_kernel(name, op, ins, outs, scalar=""):
+    """A CuPy-ElementwiseKernel-like loop body (const references to inputs, references to outputs)."""
+    params = ([f"const {t}* _raw_{n}" for t, n in ins] + ([scalar] if scalar else [])
+              + [f"{t}* _raw_{n}" for t, n in outs])
+    decl = [f"const {t} &{n} = _raw_{n}[i];" for t, n in ins] + [f"{t} &{n} = _raw_{n}[i];" for t, n in outs]
+    return (f'extern "C" __global__ void {name}({", ".join(params)}, long long size) {{\n'
+            f"for (long long i = blockIdx.x * blockDim.x + threadIdx.x; i < size; i += blockDim.x * gridDim.x) {{\n"
+            + "\n".join(decl) + "\n" + op + "\n}\n}\n")
+
+
+U64 = "unsigned long long"
+
+
+def test_bench_elementwise_kernels_compile_with_nvrtc():
+    """The dense baselines' fused kernels (forward and training backward) compile for sm_90a."""
+    pytest.importorskip("cupy")
+    core = pytest.importorskip("cupy._core.core")
+    from cupy.cuda import compiler
+    if not hasattr(core, "assemble_cupy_compiler_options") or not hasattr(compiler, "_NVRTCProgram"):
+        pytest.skip("CuPy's private NVRTC helpers are missing")
+    sources = [bench._BF16X4_BWD_PREAMBLE
+               + _ew_kernel("bwd4", bench._RELU_MUL_BWD_BF16X4_OP, [(U64, "dh"), (U64, "z"), (U64, "u")],
+                            [(U64, "du"), (U64, "dz")], "float s")
+               + _ew_kernel("fwd4", bench._RELU_MUL_BF16X4_OP, [(U64, "z"), (U64, "u")], [(U64, "h")])]
+    for t in ("float", "double", "__half"):
+        sources.append(f"#include <cuda_fp16.h>\ntypedef {t} T;\n" + bench._ACC_PREAMBLE
+                       + _ew_kernel("bwd", bench._RELU_MUL_BWD_OP, [("T", "dh"), ("T", "z"), ("T", "u")],
+                                    [("T", "du"), ("T", "dz")], "double s"))
+    for i, src in enumerate(sources):
+        options = core.assemble_cupy_compiler_options(("-arch=sm_90a", "-ftz=true"))
+        try:
+            compiler._NVRTCProgram(src, f"bench_ew{i}.cu", method="cubin").compile(options)
+        except Exception as exc:  # no NVRTC wheel on this machine
+            if "nvrtc" in str(exc).lower() and ("load" in str(exc).lower() or "found" in str(exc).lower()):
+                pytest.skip(f"NVRTC unavailable: {exc}")
+            raise
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="needs a host C++ compiler")
+def test_bf16x4_backward_kernel_bitwise_on_host(tmp_path):
+    """The bf16x4 backward kernel's body, compiled for the host, against a NumPy model (in place, with L1)."""
+    import ctypes
+
+    import ml_dtypes
+    src = (
+        "#include <cstring>\n#define __device__\n#define __forceinline__ inline\n"
+        "static inline unsigned int __float_as_uint(float f) { unsigned int u; memcpy(&u, &f, 4); return u; }\n"
+        "static inline float __uint_as_float(unsigned int u) { float f; memcpy(&f, &u, 4); return f; }\n"
+        + bench._BF16X4_BWD_PREAMBLE
+        + f'extern "C" void bwd(const {U64}* _raw_dh, const {U64}* _raw_z, const {U64}* _raw_u, float s, '
+          f"{U64}* _raw_du, {U64}* _raw_dz, long n) {{\nfor (long i = 0; i < n; ++i) {{\n"
+          f"const {U64} &dh = _raw_dh[i]; const {U64} &z = _raw_z[i]; const {U64} &u = _raw_u[i];\n"
+          f"{U64} &du = _raw_du[i]; {U64} &dz = _raw_dz[i];\n" + bench._RELU_MUL_BWD_BF16X4_OP + "}\n}\n")
+    (tmp_path / "k.cpp").write_text(src)
+    cxx = shutil.which("g++") or shutil.which("c++")
+    subprocess.run([cxx, "-O2", "-shared", "-fPIC", "-o", str(tmp_path / "k.so"), str(tmp_path / "k.cpp")],
+                   check=True, capture_output=True)
+    lib = ctypes.CDLL(str(tmp_path / "k.so"))
+    bf = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(1)
+    n = 4096
+    dh, z, u = (rng.standard_normal(n).astype(np.float32).astype(bf) for _ in range(3))
+    z[::5] = 0
+    f32 = [a.astype(np.float32) for a in (dh, z, u)]
+    for s in (0.0, 0.37):
+        on = f32[1] > 0
+        dt = f32[0] + np.float32(s) * np.sign(f32[1] * f32[2]) * on
+        want_du = np.where(on, dt * f32[1], np.float32(0)).astype(bf)
+        want_dz = np.where(on, dt * f32[2], np.float32(0)).astype(bf)
+        a_dh, a_z = dh.copy(), z.copy()  # in place: du over dh, dz over z, as dense_cupy_train runs it
+
+        def ptr(a):
+            return a.view(np.uint64).ctypes.data_as(ctypes.c_void_p)
+        lib.bwd(ptr(a_dh), ptr(a_z), ptr(u), ctypes.c_float(s), ptr(a_dh), ptr(a_z), ctypes.c_long(n // 4))
+        assert np.array_equal(a_dh.view(np.uint16), want_du.view(np.uint16)), s
+        assert np.array_equal(a_z.view(np.uint16), want_dz.view(np.uint16)), s
