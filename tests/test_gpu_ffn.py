@@ -122,6 +122,24 @@ def test_decode_path_exact_for_any_row_activity(cp, dtype, m):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gated", [True, False])
+def test_every_row_dense(cp, dtype, gated):
+    """A dense batch (every row over the threshold) takes the plain cuBLAS path and stays exact."""
+    rng = np.random.default_rng(11)
+    arrays = make_ffn(rng, 200, 128, 400, dtype, mean_active=150)
+    dev = [cp.asarray(a) for a in arrays]
+    out = cp.full((200, 128), np.nan, dtype=dev[0].dtype)
+    if gated:
+        y, stats = twell.gated_ffn(*dev, dense_row_threshold=10, return_stats=True, out=out)
+        _check(cp, y, arrays, dtype)
+    else:
+        y, stats = twell.ffn(dev[0], dev[1], dev[3], dense_row_threshold=10, return_stats=True, out=out)
+        ref = reference.ffn_dense(*[a.astype(np.float64) for a in (arrays[0], arrays[1], arrays[3])])
+        assert rel_error(y, ref) < 4 * HALF_ULP[dtype] + 1e-6
+    assert stats.n_backup_rows == 200
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_ffn_non_gated(cp, dtype):
     rng = np.random.default_rng(7)
     for m in (7, 300, 1500):

@@ -66,7 +66,11 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
     ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.row_route, w_up, w_down, tile_width, y,
                               compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3])
     n_backup, n_overflow = readback.wait()
-    if n_backup:
+    if n_backup == m:
+        # Every row is dense (a dense batch): plain cuBLAS on the whole batch, no gathers or scatters.
+        h = ffn_forward.gate_mul(z, cp.matmul(x, w_up.T), relu=True) if gated else pack.relu_keep_nan(z)
+        cp.matmul(h, w_down, out=y)
+    elif n_backup:
         _, backup_rows_buf, _ = pack.route_rows(p.row_route)
         rows = backup_rows_buf[:n_backup]
         zr = z[rows]
