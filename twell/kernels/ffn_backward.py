@@ -11,8 +11,8 @@ import numpy as np
 
 from .._kernels import KernelFamily, get_kernel, register_family
 from ._launch import cbool, ctype_of, grid_1d, i32
-from .ffn_forward import (MAX_LIST, THREADS, WARP_KERNEL_MAX_NC, WARP_KERNEL_WARPS, _blocks_per_sm,
-                          _raise_smem_limit, _sm_count, _vec_ok, warp_path_nc)
+from .ffn_forward import (MAX_LIST, THREADS, WARP_KERNEL_MAX_NC, _raise_smem_limit, _vec_ok, launch_warp_rows,
+                          warp_path_nc)
 from .pack import DEVICE_DTYPES
 
 #: Entries of one neuron handled by one CTA of the weight-gradient kernel (cuda_src WG_CHUNK).
@@ -44,7 +44,6 @@ def _cp():
 def csr_backward(dy, row_ptr, col_indices, g_values, u_values, backup_slot, w_gate, w_up, w_down,
                  l1_scale: float, dx, du, dz, *, work_counter=None):
     """Token-major backward of the compact rows: du, dz (fp32, per entry) and dx rows (backup rows untouched)."""
-    cp = _cp()
     m, d = dy.shape
     if m == 0:
         return
@@ -52,13 +51,8 @@ def csr_backward(dy, row_ptr, col_indices, g_values, u_values, backup_slot, w_ga
     nc = warp_path_nc(dy.dtype, d, dy, w_gate, w_up, w_down, dx)
     if nc:
         k = get_kernel("ffn_backward", f"csr_backward_warp<{ct}, {nc}>")
-        threads = 32 * WARP_KERNEL_WARPS
-        blocks = min(_blocks_per_sm(k, threads, WARP_KERNEL_WARPS * MAX_LIST * 12) * _sm_count(),
-                     -(-m // WARP_KERNEL_WARPS))
-        if work_counter is None:
-            work_counter = cp.zeros(1, dtype=cp.int32)
-        k((blocks,), (threads,), (dy, row_ptr, col_indices, g_values, u_values, backup_slot, w_gate, w_up, w_down,
-                                  i32(m), np.float32(l1_scale), dx, du, dz, work_counter))
+        launch_warp_rows(k, m, MAX_LIST * 12, (dy, row_ptr, col_indices, g_values, u_values, backup_slot, w_gate,
+                                               w_up, w_down, i32(m), np.float32(l1_scale), dx, du, dz), work_counter)
         return
     vec = _vec_ok(dy.dtype, d, dy, w_gate, w_up, w_down, dx)
     k = get_kernel("ffn_backward", f"csr_backward<{ct}, {cbool(vec)}>")

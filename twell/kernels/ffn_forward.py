@@ -86,6 +86,18 @@ def _blocks_per_sm(kernel, threads: int, static_smem: int) -> int:
     return max(1, min(by_regs, by_smem, 2048 // threads, 32))
 
 
+def launch_warp_rows(kernel, m: int, list_bytes_per_warp: int, args: tuple, work_counter=None):
+    """Launch a warp-per-row kernel on a persistent grid: as many CTAs as fit on the device (from the
+    kernel's registers and static shared memory), never more warps than rows.  Rows are handed out by
+    ``work_counter``, a zeroed int32 device scalar (allocated if None) passed as the last argument."""
+    threads = 32 * WARP_KERNEL_WARPS
+    blocks = min(_blocks_per_sm(kernel, threads, WARP_KERNEL_WARPS * list_bytes_per_warp) * _sm_count(),
+                 -(-m // WARP_KERNEL_WARPS))
+    if work_counter is None:
+        work_counter = _cp().zeros(1, dtype=np.int32)
+    kernel((blocks,), (threads,), tuple(args) + (work_counter,))
+
+
 def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: int, y, *, compact: int = -1,
                   gated: bool = True, splits: int | None = None, work_counter=None):
     """Fused up/down for the compact rows of a TwELL gate (backup rows are left untouched).
@@ -110,14 +122,9 @@ def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: i
     nc = warp_path_nc(x.dtype, d, x, w_up, w_down, y)
     if nc and splits == 1:
         k = get_kernel("ffn_forward", f"twell_up_down_warp<{ct}, {nc}, {cbool(gated)}>")
-        threads = 32 * WARP_KERNEL_WARPS
-        blocks = min(_blocks_per_sm(k, threads, WARP_KERNEL_WARPS * MAX_LIST * 8) * sms,
-                     -(-m // WARP_KERNEL_WARPS))
-        if work_counter is None:
-            work_counter = cp.zeros(1, dtype=cp.int32)
-        k((blocks,), (threads,),
-          (x, counts, indices, values, route, i32(compact), w_up, w_down, i32(m), i32(n_tiles), i32(slots),
-           i32(tile_width), y, work_counter))
+        launch_warp_rows(k, m, MAX_LIST * 8,
+                         (x, counts, indices, values, route, i32(compact), w_up, w_down, i32(m), i32(n_tiles),
+                          i32(slots), i32(tile_width), y), work_counter)
         return y
     vec = _vec_ok(x.dtype, d, x, w_up, w_down, y)
     k = get_kernel("ffn_forward", f"twell_up_down<{ct}, {cbool(vec)}, {cbool(gated)}>")
@@ -176,7 +183,6 @@ def csr_up_down(x, row_ptr, col_indices, g_values, backup_slot, w_up, w_down, y,
 
     Backup rows (``backup_slot >= 0``) are left untouched in ``y`` and ``row_l1``.
     """
-    cp = _cp()
     m, d = x.shape
     if m == 0:
         return
@@ -184,13 +190,8 @@ def csr_up_down(x, row_ptr, col_indices, g_values, backup_slot, w_up, w_down, y,
     nc = warp_path_nc(x.dtype, d, x, w_up, w_down, y)
     if nc:
         k = get_kernel("ffn_forward", f"csr_up_down_warp<{ct}, {nc}>")
-        threads = 32 * WARP_KERNEL_WARPS
-        blocks = min(_blocks_per_sm(k, threads, WARP_KERNEL_WARPS * MAX_LIST * 8) * _sm_count(),
-                     -(-m // WARP_KERNEL_WARPS))
-        if work_counter is None:
-            work_counter = cp.zeros(1, dtype=cp.int32)
-        k((blocks,), (threads,), (x, row_ptr, col_indices, g_values, backup_slot, w_up, w_down, i32(m), y,
-                                  u_values, row_l1, work_counter))
+        launch_warp_rows(k, m, MAX_LIST * 8, (x, row_ptr, col_indices, g_values, backup_slot, w_up, w_down, i32(m),
+                                              y, u_values, row_l1), work_counter)
         return
     vec = _vec_ok(x.dtype, d, x, w_up, w_down, y)
     k = get_kernel("ffn_forward", f"csr_up_down<{ct}, {cbool(vec)}>")
