@@ -249,3 +249,25 @@ def test_gpu_ffn_bad_input(cp):
         twell.gated_ffn(x, bad, wu, wd, check_finite=True)
     with pytest.raises(TypeError, match="out must have dtype"):
         twell.gated_ffn(x, wg, wu, wd, out=cp.empty((8, 64), cp.float16))
+
+
+@pytest.mark.parametrize("m", [8, 3000])
+def test_ops_run_on_the_current_stream(cp, m):
+    """Every launch and the host read-back follow the current CuPy stream (here a non-blocking one)."""
+    rng = np.random.default_rng(21)
+    dev = [cp.asarray(a) for a in make_ffn(rng, m, 256, 1024, "bfloat16", mean_active=20)]
+    want = twell.gated_ffn(*dev).get()
+    y_ref, saved_ref, _ = twell.gated_ffn_forward(*dev)
+    dy = cp.asarray(rng.standard_normal((m, 256)).astype(_np_dtype("bfloat16")))
+    grads_ref = [g.get() for g in twell.gated_ffn_backward(saved_ref, dy)]
+    cp.cuda.Device().synchronize()
+    side = cp.cuda.Stream(non_blocking=True)
+    with side:
+        y = twell.gated_ffn(*dev)
+        y_train, saved, _ = twell.gated_ffn_forward(*dev)
+        grads = twell.gated_ffn_backward(saved, dy)
+    side.synchronize()
+    np.testing.assert_array_equal(y.get().view(np.uint16), want.view(np.uint16))
+    np.testing.assert_array_equal(y_train.get().view(np.uint16), y_ref.get().view(np.uint16))
+    for g, r in zip(grads, grads_ref):
+        np.testing.assert_array_equal(g.get().view(np.uint16), r.view(np.uint16))
