@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(256) pack_twell(
     int* __restrict__ totals)
 {
     constexpr int E = TILE / 32;
-    constexpr int U = 8;                         // tiles whose loads are issued together
+    constexpr int U = 4;                         // tiles whose loads are issued together
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= M) return;

@@ -168,7 +168,7 @@ def _into(res, out, with_stats):
     return (out, res[1]) if with_stats else out
 
 
-def _check_twell_for(tw, x_rows: int, d: int | None, n: int, name: str):
+def _check_twell_for(tw, x_rows: int, n: int, name: str):
     from .format import TwELL
     if not isinstance(tw, TwELL):
         raise TypeError(f"{name} must be a TwELL, got {type(tw).__name__}")
@@ -197,7 +197,7 @@ def gated_up_down(x, gate, w_up, w_down, *, out=None):
     y : array (M, d)
     """
     xp, x, w, n = _check_ffn_args(x, {"w_up": w_up, "w_down": w_down})
-    _check_twell_for(gate, x.shape[0], x.shape[1], n, "gate")
+    _check_twell_for(gate, x.shape[0], n, "gate")
     if B.array_module(gate.values, x, names=["gate", "x"]) is not xp or gate.dtype != x.dtype:
         raise TypeError("gate must hold values of x's dtype in x's array module")
     out = _check_out(out, xp, x)

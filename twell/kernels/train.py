@@ -13,7 +13,7 @@ from ..results import FFNStats, SavedForBackward
 from . import ffn_backward, ffn_forward, pack
 from ._launch import HostReadback
 
-#: Host synchronisations per forward (documented; counted by tests through this constant's use).
+#: Host synchronisations per training forward (the backward has none); see docs/design.md.
 FORWARD_HOST_SYNCS = 1
 
 
