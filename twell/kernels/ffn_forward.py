@@ -156,7 +156,7 @@ def dense_gate_up_down(x, z, w_up, w_down, y, *, gated: bool = True, splits: int
     """y = (relu(z) ⊙ (x w_upᵀ)) w_down (``gated``) or relu(z) w_down, reading the dense gate z (M, n).
 
     Every row is computed sparsely and exactly, whatever its number of active
-    neurons; no host synchronisation (CUDA-graph capturable).  For decode-sized M.
+    neurons; no host synchronisation.  For decode-sized M.
     """
     cp = _cp()
     m, d = x.shape

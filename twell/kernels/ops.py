@@ -31,7 +31,8 @@ def _output(out, m, d, dtype):
     return out
 
 
-#: Batches up to this many rows take the decode path (no TwELL, no host sync, graph-capturable).
+#: Batches up to this many rows take the decode path (no TwELL, no routing, no host sync).
+#: (CUDA-graph capture of the whole op still fails: CuPy refuses cuBLAS calls during capture.)
 DECODE_MAX_ROWS = 64
 
 
