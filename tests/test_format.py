@@ -495,19 +495,43 @@ def test_reference_rejects_non_arrays(fn):
         fn(sp.csr_array(GOOD))
 
 
-def test_reference_rejects_malformed_containers():
+def test_containers_reject_malformed_contents():
     tw = F.pack_twell(np.eye(3, 40, k=33, dtype=np.float32), 32, 8)
-    bad = twell.TwELL(tw.counts, np.full_like(tw.indices, 20), tw.values, tw.backup_slot, tw.backup_rows,
-                      tw.backup_values, tw.n_cols, 32)
-    with pytest.raises(ValueError, match="column 52 >= n_cols=40"):
-        R.unpack_twell(bad)
-    negative = twell.TwELL(tw.counts - 2, tw.indices, tw.values, tw.backup_slot, tw.backup_rows, tw.backup_values,
-                           tw.n_cols, 32)
-    with pytest.raises(ValueError, match="TwELL counts must be >= 0"):
-        R.twell_to_scipy(negative)
+
+    def twell_with(**kw):
+        fields = dict(counts=tw.counts, indices=tw.indices, values=tw.values, backup_slot=tw.backup_slot,
+                      backup_rows=tw.backup_rows, backup_values=tw.backup_values)
+        fields.update(kw)
+        return twell.TwELL(n_cols=tw.n_cols, tile_width=32, **fields)
+
+    with pytest.raises(ValueError, match="indices must be tile-local columns inside the tile and below n_cols"):
+        twell_with(indices=np.full_like(tw.indices, 20))
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        twell_with(counts=tw.counts - 2)
+    with pytest.raises(ValueError, match="more non-zeros than slots .* values would be lost"):
+        twell_with(counts=tw.counts + 5)
+    with pytest.raises(ValueError, match="backup_slot must be -1 for compact rows"):
+        twell_with(backup_slot=np.zeros_like(tw.backup_slot))
+    with pytest.raises(ValueError, match="strictly ascending within the stored slots"):
+        twell.TwELL(np.full((1, 2), 2, np.int32), np.zeros((1, 2, 2), np.uint8), np.ones((1, 2, 2), np.float32),
+                    np.full(1, -1, np.int32), np.zeros(0, np.int32), np.zeros((0, 40), np.float32), 40, 32)
+
     hy = F.pack_hybrid(np.eye(3, 40, dtype=np.float32))
+
+    def hybrid_with(**kw):
+        fields = dict(row_ptr=hy.row_ptr, col_indices=hy.col_indices, values=hy.values, backup_slot=hy.backup_slot,
+                      backup_rows=hy.backup_rows, backup_values=hy.backup_values)
+        fields.update(kw)
+        return twell.Hybrid(n_cols=40, dense_row_threshold=128, **fields)
+
     ptr = hy.row_ptr.copy()
     ptr[-1] = 1
-    broken = twell.Hybrid(ptr, hy.col_indices, hy.values, hy.backup_slot, hy.backup_rows, hy.backup_values, 40, 128)
-    with pytest.raises(ValueError, match="hy.row_ptr must start at 0"):
-        R.unpack_hybrid(broken)
+    with pytest.raises(ValueError, match="row_ptr must start at 0, be non-decreasing and end at nnz"):
+        hybrid_with(row_ptr=ptr)
+    with pytest.raises(ValueError, match="col_indices must be in"):
+        hybrid_with(col_indices=hy.col_indices + 40)
+    with pytest.raises(ValueError, match="strictly ascending within a row"):
+        hybrid_with(row_ptr=np.array([0, 3, 3, 3], np.int32), col_indices=np.array([5, 5, 7], np.int32))
+    with pytest.raises(ValueError, match="backup rows must have empty compact ranges"):
+        hybrid_with(backup_slot=np.array([0, -1, -1], np.int32), backup_rows=np.array([0], np.int32),
+                    backup_values=np.zeros((1, 40), np.float32))

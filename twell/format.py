@@ -179,6 +179,16 @@ class TwELL:
         B.check_array(self.backup_values, "backup_values", shape=(r, self.n_cols), dtype=self.values.dtype)
         _xp_of(self.counts, self.indices, self.values, self.backup_slot, self.backup_rows, self.backup_values)
         B.check_int(self.dense_row_threshold, "dense_row_threshold", minimum=0)
+        if isinstance(self.counts, np.ndarray):
+            self.check_contents()
+
+    def check_contents(self):
+        """Check the data invariants (docs/format.md); raise ``ValueError`` naming the broken one.
+
+        Host containers are checked on construction; device containers only
+        when this is called (it copies the arrays to the host).
+        """
+        _check_twell_contents(self.host() if not isinstance(self.counts, np.ndarray) else self)
 
     def to_dense(self):
         """Unpack to a dense ``(M, n_cols)`` array (same module and dtype)."""
@@ -314,6 +324,16 @@ class Hybrid:
                 raise ValueError("transposed pattern must have as many entries as col_indices")
         _xp_of(self.row_ptr, self.col_indices, self.values, self.backup_slot, self.backup_rows,
                self.backup_values)
+        if isinstance(self.row_ptr, np.ndarray):
+            self.check_contents()
+
+    def check_contents(self):
+        """Check the data invariants (docs/format.md); raise ``ValueError`` naming the broken one.
+
+        Host containers are checked on construction; device containers only
+        when this is called (it copies the arrays to the host).
+        """
+        _check_hybrid_contents(self.host() if not isinstance(self.row_ptr, np.ndarray) else self)
 
     def to_dense(self):
         return unpack_hybrid(self)
@@ -330,6 +350,62 @@ class Hybrid:
 
 
 _HYBRID_ARRAYS = ("row_ptr", "col_indices", "values", "backup_slot", "backup_rows", "backup_values")
+
+
+# --------------------------------------------------------------------------- content checks
+
+
+def _check_routing(m: int, backup_slot, backup_rows):
+    r = backup_rows.shape[0]
+    if r and (backup_rows.min() < 0 or backup_rows.max() >= m or np.any(np.diff(backup_rows) <= 0)):
+        raise ValueError("backup_rows must be strictly ascending row ids in [0, M)")
+    want = np.full(m, -1, dtype=np.int64)
+    want[backup_rows] = np.arange(r)
+    if not np.array_equal(backup_slot, want):
+        raise ValueError("backup_slot must be -1 for compact rows and the row's position in backup_rows otherwise")
+
+
+def _check_twell_contents(tw):
+    m, nt, s = tw.indices.shape
+    counts = tw.counts
+    if counts.size and counts.min() < 0:
+        raise ValueError("counts must be >= 0")
+    _check_routing(m, tw.backup_slot, tw.backup_rows)
+    compact = tw.backup_slot < 0
+    if np.any(counts[compact] > s):
+        raise ValueError("a compact row has a tile with more non-zeros than slots (it must be a backup row): "
+                         "values would be lost")
+    stored = np.arange(s)[None, None, :] < np.minimum(counts, s)[:, :, None]
+    idx = tw.indices.astype(np.int64)
+    cols = idx + (np.arange(nt) * tw.tile_width)[None, :, None]
+    if np.any(stored & ((idx >= tw.tile_width) | (cols >= tw.n_cols))):
+        raise ValueError("indices must be tile-local columns inside the tile and below n_cols")
+    if s > 1 and np.any(stored[:, :, 1:] & (idx[:, :, 1:] <= idx[:, :, :-1])):
+        raise ValueError("indices must be strictly ascending within the stored slots of a tile")
+
+
+def _check_hybrid_contents(hy):
+    ptr = hy.row_ptr.astype(np.int64)
+    if ptr[0] != 0 or ptr[-1] != hy.nnz or np.any(np.diff(ptr) < 0):
+        raise ValueError(f"row_ptr must start at 0, be non-decreasing and end at nnz = {hy.nnz}")
+    _check_routing(hy.n_rows, hy.backup_slot, hy.backup_rows)
+    if hy.n_backup and np.any(ptr[hy.backup_rows + 1] != ptr[hy.backup_rows]):
+        raise ValueError("backup rows must have empty compact ranges in row_ptr")
+    cols = hy.col_indices.astype(np.int64)
+    if hy.nnz and (cols.min() < 0 or cols.max() >= hy.n_cols):
+        raise ValueError(f"col_indices must be in [0, n_cols = {hy.n_cols})")
+    if hy.nnz > 1:
+        row_of = np.repeat(np.arange(hy.n_rows), np.diff(ptr))
+        same_row = row_of[1:] == row_of[:-1]
+        if np.any(same_row & (cols[1:] <= cols[:-1])):
+            raise ValueError("col_indices must be strictly ascending within a row")
+    t = hy.transposed
+    if t is not None:
+        cp_ = t.col_ptr.astype(np.int64)
+        if cp_[0] != 0 or cp_[-1] != hy.nnz or np.any(np.diff(cp_) < 0):
+            raise ValueError(f"transposed.col_ptr must start at 0, be non-decreasing and end at nnz = {hy.nnz}")
+        if not np.array_equal(np.sort(t.positions), np.arange(hy.nnz)):
+            raise ValueError("transposed.positions must be a permutation of the entries")
 
 
 # --------------------------------------------------------------------------- dispatch
