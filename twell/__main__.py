@@ -1,6 +1,7 @@
-"""Command line: ``python -m twell {info,bench,plot}`` (also the ``twell`` console script).
+"""Command line: ``python -m twell {info,check,bench,plot}`` (also the ``twell`` console script).
 
 ``info``   versions, CUDA / NVRTC, devices, CuPy cache dir, where ``cuda_src`` is (``--json``).
+``check``  every op against the float64 reference on random problems (:mod:`twell.check`).
 ``bench``  benchmark on synthetic problems (see :mod:`twell.bench` and ``bench --help``).
 ``plot``   ``plot RESULTS.json OUT.png``: speedup vs realised mean active neurons.
 """
@@ -21,6 +22,19 @@ def _cmd_info(args, parser, argv) -> int:
     else:
         print(format_info(info))
     return 0
+
+
+def _cmd_check(args, parser, argv) -> int:
+    from .check import as_dicts, format_results, run_checks  # noqa: PLC0415
+
+    dtypes = tuple(t.strip() for t in args.dtype.split(",")) if args.dtype else None
+    try:
+        results = run_checks(args.backend, dtypes, args.seed)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        print(f"twell check: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(as_dicts(results), indent=1) if args.json else format_results(results))
+    return 0 if all(r.ok for r in results) else 1
 
 
 def _cmd_bench(args, parser, argv) -> int:
@@ -67,12 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python -m twell",
                                      description="twell: activation-sparse transformer FFN kernels")
-    sub = parser.add_subparsers(dest="command", metavar="{info,bench,plot}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,check,bench,plot}")
     sub.required = True
 
     p = sub.add_parser("info", help="versions, CUDA/NVRTC, devices, cache and source locations")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info, subparser=p)
+
+    p = sub.add_parser("check", help="check every op against the float64 reference on random problems")
+    p.add_argument("--backend", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="gpu: the CUDA kernels; cpu: the NumPy path; auto: gpu when CuPy sees a device")
+    p.add_argument("--dtype", default=None,
+                   help="comma-separated dtypes (default: bfloat16,float16,float32 on gpu, float64 on cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_check, subparser=p)
 
     p = sub.add_parser("bench", help="benchmark dense baselines and registered sparse implementations",
                        description=_BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
