@@ -34,8 +34,8 @@ def _check_ffn_args(x, weights: dict, *, gpu_contiguous=True):
     B.check_array(x, "x", ndim=2)
     dt = B.check_float_dtype(x, "x")
     m, d = x.shape
-    if d < 1:
-        raise ValueError(f"x must have at least one column (d_model), got shape {tuple(x.shape)}")
+    if m < 1 or d < 1:
+        raise ValueError(f"x must have shape (M, d) with M >= 1 tokens and d >= 1, got {tuple(x.shape)}")
     n = None
     for name, w in weights.items():
         B.check_array(w, name, ndim=2)
