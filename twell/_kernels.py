@@ -68,10 +68,6 @@ class KernelFamily:
     requires_sm90a: bool = False
     hot_kernels: tuple = field(default=())  # regexes of name expressions that must not spill
 
-    @property
-    def source_file(self) -> str:
-        return f"{self.name}.cu"
-
 
 _FAMILIES: dict[str, KernelFamily] = {}
 _lock = threading.Lock()
