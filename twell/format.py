@@ -453,7 +453,18 @@ def pack_twell(dense, tile_width: int = DEFAULT_TILE_WIDTH, compression: int = D
 
 
 def unpack_twell(tw: TwELL):
-    """Dense ``(M, n_cols)`` array of a :class:`TwELL` (same module and dtype)."""
+    """Unpack a :class:`TwELL` to a dense matrix.
+
+    Parameters
+    ----------
+    tw : TwELL (M, n)
+        Host (NumPy) or device (CuPy) container.
+
+    Returns
+    -------
+    dense : array (M, n), ``tw.dtype``, same array module as ``tw``
+        Compact rows from the slots, backup rows from ``backup_values``.
+    """
     if not isinstance(tw, TwELL):
         raise TypeError(f"tw must be a TwELL, got {type(tw).__name__}")
     if tw.xp is np:
@@ -464,7 +475,19 @@ def unpack_twell(tw: TwELL):
 
 
 def twell_to_scipy(tw: TwELL):
-    """``scipy.sparse.csr_array`` (host) with exactly the non-zeros of ``tw``."""
+    """Convert a :class:`TwELL` to SciPy.
+
+    Parameters
+    ----------
+    tw : TwELL (M, n)
+        Host or device container (device arrays are copied to the host).
+
+    Returns
+    -------
+    scipy.sparse.csr_array (M, n)
+        Exactly the non-zeros of ``tw``, sorted indices; bfloat16 / float16
+        values become float32 (SciPy has neither).
+    """
     if not isinstance(tw, TwELL):
         raise TypeError(f"tw must be a TwELL, got {type(tw).__name__}")
     from . import reference
@@ -473,21 +496,41 @@ def twell_to_scipy(tw: TwELL):
 
 def twell_from_scipy(matrix, tile_width: int = DEFAULT_TILE_WIDTH, compression: int = DEFAULT_COMPRESSION,
                      dense_row_threshold: int | None = None, dtype=None) -> TwELL:
-    """TwELL (host arrays) from any ``scipy.sparse`` matrix/array; explicit zeros are dropped."""
+    """Build a host :class:`TwELL` from any ``scipy.sparse`` matrix or array.
+
+    Parameters
+    ----------
+    matrix : scipy.sparse matrix or array (M, n)
+        Explicit zeros are dropped; duplicates are summed.
+    tile_width, compression, dense_row_threshold
+        As in :func:`pack_twell`.
+    dtype : dtype, optional
+        Value dtype (default: the matrix's).
+
+    Returns
+    -------
+    TwELL (M, n) with NumPy arrays.
+    """
     from . import reference
     return reference.twell_from_scipy(matrix, tile_width, compression, dense_row_threshold, dtype)
 
 
 def pack_hybrid(dense, dense_row_threshold: int = 128, transpose: bool = True) -> Hybrid:
-    """Pack a dense matrix into the Hybrid training format.
+    """Pack a dense matrix into the Hybrid training format (every non-zero kept).
 
     Parameters
     ----------
-    dense : array (M, n), float
+    dense : array (M, n), bfloat16 / float16 / float32 / float64
+        NumPy (reference) or CuPy / ``__dlpack__`` GPU array (kernels; one
+        host synchronisation to size the arrays). A non-zero is ``v != 0``.
     dense_row_threshold : int
         Rows with more non-zeros than this go to the dense backup.
     transpose : bool
         Also build the neuron-major pattern (``Hybrid.transposed``).
+
+    Returns
+    -------
+    Hybrid (M, n), arrays of the input's module, values of its dtype.
     """
     xp, dense = _dense_arg(dense)
     threshold = check_dense_row_threshold(dense_row_threshold, dense.shape[1])
@@ -499,7 +542,16 @@ def pack_hybrid(dense, dense_row_threshold: int = 128, transpose: bool = True) -
 
 
 def unpack_hybrid(hy: Hybrid):
-    """Dense ``(M, n_cols)`` array of a :class:`Hybrid`."""
+    """Unpack a :class:`Hybrid` to a dense matrix.
+
+    Parameters
+    ----------
+    hy : Hybrid (M, n)
+
+    Returns
+    -------
+    dense : array (M, n), ``hy.dtype``, same array module as ``hy``
+    """
     if not isinstance(hy, Hybrid):
         raise TypeError(f"hy must be a Hybrid, got {type(hy).__name__}")
     if hy.xp is np:
@@ -510,7 +562,18 @@ def unpack_hybrid(hy: Hybrid):
 
 
 def hybrid_to_scipy(hy: Hybrid):
-    """``scipy.sparse.csr_array`` (host) with exactly the non-zeros of ``hy``."""
+    """Convert a :class:`Hybrid` to SciPy.
+
+    Parameters
+    ----------
+    hy : Hybrid (M, n)
+        Host or device container (device arrays are copied to the host).
+
+    Returns
+    -------
+    scipy.sparse.csr_array (M, n)
+        Exactly the non-zeros of ``hy`` (bfloat16 / float16 values become float32).
+    """
     if not isinstance(hy, Hybrid):
         raise TypeError(f"hy must be a Hybrid, got {type(hy).__name__}")
     from . import reference
@@ -518,13 +581,41 @@ def hybrid_to_scipy(hy: Hybrid):
 
 
 def hybrid_from_scipy(matrix, dense_row_threshold: int = 128, transpose: bool = True, dtype=None) -> Hybrid:
-    """Hybrid (host arrays) from any ``scipy.sparse`` matrix/array; explicit zeros are dropped."""
+    """Build a host :class:`Hybrid` from any ``scipy.sparse`` matrix or array.
+
+    Parameters
+    ----------
+    matrix : scipy.sparse matrix or array (M, n)
+        Explicit zeros are dropped; duplicates are summed.
+    dense_row_threshold : int
+        Rows with more non-zeros than this become dense backup rows.
+    transpose : bool
+        Also build the neuron-major pattern.
+    dtype : dtype, optional
+        Value dtype (default: the matrix's).
+
+    Returns
+    -------
+    Hybrid (M, n) with NumPy arrays.
+    """
     from . import reference
     return reference.hybrid_from_scipy(matrix, dense_row_threshold, transpose, dtype)
 
 
 def transpose_pattern(hy: Hybrid) -> NeuronMajorPattern:
-    """Neuron-major pattern of the compact part of ``hy`` (deterministic: rows ascending per column)."""
+    """Neuron-major (column-major) pattern of the compact part of a :class:`Hybrid`.
+
+    Parameters
+    ----------
+    hy : Hybrid (M, n)
+
+    Returns
+    -------
+    NeuronMajorPattern
+        ``col_ptr`` int32 (n + 1,), ``row_indices`` int32 (nnz,) ascending within
+        each column, ``positions`` int32 (nnz,) into the row-major arrays.
+        Deterministic (no order-dependent atomics) on both backends.
+    """
     if not isinstance(hy, Hybrid):
         raise TypeError(f"hy must be a Hybrid, got {type(hy).__name__}")
     if hy.xp is np:
