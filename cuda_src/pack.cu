@@ -310,3 +310,31 @@ __global__ void __launch_bounds__(TRANSPOSE_THREADS) transpose_place(
         }
     }
 }
+
+// Route rows from TwELL counts (after the fused gate GEMM, which writes counts and slots but sees only
+// 256 columns of a row at a time).  One warp per row; same codes and totals as pack_twell.
+__global__ void __launch_bounds__(256) route_twell_counts(
+    const int* __restrict__ counts, int M, int n_tiles, int slots, int threshold,
+    int* __restrict__ row_nnz, int* __restrict__ row_route, int* __restrict__ totals)
+{
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= M) return;
+    int nnz = 0;
+    bool overflow = false;
+    for (int t = lane; t < n_tiles; t += 32) {
+        const int c = counts[(long long)row * n_tiles + t];
+        nnz += c;
+        overflow |= c > slots;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) nnz += __shfl_xor_sync(0xffffffffu, nnz, o);
+    overflow = __any_sync(0xffffffffu, overflow);
+    if (lane == 0) {
+        const int route = overflow ? ROUTE_OVERFLOW : (nnz > threshold ? ROUTE_THRESHOLD : ROUTE_COMPACT);
+        row_nnz[row] = nnz;
+        row_route[row] = route;
+        if (route != ROUTE_COMPACT) atomicAdd(totals, 1);
+        if (overflow) atomicAdd(totals + 1, 1);
+    }
+}

@@ -244,11 +244,12 @@ def _parse_ptxas(log: str, mapping: dict) -> list:
     ]
 
 
-def nvrtc_compile(name: str, arch: str = "sm_90a") -> list:
+def nvrtc_compile(name: str, arch: str = "sm_90a", *, return_cubin: bool = False):
     """Compile a family with NVRTC only (no GPU needed) and return per-kernel :class:`KernelResources`.
 
     Uses the same source string, options and name expressions as
-    :func:`get_module`, plus ``-Xptxas=-v`` for the resource report.  Relies on
+    :func:`get_module`, plus ``-Xptxas=-v`` for the resource report.  With
+    ``return_cubin`` also returns the cubin (bytes), for a disassembly check.  Relies on
     CuPy's private ``assemble_cupy_compiler_options`` and ``_NVRTCProgram``
     (present in CuPy 14.x, which ``pyproject.toml`` pins).
     """
@@ -260,5 +261,6 @@ def nvrtc_compile(name: str, arch: str = "sm_90a") -> list:
     prog = compiler._NVRTCProgram(family_source(name), f"{name}.cu",
                                   name_expressions=list(fam.name_expressions), method="cubin")
     log = io.StringIO()
-    _, mapping = prog.compile(options, log_stream=log)
-    return _parse_ptxas(log.getvalue(), mapping)
+    cubin, mapping = prog.compile(options, log_stream=log)
+    report = _parse_ptxas(log.getvalue(), mapping)
+    return (report, cubin) if return_cubin else report

@@ -73,7 +73,7 @@ def _inference_threshold(value, n, tile_width, compression):
 
 
 def gated_ffn(x, w_gate, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compression=DEFAULT_COMPRESSION,
-              dense_row_threshold="auto", return_stats=False, check_finite=False, out=None):
+              dense_row_threshold="auto", return_stats=False, check_finite=False, out=None, gate_kernel="auto"):
     """Sparse gated FFN for inference: ``y = (relu(x w_gateᵀ) ⊙ (x w_upᵀ)) w_down``.
 
     Parameters
@@ -101,6 +101,12 @@ def gated_ffn(x, w_gate, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compres
         in the dense computation.
     out : array (M, d), optional
         Preallocated C-contiguous output of x's dtype and module.
+    gate_kernel : {"auto", "wgmma", "mma", "cublas"}
+        GPU gate GEMM.  "wgmma" (Hopper) and "mma" (compute capability ≥ 8.0)
+        are the fused GEMM whose epilogue writes TwELL directly (16-bit dtypes,
+        d a multiple of 8); "cublas" runs cuBLAS then the pack kernel.  "auto"
+        takes the fused kernel of the device where it can run, else cuBLAS.
+        Ignored on NumPy inputs and for M ≤ 64 (decode path).
 
     Returns
     -------
@@ -109,13 +115,15 @@ def gated_ffn(x, w_gate, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compres
 
     Notes
     -----
-    GPU path: cuBLAS gate GEMM → TwELL pack kernel → fused up/down kernel for
-    the compact rows, while the host reads the number of backup rows (one
-    8-byte read-back overlapped with the up/down kernel) → cuBLAS for the backup
-    rows.  Bitwise deterministic.
+    GPU path: gate GEMM with the ReLU → TwELL epilogue fused (or cuBLAS + the
+    pack kernel) → fused up/down kernel for the compact rows, while the host
+    reads the number of backup rows (one 8-byte read-back overlapped with the
+    up/down kernel) → cuBLAS for the backup rows (their gate row recomputed when
+    the fused gate ran).  Bitwise deterministic.
     """
     xp, x, w, n = _check_ffn_args(x, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down})
     threshold = _inference_threshold(dense_row_threshold, n, tile_width, compression)
+    gate_kernel = _check_gate_kernel(gate_kernel)
     _check_finite(xp, w, check_finite)
     out = _check_out(out, xp, x)
     if xp is np:
@@ -126,11 +134,11 @@ def gated_ffn(x, w_gate, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compres
         return _into(res, out, return_stats)
     from .kernels import ops
     return ops.gated_ffn(x, w["w_gate"], w["w_up"], w["w_down"], tile_width, compression, threshold, return_stats,
-                         out)
+                         out, gate_kernel)
 
 
 def ffn(x, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compression=DEFAULT_COMPRESSION,
-        dense_row_threshold="auto", return_stats=False, check_finite=False, out=None):
+        dense_row_threshold="auto", return_stats=False, check_finite=False, out=None, gate_kernel="auto"):
     """Sparse non-gated FFN for inference: ``y = relu(x w_upᵀ) w_down``.
 
     Parameters and returns as :func:`gated_ffn` (``w_up`` plays the gate's role:
@@ -139,6 +147,7 @@ def ffn(x, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compression=DEFAULT_C
     """
     xp, x, w, n = _check_ffn_args(x, {"w_up": w_up, "w_down": w_down})
     threshold = _inference_threshold(dense_row_threshold, n, tile_width, compression)
+    gate_kernel = _check_gate_kernel(gate_kernel)
     _check_finite(xp, w, check_finite)
     out = _check_out(out, xp, x)
     if xp is np:
@@ -147,7 +156,17 @@ def ffn(x, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compression=DEFAULT_C
                             dense_row_threshold=threshold, return_stats=return_stats)
         return _into(res, out, return_stats)
     from .kernels import ops
-    return ops.ffn(x, w["w_up"], w["w_down"], tile_width, compression, threshold, return_stats, out)
+    return ops.ffn(x, w["w_up"], w["w_down"], tile_width, compression, threshold, return_stats, out,
+                   gate_kernel)
+
+
+_GATE_KERNELS = ("auto", "wgmma", "mma", "cublas")
+
+
+def _check_gate_kernel(value):
+    if value not in _GATE_KERNELS:
+        raise ValueError(f"gate_kernel must be one of {_GATE_KERNELS}, got {value!r}")
+    return value
 
 
 def _check_out(out, xp, x):

@@ -48,6 +48,10 @@ class FFNStats:
         from it).
     n_overflow_rows : int or None
         Of those, rows routed because a TwELL tile overflowed (inference only).
+    gate_kernel : str or None
+        How the gate GEMM ran on the GPU: "wgmma" / "mma" (fused GEMM → TwELL
+        epilogue), "cublas" (cuBLAS + pack kernel); None on the host reference
+        and the decode path.
     """
 
     n_rows: int
@@ -58,6 +62,7 @@ class FFNStats:
     neuron_counts: object = None
     n_backup_rows: int = 0
     n_overflow_rows: int | None = None
+    gate_kernel: str | None = None
 
     def to_dict(self) -> dict:
         """All statistics as host Python values (neuron_counts as a list)."""
@@ -73,6 +78,7 @@ class FFNStats:
             "neuron_counts": None if counts is None else np.asarray(counts).tolist(),
             "n_backup_rows": int(self.n_backup_rows),
             "n_overflow_rows": None if self.n_overflow_rows is None else int(self.n_overflow_rows),
+            "gate_kernel": self.gate_kernel,
         }
 
 

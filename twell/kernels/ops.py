@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..format import TwELL, twell_layout
 from ..results import FFNStats
-from . import ffn_forward, pack
+from . import ffn_forward, gate_gemm, pack
 from ._launch import HostReadback
 
 
@@ -52,16 +52,23 @@ def _decode_forward(x, z, w_up, w_down, return_stats, gated, out):
     return y, stats
 
 
-def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold, return_stats, gated, out):
-    """gate GEMM (cuBLAS) -> TwELL pack -> fused up/down (compact rows) + cuBLAS (backup rows)."""
+def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold, return_stats, gated, out,
+                    gate_kernel="auto"):
+    """gate GEMM → TwELL (fused kernel, or cuBLAS + pack) → fused up/down (compact rows) + cuBLAS (backup rows)."""
     cp = _cp()
     m, d = x.shape
     n = w_down.shape[0]
     eff = _effective_threshold(threshold, n, tile_width, compression)
-    z = cp.matmul(x, w_first.T)                                        # (M, n)
+    kernel = gate_gemm.choose_gate_kernel(gate_kernel, x, w_first)
     if m <= DECODE_MAX_ROWS:
-        return _decode_forward(x, z, w_up, w_down, return_stats, gated, out)
-    p = pack.pack_twell_async(z, tile_width, compression, eff, relu=True, neuron_counts=return_stats)
+        return _decode_forward(x, cp.matmul(x, w_first.T), w_up, w_down, return_stats, gated, out)
+    if kernel == "cublas":
+        z = cp.matmul(x, w_first.T)                                    # (M, n)
+        p = pack.pack_twell_async(z, tile_width, compression, eff, relu=True, neuron_counts=return_stats)
+    else:
+        z = None                                                       # never materialised
+        p = gate_gemm.gate_twell_async(x, w_first, tile_width, compression, eff, kernel=kernel,
+                                       neuron_counts=return_stats)
     readback = HostReadback(p.totals[:2])
     y = _output(out, m, d, x.dtype)
     ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.row_route, w_up, w_down, tile_width, y,
@@ -69,30 +76,37 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
     n_backup, n_overflow = readback.wait()
     if n_backup == m:
         # Every row is dense (a dense batch): plain cuBLAS on the whole batch, no gathers or scatters.
+        # (With the fused gate the gate GEMM runs a second time here: z was never stored.)
+        if z is None:
+            z = cp.matmul(x, w_first.T)
         h = ffn_forward.gate_mul(z, cp.matmul(x, w_up.T), relu=True) if gated else pack.relu_keep_nan(z)
         cp.matmul(h, w_down, out=y)
     elif n_backup:
         _, backup_rows_buf, _ = pack.route_rows(p.row_route)
         rows = backup_rows_buf[:n_backup]
-        zr = z[rows]
-        h = ffn_forward.gate_mul(zr, cp.matmul(x[rows], w_up.T), relu=True) if gated else pack.relu_keep_nan(zr)
+        xr = x[rows]
+        zr = cp.matmul(xr, w_first.T) if z is None else z[rows]
+        h = ffn_forward.gate_mul(zr, cp.matmul(xr, w_up.T), relu=True) if gated else pack.relu_keep_nan(zr)
         y[rows] = cp.matmul(h, w_down)
     if not return_stats:
         return y
     nnz = p.row_nnz.sum(dtype=cp.int64)
     stats = FFNStats(n_rows=m, n_cols=n, nnz=nnz, l0=nnz / max(m, 1), l1=None, neuron_counts=p.neuron_counts,
-                     n_backup_rows=n_backup, n_overflow_rows=n_overflow)
+                     n_backup_rows=n_backup, n_overflow_rows=n_overflow, gate_kernel=kernel)
     return y, stats
 
 
-def gated_ffn(x, w_gate, w_up, w_down, tile_width, compression, threshold, return_stats, out=None):
+def gated_ffn(x, w_gate, w_up, w_down, tile_width, compression, threshold, return_stats, out=None,
+              gate_kernel="auto"):
     """GPU gated FFN (see :func:`twell.gated_ffn`)."""
-    return _sparse_forward(x, w_gate, w_up, w_down, tile_width, compression, threshold, return_stats, True, out)
+    return _sparse_forward(x, w_gate, w_up, w_down, tile_width, compression, threshold, return_stats, True, out,
+                           gate_kernel)
 
 
-def ffn(x, w_up, w_down, tile_width, compression, threshold, return_stats, out=None):
+def ffn(x, w_up, w_down, tile_width, compression, threshold, return_stats, out=None, gate_kernel="auto"):
     """GPU non-gated FFN (see :func:`twell.ffn`)."""
-    return _sparse_forward(x, w_up, w_up, w_down, tile_width, compression, threshold, return_stats, False, out)
+    return _sparse_forward(x, w_up, w_up, w_down, tile_width, compression, threshold, return_stats, False, out,
+                           gate_kernel)
 
 
 def _long_compact_rows(tw: TwELL):

@@ -1,0 +1,465 @@
+// gate_gemm.cu -- the gate GEMM z = x w_gateᵀ with the ReLU -> TwELL epilogue fused in: the dense gate
+// activations never reach device memory.  Layout of the output: docs/format.md; design: docs/design.md
+// ("The fused gate GEMM").
+//
+// Two kernels with the same output, bitwise:
+//   gate_twell_wgmma  Hopper (sm_90a): TMA loads into 128-byte-swizzled shared memory, a 4-stage mbarrier
+//                     ring, one producer warp + two consumer warpgroups (wgmma m64n256k16, fp32
+//                     accumulators), persistent grid; the producer runs ahead into the next tile while the
+//                     consumers run the epilogue.
+//   gate_twell_mma    any sm_80+: cp.async 3-stage pipeline, ldmatrix + mma.sync m16n8k16.
+// Both stage output rows in shared memory, rounded to T (exactly what cuBLAS would have written to z),
+// then pack them like pack_twell: one warp per row, lane l owns columns [l*E, l*E+E) of
+// every TwELL tile, a warp prefix sum places each entry in ascending column order.  The per-row route
+// (row_nnz, overflow, threshold) is decided afterwards by route_twell_counts (pack.cu) from the counts.
+#include "common.cuh"
+
+#define GG_BM 128
+#define GG_BN 256
+#define GG_LD (GG_BN + 8)           // staging row stride (elements): conflict-free fragment stores
+
+// ---------------------------------------------------------------- shared epilogue: staged tile -> TwELL
+template <typename T, int NBYTES> struct SmemChunk;
+template <typename T> struct SmemChunk<T, 16> { static __device__ __forceinline__ void load(const T* p, T* v) { *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(p); } };
+template <typename T> struct SmemChunk<T, 8> { static __device__ __forceinline__ void load(const T* p, T* v) { *reinterpret_cast<uint2*>(v) = *reinterpret_cast<const uint2*>(p); } };
+template <typename T> struct SmemChunk<T, 4> { static __device__ __forceinline__ void load(const T* p, T* v) { *reinterpret_cast<unsigned*>(v) = *reinterpret_cast<const unsigned*>(p); } };
+template <typename T> struct SmemChunk<T, 2> { static __device__ __forceinline__ void load(const T* p, T* v) { v[0] = p[0]; } };
+
+// One warp packs rows [0, n_rows) of a staged block (row stride GG_LD) whose row 0 is z row `row0` and
+// whose column 0 is z column n0 (a multiple of GG_BN).
+template <typename T, int TILE>
+__device__ __forceinline__ void pack_staged_rows(
+    const T* staged, int n_rows, int row0, int n0, int M, int n, int n_tiles, int slots,
+    int* __restrict__ counts, u8* __restrict__ indices, T* __restrict__ values, int* __restrict__ neuron_counts)
+{
+    constexpr int E = TILE / 32;
+    const int lane = threadIdx.x & 31;
+    const int t0 = n0 / TILE;
+    for (int r = 0; r < n_rows; ++r) {
+        const int row = row0 + r;
+        if (row >= M) break;
+#pragma unroll
+        for (int s = 0; s < GG_BN / TILE; ++s) {
+            const int t = t0 + s;
+            if (t >= n_tiles) break;
+            T v[E];
+            SmemChunk<T, E * sizeof(T)>::load(staged + r * GG_LD + s * TILE + lane * E, v);
+            const int col0 = t * TILE + lane * E;
+            unsigned mask = 0;
+#pragma unroll
+            for (int k = 0; k < E; ++k)
+                if (col0 + k < n && is_entry<true>(v[k])) mask |= 1u << k;
+            const int c = __popc(mask);
+            const int incl = warp_inclusive_scan(c);
+            const int total = __shfl_sync(0xffffffffu, incl, 31);
+            const long long base = ((long long)row * n_tiles + t) * slots;
+            int pos = incl - c;
+#pragma unroll
+            for (int k = 0; k < E; ++k) {
+                if (mask & (1u << k)) {
+                    if (pos < slots) {
+                        indices[base + pos] = (u8)(lane * E + k);
+                        values[base + pos] = v[k];
+                    }
+                    if (neuron_counts) atomicAdd(neuron_counts + col0 + k, 1);
+                    ++pos;
+                }
+            }
+            for (int q = total + lane; q < slots; q += 32) {
+                indices[base + q] = 0;
+                values[base + q] = from_f<T>(0.0f);
+            }
+            if (lane == 0) counts[(long long)row * n_tiles + t] = total;
+        }
+    }
+}
+
+// Store an accumulator pair (row, col), (row, col + 1) into the staged tile, rounded to T.
+template <typename T>
+__device__ __forceinline__ void stage_pair(T* staged, int r, int c, float a, float b) {
+    T p[2] = {from_f<T>(a), from_f<T>(b)};
+    *reinterpret_cast<unsigned*>(staged + r * GG_LD + c) = *reinterpret_cast<const unsigned*>(p);
+}
+
+template <typename T> struct MmaType;
+template <> struct MmaType<__nv_bfloat16> { static constexpr bool bf16 = true; };
+template <> struct MmaType<__half> { static constexpr bool bf16 = false; };
+
+// ================================================================ Hopper: TMA + wgmma, warp-specialised
+#define GW_BK 64                     // one 128-byte swizzle row of 16-bit elements
+#define GW_STAGES 4
+#define GW_THREADS 384               // warpgroup 0: producer; 1, 2: consumers (64 rows each)
+#define GW_A_BYTES (GG_BM * GW_BK * 2)
+#define GW_B_BYTES (GG_BN * GW_BK * 2)
+#define GW_STAGE_BYTES (GW_A_BYTES + GW_B_BYTES)
+#define GW_STAGED_ROWS 8             // per consumer warp: half of its 16 accumulator rows at a time
+#define GW_STAGED_BYTES (8 * GW_STAGED_ROWS * GG_LD * 2)
+// dynamic shared memory: 1024 alignment slack + stages + staged tile + 2 * STAGES mbarriers
+#define GW_SMEM_BYTES (1024 + GW_STAGES * GW_STAGE_BYTES + GW_STAGED_BYTES + 2 * GW_STAGES * 8)
+
+// A CUtensorMap (cuda.h), passed by value as a __grid_constant__ parameter.
+struct alignas(64) TensorMap { unsigned long long opaque[16]; };
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define TWELL_HAS_WGMMA 1
+#endif
+
+#ifdef TWELL_HAS_WGMMA
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+    unsigned done = 0;
+    do {
+        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+    } while (!done);
+}
+// Arrive on the mbarrier at the same shared-memory offset in CTA `cta` of the cluster.
+__device__ __forceinline__ void mbar_arrive_cluster(unsigned long long* bar, unsigned cta) {
+    asm volatile("{\n .reg .b32 ra;\n mapa.shared::cluster.u32 ra, %0, %1;\n mbarrier.arrive.shared::cluster.b64 _, [ra];\n}\n"
+                 :: "r"(smem_addr(bar)), "r"(cta) : "memory");
+}
+__device__ __forceinline__ unsigned cluster_ctarank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.aligned;\nbarrier.cluster.wait.aligned;" ::: "memory");
+}
+// The same box lands at the same shared-memory offset of every CTA in cta_mask, each CTA's mbarrier at
+// `bar`'s offset receiving the bytes.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TensorMap* map, unsigned long long* bar,
+                                                      int c_inner, int c_outer, unsigned short cta_mask) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
+                 " [%0], [%1, {%3, %4}], [%2], %5;"
+                 :: "r"(smem_addr(dst)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(smem_addr(bar)),
+                    "r"(c_inner), "r"(c_outer), "h"(cta_mask) : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, unsigned long long* bar, int c_inner, int c_outer) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
+                 :: "r"(smem_addr(dst)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(smem_addr(bar)),
+                    "r"(c_inner), "r"(c_outer) : "memory");
+}
+
+// A consumer warp releases a stage in every CTA of the cluster (each CTA's producer multicasts into all).
+template <int CLUSTER>
+__device__ __forceinline__ void release_stage(unsigned long long* bar) {
+    if (CLUSTER == 1) {
+        mbar_arrive(bar);
+    } else {
+#pragma unroll
+        for (int c = 0; c < CLUSTER; ++c) mbar_arrive_cluster(bar, (unsigned)c);
+    }
+}
+
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ unsigned long long smem_desc(const void* p) {
+    const unsigned long long a = smem_addr(p);
+    return ((a & 0x3FFFFull) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
+}
+
+#define WGMMA_REGS \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+    "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+    "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+    "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+    "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+
+template <bool BF16>
+__device__ __forceinline__ void wgmma_m64n256k16(float d[128], unsigned long long da, unsigned long long db, int scale_d) {
+    if (BF16) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" WGMMA_REGS "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+                     : 
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+      "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+      "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+      "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+      "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+      "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+      "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+      "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+      "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                     : "l"(da), "l"(db), "r"(scale_d));
+    } else {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {" WGMMA_REGS "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+                     : 
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+      "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+      "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+      "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+      "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+      "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+      "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+      "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+      "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                     : "l"(da), "l"(db), "r"(scale_d));
+    }
+}
+#endif  // TWELL_HAS_WGMMA
+
+// x (M, K) and w (n, K) row-major 16-bit, K % 8 == 0, 16-byte aligned (the tensor maps' rule); boxes
+// {64, 128} for x and {64, 256 / CLUSTER} for w, 128-byte swizzle, out-of-bounds elements read as zero.
+// CLUSTER CTAs (a thread-block cluster along x) take CLUSTER consecutive row blocks of the same column
+// block: each loads its own x tile and 1/CLUSTER of the w tile, multicast to every CTA of the cluster, so
+// the L2 -> SM traffic of the w tile is divided by CLUSTER (the kernel is otherwise L2-bandwidth bound:
+// 48 KB per 4.2 MFLOP k-step at ~740 TFLOP/s is 8.7 TB/s).  A stage is refilled only when the consumers
+// of every CTA in the cluster have released it.  Work: (row-block group, column block) items taken in a
+// static stride by a persistent grid whose size the launcher reads from the occupancy API.
+template <typename T, int TILE, int CLUSTER>
+__global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1) gate_twell_wgmma(
+    const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
+    int M, int n, int K, int n_tiles, int slots,
+    int* __restrict__ counts, u8* __restrict__ indices, T* __restrict__ values, int* __restrict__ neuron_counts)
+{
+#ifdef TWELL_HAS_WGMMA
+    extern __shared__ unsigned char smem_raw[];
+    unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(smem_raw) + 1023) & ~size_t(1023));
+    unsigned char* stage_a = smem;
+    unsigned char* stage_b = smem + GW_STAGES * GW_A_BYTES;
+    T* staged = reinterpret_cast<T*>(smem + GW_STAGES * GW_STAGE_BYTES);
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + GW_STAGES * GW_STAGE_BYTES + GW_STAGED_BYTES);
+    unsigned long long* empty = full + GW_STAGES;
+
+    const unsigned rank = CLUSTER > 1 ? cluster_ctarank() : 0u;
+    const int m_blocks = (M + GG_BM - 1) / GG_BM, n_blocks = (n + GG_BN - 1) / GG_BN;
+    const int n_work = (m_blocks + CLUSTER - 1) / CLUSTER * n_blocks;
+    const int cluster_id = blockIdx.x / CLUSTER, n_clusters = gridDim.x / CLUSTER;
+    const int k_iters = (K + GW_BK - 1) / GW_BK;
+    const int wg = threadIdx.x >> 7;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < GW_STAGES; ++s) {
+            mbar_init(full + s, 1);
+            mbar_init(empty + s, 8 * CLUSTER);   // one arrival per consumer warp of every CTA in the cluster
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    if (CLUSTER > 1) cluster_sync(); else __syncthreads();
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        if (threadIdx.x == 0) {
+            int stage = 0;
+            unsigned phase = 0;
+            for (int w = cluster_id; w < n_work; w += n_clusters) {
+                const int m0 = ((w / n_blocks) * CLUSTER + (int)rank) * GG_BM, n0 = (w % n_blocks) * GG_BN;
+                for (int k = 0; k < k_iters; ++k) {
+                    mbar_wait(empty + stage, phase ^ 1u);
+                    mbar_expect_tx(full + stage, GW_STAGE_BYTES);
+                    tma_load_2d(stage_a + stage * GW_A_BYTES, &map_x, full + stage, k * GW_BK, m0);
+                    if (CLUSTER == 1) {
+                        tma_load_2d(stage_b + stage * GW_B_BYTES, &map_w, full + stage, k * GW_BK, n0);
+                    } else {
+                        constexpr int part = GW_B_BYTES / CLUSTER;
+                        tma_load_2d_multicast(stage_b + stage * GW_B_BYTES + rank * part, &map_w, full + stage,
+                                              k * GW_BK, n0 + (int)rank * (GG_BN / CLUSTER),
+                                              (unsigned short)((1u << CLUSTER) - 1u));
+                    }
+                    if (++stage == GW_STAGES) { stage = 0; phase ^= 1u; }
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+        const int c = wg - 1;                                   // consumer: rows [64c, 64c + 64)
+        const int ctid = threadIdx.x - 128;                     // 0..255
+        const int lane = threadIdx.x & 31, warp_in_wg = (threadIdx.x >> 5) & 3;
+        const int cwarp = ctid >> 5;                            // 0..7
+        int stage = 0;
+        unsigned phase = 0;
+        float acc[128];
+#pragma unroll
+        for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+        for (int w = cluster_id; w < n_work; w += n_clusters) {
+            const int m0 = ((w / n_blocks) * CLUSTER + (int)rank) * GG_BM, n0 = (w % n_blocks) * GG_BN;
+            int prev = -1;
+            for (int k = 0; k < k_iters; ++k) {
+                mbar_wait(full + stage, phase);
+                asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+                const unsigned long long da = smem_desc(stage_a + stage * GW_A_BYTES + c * 64 * 128);
+                const unsigned long long db = smem_desc(stage_b + stage * GW_B_BYTES);
+#pragma unroll
+                for (int kk = 0; kk < GW_BK / 16; ++kk)
+                    wgmma_m64n256k16<MmaType<T>::bf16>(acc, da + 2 * kk, db + 2 * kk, (k | kk) != 0);
+                asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+                asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+                if (prev >= 0 && lane == 0) release_stage<CLUSTER>(empty + prev);
+                prev = stage;
+                if (++stage == GW_STAGES) { stage = 0; phase ^= 1u; }
+            }
+            asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+            if (prev >= 0 && lane == 0) release_stage<CLUSTER>(empty + prev);
+
+            // epilogue: each warp owns 16 full rows (all 256 columns) of the tile, so it packs them alone:
+            // two halves of 8 rows through its own staging block, ordered by __syncwarp only.
+            T* wbuf = staged + cwarp * GW_STAGED_ROWS * GG_LD;
+            const int q2 = 2 * (lane & 3);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                __syncwarp();
+#pragma unroll
+                for (int i = 0; i < 32; ++i)
+                    stage_pair<T>(wbuf, lane >> 2, 8 * i + q2, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
+                __syncwarp();
+                pack_staged_rows<T, TILE>(wbuf, GW_STAGED_ROWS, m0 + c * 64 + warp_in_wg * 16 + 8 * h, n0, M, n,
+                                          n_tiles, slots, counts, indices, values, neuron_counts);
+            }
+        }
+    }
+    // No CTA may leave while a peer can still multicast into its shared memory or arrive on its barriers.
+    if (CLUSTER > 1) cluster_sync();
+#endif
+}
+
+// ================================================================ portable: cp.async + mma.sync (sm_80+)
+#define GM_BK 32
+#define GM_LDS (GM_BK + 8)           // padded stage row (elements): conflict-free ldmatrix
+#define GM_STAGES 3
+#define GM_THREADS 256               // 8 warps: 2 (rows) x 4 (columns), 64 x 64 each
+#define GM_SMEM_BYTES (GM_STAGES * (GG_BM + GG_BN) * GM_LDS * 2)
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(src_bytes) : "memory");
+}
+
+template <bool BF16>
+__device__ __forceinline__ void mma_m16n8k16(float c[4], const unsigned a[4], const unsigned b[2]) {
+    if (BF16)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+// Load k-block kb of the (BM x BK) x tile and (BN x BK) w tile into stage s (zero-filled out of bounds).
+template <typename T>
+__device__ __forceinline__ void mma_load_stage(T* sa, T* sb, const T* __restrict__ x, const T* __restrict__ w,
+                                               int M, int n, int K, int m0, int n0, int kb) {
+    const int k0 = kb * GM_BK;
+    for (int i = threadIdx.x; i < (GG_BM + GG_BN) * (GM_BK / 8); i += GM_THREADS) {
+        const int row = i / (GM_BK / 8), ch = i % (GM_BK / 8);
+        const int k = k0 + ch * 8;
+        const bool is_a = row < GG_BM;
+        const int grow = is_a ? m0 + row : n0 + row - GG_BM;
+        const int limit = is_a ? M : n;
+        const T* base = is_a ? x : w;
+        const bool ok = grow < limit && k < K;
+        const T* src = ok ? base + (long long)grow * K + k : base;
+        T* dst = is_a ? sa + row * GM_LDS + ch * 8 : sb + (row - GG_BM) * GM_LDS + ch * 8;
+        cp_async16(dst, src, ok ? 16 : 0);
+    }
+}
+
+// x (M, K), w (n, K) row-major, K % 8 == 0, 16-byte aligned rows.  One CTA per 128 x 256 output tile.
+template <typename T, int TILE>
+__global__ void __launch_bounds__(GM_THREADS, 1) gate_twell_mma(
+    const T* __restrict__ x, const T* __restrict__ w, int M, int n, int K, int n_tiles, int slots,
+    int* __restrict__ counts, u8* __restrict__ indices, T* __restrict__ values, int* __restrict__ neuron_counts)
+{
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sa = reinterpret_cast<T*>(smem_raw);
+    T* sb = sa + GM_STAGES * GG_BM * GM_LDS;
+    const int n_blocks = (n + GG_BN - 1) / GG_BN;
+    const int m0 = (blockIdx.x / n_blocks) * GG_BM, n0 = (blockIdx.x % n_blocks) * GG_BN;
+    const int k_iters = (K + GM_BK - 1) / GM_BK;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int wm = warp >> 2, wn = warp & 3;
+
+    float acc[4][8][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < GM_STAGES - 1; ++s) {
+        if (s < k_iters) mma_load_stage<T>(sa + s * GG_BM * GM_LDS, sb + s * GG_BN * GM_LDS, x, w, M, n, K, m0, n0, s);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+    for (int kb = 0; kb < k_iters; ++kb) {
+        asm volatile("cp.async.wait_group %0;" :: "n"(GM_STAGES - 2) : "memory");
+        __syncthreads();
+        const int next = kb + GM_STAGES - 1;
+        if (next < k_iters) {
+            const int s = next % GM_STAGES;
+            mma_load_stage<T>(sa + s * GG_BM * GM_LDS, sb + s * GG_BN * GM_LDS, x, w, M, n, K, m0, n0, next);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        const T* a_s = sa + (kb % GM_STAGES) * GG_BM * GM_LDS;
+        const T* b_s = sb + (kb % GM_STAGES) * GG_BN * GM_LDS;
+#pragma unroll
+        for (int kk = 0; kk < GM_BK / 16; ++kk) {
+            unsigned af[4][4], bf[8][2];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                ldmatrix_x4(af[i], a_s + (wm * 64 + i * 16 + (lane & 15)) * GM_LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                unsigned r[4];
+                ldmatrix_x4(r, b_s + (wn * 64 + p * 16 + (lane & 7) + ((lane >> 4) << 3)) * GM_LDS + kk * 16 + ((lane >> 3) & 1) * 8);
+                bf[2 * p][0] = r[0]; bf[2 * p][1] = r[1];
+                bf[2 * p + 1][0] = r[2]; bf[2 * p + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) mma_m16n8k16<MmaType<T>::bf16>(acc[i][j], af[i], bf[j]);
+        }
+    }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    __syncthreads();                                            // stages are free: reuse them as the staged tile
+    T* staged = sa;
+    const int q2 = 2 * (lane & 3);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int r = wm * 64 + i * 16 + (lane >> 2), col = wn * 64 + j * 8 + q2;
+            stage_pair<T>(staged, r, col, acc[i][j][0], acc[i][j][1]);
+            stage_pair<T>(staged, r + 8, col, acc[i][j][2], acc[i][j][3]);
+        }
+    __syncthreads();
+    pack_staged_rows<T, TILE>(staged + warp * 16 * GG_LD, 16, m0 + warp * 16, n0, M, n, n_tiles, slots,
+                              counts, indices, values, neuron_counts);
+#endif
+}

@@ -1,0 +1,248 @@
+"""Launchers of the ``gate_gemm`` kernel family (cuda_src/gate_gemm.cu): the gate GEMM with the
+ReLU → TwELL epilogue fused in (no dense gate activations in device memory).
+
+* ``gate_twell_wgmma`` -- Hopper (compute capability 9.0, ``sm_90a``): TMA + wgmma, warp-specialised,
+  persistent grid.  Its tensor maps (``cuTensorMapEncodeTiled`` through ctypes on the driver library)
+  are passed by value as ``__grid_constant__`` parameters.
+* ``gate_twell_mma`` -- any compute capability ≥ 8.0: cp.async + mma.sync (the portable path; on an
+  H200 it runs when forced with ``gate_kernel="mma"``).
+
+Both produce exactly the TwELL of ``pack_twell(relu=True)`` applied to the GEMM rounded to the input
+dtype (docs/format.md), and :func:`gate_twell_async` then routes rows from the counts with
+``route_twell_counts`` (pack family), so the result is a :class:`~twell.kernels.pack.TwellPending`
+like :func:`~twell.kernels.pack.pack_twell_async`'s.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+
+from .._kernels import KernelFamily, get_kernel, register_family
+from ..format import TILE_WIDTHS, twell_layout
+from ._launch import NULL, ctype_of, grid_1d, i32
+from .pack import ROUTE_COMPACT, TwellPending  # noqa: F401  (re-exported for callers)
+
+#: Output tile of both kernels (rows x columns of z per CTA work item).
+BLOCK_M, BLOCK_N = 128, 256
+WGMMA_THREADS, WGMMA_STAGES, WGMMA_BK = 384, 4, 64
+MMA_THREADS, MMA_STAGES, MMA_BK = 256, 3, 32
+_LD = BLOCK_N + 8
+WGMMA_SMEM = 1024 + WGMMA_STAGES * (BLOCK_M + BLOCK_N) * WGMMA_BK * 2 + 8 * 8 * _LD * 2 + 2 * WGMMA_STAGES * 8
+MMA_SMEM = MMA_STAGES * (BLOCK_M + BLOCK_N) * (MMA_BK + 8) * 2
+
+#: Thread-block cluster sizes compiled for the Hopper kernel (the w tile is multicast across the cluster).
+WGMMA_CLUSTERS = (1, 2)
+WGMMA_CLUSTER = 2
+GATE_KERNELS = ("auto", "wgmma", "mma", "cublas")
+FUSED_DTYPES = ("bfloat16", "float16")
+
+_names = []
+for _d in FUSED_DTYPES:
+    _t = ctype_of(_d, "dtype")
+    for _w in TILE_WIDTHS:
+        for _c in WGMMA_CLUSTERS:
+            _names.append(f"gate_twell_wgmma<{_t}, {_w}, {_c}>")
+        _names.append(f"gate_twell_mma<{_t}, {_w}>")
+
+FAMILY = register_family(KernelFamily("gate_gemm", tuple(_names), hot_kernels=(r"gate_twell_",)))
+
+_ROUTE_WARPS = 8
+
+
+def _cp():
+    import cupy  # noqa: PLC0415
+    return cupy
+
+
+# --------------------------------------------------------------------------- tensor maps (driver API)
+
+_CU_DTYPE = {"bfloat16": 9, "float16": 6}  # CUtensorMapDataType
+_SWIZZLE_128B, _L2_PROMOTION_256B = 3, 3
+
+
+@functools.lru_cache(maxsize=1)
+def _driver():
+    lib = ctypes.CDLL("libcuda.so.1")
+    fn = lib.cuTensorMapEncodeTiled
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
+                   ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64),
+                   ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32),
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return fn
+
+
+def tensor_map(a, box_rows: int, box_cols: int = WGMMA_BK) -> np.ndarray:
+    """A 2-D tiled ``CUtensorMap`` of the row-major 16-bit matrix ``a`` (rows, cols): boxes of
+    ``box_rows x box_cols`` elements, 128-byte swizzle, zero fill out of bounds.  Returned as a
+    one-element NumPy array of 128 bytes, which CuPy passes to a kernel by value."""
+    rows, cols = a.shape
+    buf = ctypes.create_string_buffer(128 + 128)
+    addr = (ctypes.addressof(buf) + 127) // 128 * 128
+    dims = (ctypes.c_uint64 * 2)(cols, rows)
+    strides = (ctypes.c_uint64 * 1)(cols * a.dtype.itemsize)
+    box = (ctypes.c_uint32 * 2)(box_cols, box_rows)
+    elem = (ctypes.c_uint32 * 2)(1, 1)
+    rc = _driver()(addr, _CU_DTYPE[a.dtype.name], 2, ctypes.c_void_p(a.data.ptr), dims, strides, box, elem,
+                   0, _SWIZZLE_128B, _L2_PROMOTION_256B, 0)
+    if rc != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {rc} for a {a.shape} {a.dtype} matrix")
+    out = np.empty(1, dtype=np.dtype((np.void, 128)))
+    ctypes.memmove(out.ctypes.data, addr, 128)
+    return out
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _capability() -> int:
+    return int(_cp().cuda.Device().compute_capability)
+
+
+def fused_supported(x, w) -> str | None:
+    """Why the fused gate kernels cannot take these operands, or None if they can."""
+    if x.dtype.name not in FUSED_DTYPES:
+        return f"dtype {x.dtype.name} (the fused gate GEMM takes bfloat16 / float16)"
+    d = x.shape[1]
+    if d % 8:
+        return f"d = {d} is not a multiple of 8 (16-byte rows for the tensor maps and cp.async)"
+    if x.data.ptr % 16 or w.data.ptr % 16:
+        return "x or w_gate is not 16-byte aligned"
+    if not (x.flags.c_contiguous and w.flags.c_contiguous):
+        return "x or w_gate is not C-contiguous"
+    if _capability() < 80:
+        return "the device's compute capability is below 8.0"
+    return None
+
+
+def choose_gate_kernel(requested: str, x, w) -> str:
+    """Resolve ``gate_kernel`` ("auto", "wgmma", "mma", "cublas") for these operands.
+
+    "auto" takes the Hopper kernel on compute capability 9.0, the portable one on 8.x and newer
+    non-Hopper devices, and cuBLAS + pack where the fused kernels cannot run (other dtypes, d not a
+    multiple of 8, misaligned pointers).  An explicit fused choice that cannot run raises ValueError.
+    """
+    if requested not in GATE_KERNELS:
+        raise ValueError(f"gate_kernel must be one of {GATE_KERNELS}, got {requested!r}")
+    if requested == "cublas":
+        return "cublas"
+    why = fused_supported(x, w)
+    if requested == "auto":
+        if why is not None:
+            return "cublas"
+        return "wgmma" if _capability() == 90 else "mma"
+    if why is not None:
+        raise ValueError(f"gate_kernel={requested!r} cannot run: {why}")
+    if requested == "wgmma" and _capability() != 90:
+        raise ValueError("gate_kernel='wgmma' needs a Hopper GPU (compute capability 9.0, sm_90a)")
+    return requested
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_id: int) -> int:
+    return _cp().cuda.Device(device_id).attributes["MultiProcessorCount"]
+
+
+def _set_smem(kernel, nbytes: int):
+    if kernel.max_dynamic_shared_size_bytes < nbytes:
+        kernel.max_dynamic_shared_size_bytes = nbytes
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p), ("attrs", ctypes.c_void_p),
+                ("numAttrs", ctypes.c_uint)]
+
+
+_cluster_occupancy: dict = {}
+
+
+def max_active_clusters(kernel, threads: int, smem: int, cluster: int) -> int:
+    """Clusters of ``cluster`` CTAs of ``kernel`` that the device runs at once (cuOccupancyMaxActiveClusters;
+    0 if the driver cannot say).  A persistent grid larger than this would run its last clusters after
+    the others finished: each takes a fixed share of the work, so the time would double."""
+    key = (kernel.kernel.ptr, threads, smem, cluster)
+    if key not in _cluster_occupancy:
+        fn = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveClusters
+        fn.restype = ctypes.c_int
+        count = ctypes.c_int(0)
+        cfg = _LaunchConfig(cluster * 128, 1, 1, threads, 1, 1, smem, None, None, 0)
+        rc = fn(ctypes.byref(count), ctypes.c_void_p(kernel.kernel.ptr), ctypes.byref(cfg))
+        _cluster_occupancy[key] = count.value if rc == 0 else 0
+    return _cluster_occupancy[key]
+
+
+# --------------------------------------------------------------------------- launch
+
+
+def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_threshold: int, *,
+                     kernel: str = "wgmma", neuron_counts: bool = False,
+                     cluster: int = WGMMA_CLUSTER) -> TwellPending:
+    """TwELL of ``relu(x w_gateᵀ)`` straight from the GEMM, plus the per-row routing; no host sync.
+
+    Parameters
+    ----------
+    x : cupy.ndarray (M, d), bfloat16 / float16, C-contiguous, d % 8 == 0
+    w_gate : cupy.ndarray (n, d), same dtype, neuron-major
+    tile_width, compression : int
+        TwELL layout (``tile_width // compression`` slots per tile).
+    dense_row_threshold : int
+        Rows with more entries are routed to the dense backup (route code 1); rows with an
+        overflowing tile get route code 2.
+    kernel : {"wgmma", "mma"}
+    neuron_counts : bool
+        Also count, per neuron, the rows where it is active (int32 (n,)).
+    cluster : {1, 2}
+        Thread-block cluster size of the Hopper kernel (CTAs sharing each w tile by TMA multicast).
+
+    Returns
+    -------
+    TwellPending
+        counts (M, NT) int32, indices (M, NT, S) uint8, values (M, NT, S) of x's dtype, row_nnz,
+        row_route, totals (backup rows, overflowed rows, 0) on the device.
+    """
+    cp = _cp()
+    m, d = x.shape
+    n = w_gate.shape[0]
+    n_tiles, slots = twell_layout(n, tile_width, compression)
+    ct = ctype_of(x.dtype, "x")
+    counts = cp.empty((m, n_tiles), dtype=cp.int32)
+    indices = cp.empty((m, n_tiles, slots), dtype=cp.uint8)
+    values = cp.empty((m, n_tiles, slots), dtype=x.dtype)
+    row_nnz = cp.empty(m, dtype=cp.int32)
+    row_route = cp.empty(m, dtype=cp.int32)
+    totals = cp.zeros(3, dtype=cp.int32)
+    ncounts = cp.zeros(n, dtype=cp.int32) if neuron_counts else None
+    m_blocks, n_blocks = -(-m // BLOCK_M), -(-n // BLOCK_N)
+    work = m_blocks * n_blocks
+    tail = (i32(m), i32(n), i32(d), i32(n_tiles), i32(slots), counts, indices, values,
+            NULL if ncounts is None else ncounts)
+    if kernel == "wgmma":
+        if cluster not in WGMMA_CLUSTERS:
+            raise ValueError(f"cluster must be one of {WGMMA_CLUSTERS}, got {cluster}")
+        k = get_kernel("gate_gemm", f"gate_twell_wgmma<{ct}, {tile_width}, {cluster}>")
+        _set_smem(k, WGMMA_SMEM)
+        map_x = tensor_map(x, BLOCK_M)
+        map_w = tensor_map(w_gate, BLOCK_N // cluster)
+        groups = -(-m_blocks // cluster) * n_blocks           # work items of a cluster
+        if cluster == 1:
+            grid = min(work, _sm_count(x.device.id))
+        else:
+            resident = max_active_clusters(k, WGMMA_THREADS, WGMMA_SMEM, cluster)
+            grid = cluster * (min(groups, resident) if resident > 0 else groups)
+        k((grid,), (WGMMA_THREADS,), (map_x, map_w) + tail, shared_mem=WGMMA_SMEM)
+    elif kernel == "mma":
+        k = get_kernel("gate_gemm", f"gate_twell_mma<{ct}, {tile_width}>")
+        _set_smem(k, MMA_SMEM)
+        k((work,), (MMA_THREADS,), (x, w_gate) + tail, shared_mem=MMA_SMEM)
+    else:
+        raise ValueError(f"kernel must be 'wgmma' or 'mma', got {kernel!r}")
+    route = get_kernel("pack", "route_twell_counts")
+    route((grid_1d(m, _ROUTE_WARPS, cap=2**31 - 1),), (32 * _ROUTE_WARPS,),
+          (counts, i32(m), i32(n_tiles), i32(slots), i32(dense_row_threshold), row_nnz, row_route, totals))
+    return TwellPending(counts, indices, values, row_nnz, row_route, totals, n, tile_width, dense_row_threshold,
+                        ncounts)
