@@ -25,41 +25,55 @@ template <typename T> struct SmemChunk<T, 8> { static __device__ __forceinline__
 template <typename T> struct SmemChunk<T, 4> { static __device__ __forceinline__ void load(const T* p, T* v) { *reinterpret_cast<unsigned*>(v) = *reinterpret_cast<const unsigned*>(p); } };
 template <typename T> struct SmemChunk<T, 2> { static __device__ __forceinline__ void load(const T* p, T* v) { v[0] = p[0]; } };
 
-// One warp packs rows [0, n_rows) of a staged block (row stride GG_LD) whose row 0 is z row `row0` and
-// whose column 0 is z column n0 (a multiple of GG_BN).
-template <typename T, int TILE>
+// One warp packs the NR rows of a staged block (row stride GG_LD) whose row 0 is z row `row0` and whose
+// column 0 is z column n0 (a multiple of GG_BN).  The NR rows are processed together (their loads and
+// scans interleave), so the epilogue is bound by throughput rather than by the scan's shuffle latency.
+template <typename T, int TILE, int NR>
 __device__ __forceinline__ void pack_staged_rows(
-    const T* staged, int n_rows, int row0, int n0, int M, int n, int n_tiles, int slots,
+    const T* staged, int row0, int n0, int M, int n, int n_tiles, int slots,
     int* __restrict__ counts, u8* __restrict__ indices, T* __restrict__ values, int* __restrict__ neuron_counts)
 {
     constexpr int E = TILE / 32;
     const int lane = threadIdx.x & 31;
     const int t0 = n0 / TILE;
-    for (int r = 0; r < n_rows; ++r) {
-        const int row = row0 + r;
-        if (row >= M) break;
+#pragma unroll 1
+    for (int s = 0; s < GG_BN / TILE; ++s) {
+        const int t = t0 + s;
+        if (t >= n_tiles) break;
+        const int col0 = t * TILE + lane * E;
+        T v[NR][E];
+        unsigned mask[NR];
+        int incl[NR];
 #pragma unroll
-        for (int s = 0; s < GG_BN / TILE; ++s) {
-            const int t = t0 + s;
-            if (t >= n_tiles) break;
-            T v[E];
-            SmemChunk<T, E * sizeof(T)>::load(staged + r * GG_LD + s * TILE + lane * E, v);
-            const int col0 = t * TILE + lane * E;
-            unsigned mask = 0;
+        for (int r = 0; r < NR; ++r) {
+            SmemChunk<T, E * sizeof(T)>::load(staged + r * GG_LD + s * TILE + lane * E, v[r]);
+            mask[r] = 0;
 #pragma unroll
             for (int k = 0; k < E; ++k)
-                if (col0 + k < n && is_entry<true>(v[k])) mask |= 1u << k;
-            const int c = __popc(mask);
-            const int incl = warp_inclusive_scan(c);
-            const int total = __shfl_sync(0xffffffffu, incl, 31);
+                if (col0 + k < n && is_entry<true>(v[r][k])) mask[r] |= 1u << k;
+            incl[r] = __popc(mask[r]);
+        }
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+#pragma unroll
+            for (int r = 0; r < NR; ++r) {
+                const int y = __shfl_up_sync(0xffffffffu, incl[r], o);
+                if (lane >= o) incl[r] += y;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+            const int row = row0 + r;
+            const int total = __shfl_sync(0xffffffffu, incl[r], 31);
+            if (row >= M) continue;                              // warp-uniform
             const long long base = ((long long)row * n_tiles + t) * slots;
-            int pos = incl - c;
+            int pos = incl[r] - __popc(mask[r]);
 #pragma unroll
             for (int k = 0; k < E; ++k) {
-                if (mask & (1u << k)) {
+                if (mask[r] & (1u << k)) {
                     if (pos < slots) {
                         indices[base + pos] = (u8)(lane * E + k);
-                        values[base + pos] = v[k];
+                        values[base + pos] = v[r][k];
                     }
                     if (neuron_counts) atomicAdd(neuron_counts + col0 + k, 1);
                     ++pos;
@@ -234,7 +248,8 @@ __device__ __forceinline__ void wgmma_m64n256k16(float d[128], unsigned long lon
 // 48 KB per 4.2 MFLOP k-step at ~740 TFLOP/s is 8.7 TB/s).  A stage is refilled only when the consumers
 // of every CTA in the cluster have released it.  Work: (row-block group, column block) items taken in a
 // static stride by a persistent grid whose size the launcher reads from the occupancy API.
-template <typename T, int TILE, int CLUSTER>
+// PACK = false skips the TwELL packing (benchmark of the GEMM + staging alone; never used by the ops).
+template <typename T, int TILE, int CLUSTER, bool PACK>
 __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1) gate_twell_wgmma(
     const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
     int M, int n, int K, int n_tiles, int slots,
@@ -330,8 +345,9 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1)
                 for (int i = 0; i < 32; ++i)
                     stage_pair<T>(wbuf, lane >> 2, 8 * i + q2, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
                 __syncwarp();
-                pack_staged_rows<T, TILE>(wbuf, GW_STAGED_ROWS, m0 + c * 64 + warp_in_wg * 16 + 8 * h, n0, M, n,
-                                          n_tiles, slots, counts, indices, values, neuron_counts);
+                if (PACK)
+                    pack_staged_rows<T, TILE, GW_STAGED_ROWS>(wbuf, m0 + c * 64 + warp_in_wg * 16 + 8 * h, n0, M, n,
+                                                              n_tiles, slots, counts, indices, values, neuron_counts);
             }
         }
     }
@@ -459,7 +475,9 @@ __global__ void __launch_bounds__(GM_THREADS, 1) gate_twell_mma(
             stage_pair<T>(staged, r + 8, col, acc[i][j][2], acc[i][j][3]);
         }
     __syncthreads();
-    pack_staged_rows<T, TILE>(staged + warp * 16 * GG_LD, 16, m0 + warp * 16, n0, M, n, n_tiles, slots,
-                              counts, indices, values, neuron_counts);
+#pragma unroll 1
+    for (int h = 0; h < 2; ++h)
+        pack_staged_rows<T, TILE, 8>(staged + (warp * 16 + 8 * h) * GG_LD, m0 + warp * 16 + 8 * h, n0, M, n,
+                                     n_tiles, slots, counts, indices, values, neuron_counts);
 #endif
 }

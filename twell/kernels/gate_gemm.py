@@ -44,8 +44,10 @@ for _d in FUSED_DTYPES:
     _t = ctype_of(_d, "dtype")
     for _w in TILE_WIDTHS:
         for _c in WGMMA_CLUSTERS:
-            _names.append(f"gate_twell_wgmma<{_t}, {_w}, {_c}>")
+            _names.append(f"gate_twell_wgmma<{_t}, {_w}, {_c}, true>")
         _names.append(f"gate_twell_mma<{_t}, {_w}>")
+# GEMM + staging without the TwELL packing: only for the perf notes' breakdown (python -m twell bench).
+_names += [f"gate_twell_wgmma<__nv_bfloat16, 256, {_c}, false>" for _c in WGMMA_CLUSTERS]
 
 FAMILY = register_family(KernelFamily("gate_gemm", tuple(_names), hot_kernels=(r"gate_twell_",)))
 
@@ -181,7 +183,7 @@ def max_active_clusters(kernel, threads: int, smem: int, cluster: int) -> int:
 
 def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_threshold: int, *,
                      kernel: str = "wgmma", neuron_counts: bool = False,
-                     cluster: int = WGMMA_CLUSTER) -> TwellPending:
+                     cluster: int = WGMMA_CLUSTER, _pack: bool = True) -> TwellPending:
     """TwELL of ``relu(x w_gateᵀ)`` straight from the GEMM, plus the per-row routing; no host sync.
 
     Parameters
@@ -224,7 +226,7 @@ def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_thr
     if kernel == "wgmma":
         if cluster not in WGMMA_CLUSTERS:
             raise ValueError(f"cluster must be one of {WGMMA_CLUSTERS}, got {cluster}")
-        k = get_kernel("gate_gemm", f"gate_twell_wgmma<{ct}, {tile_width}, {cluster}>")
+        k = get_kernel("gate_gemm", f"gate_twell_wgmma<{ct}, {tile_width}, {cluster}, {'true' if _pack else 'false'}>")
         _set_smem(k, WGMMA_SMEM)
         map_x = tensor_map(x, BLOCK_M)
         map_w = tensor_map(w_gate, BLOCK_N // cluster)
