@@ -19,15 +19,41 @@
 #define GG_LD (GG_BN + 8)           // staging row stride (elements): conflict-free fragment stores
 
 // ---------------------------------------------------------------- shared epilogue: staged tile -> TwELL
-template <typename T, int NBYTES> struct SmemChunk;
-template <typename T> struct SmemChunk<T, 16> { static __device__ __forceinline__ void load(const T* p, T* v) { *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(p); } };
-template <typename T> struct SmemChunk<T, 8> { static __device__ __forceinline__ void load(const T* p, T* v) { *reinterpret_cast<uint2*>(v) = *reinterpret_cast<const uint2*>(p); } };
-template <typename T> struct SmemChunk<T, 4> { static __device__ __forceinline__ void load(const T* p, T* v) { *reinterpret_cast<unsigned*>(v) = *reinterpret_cast<const unsigned*>(p); } };
-template <typename T> struct SmemChunk<T, 2> { static __device__ __forceinline__ void load(const T* p, T* v) { v[0] = p[0]; } };
+template <typename T> struct Pair2;
+template <> struct Pair2<__nv_bfloat16> {
+    typedef __nv_bfloat162 type;
+    static __device__ __forceinline__ type zero() { return __float2bfloat162_rn(0.0f); }
+};
+template <> struct Pair2<__half> {
+    typedef __half2 type;
+    static __device__ __forceinline__ type zero() { return __float2half2_rn(0.0f); }
+};
+
+// Entry bits (bit k: element k is an entry, i.e. NOT (v <= 0), NaN included) of E consecutive 16-bit
+// elements at p (shared memory, 2E-byte aligned), tested two at a time with one packed compare.
+template <typename T, int E>
+__device__ __forceinline__ unsigned entry_bits(const T* p) {
+    if constexpr (E == 1) {
+        return is_entry<true>(p[0]) ? 1u : 0u;
+    } else {
+        typedef typename Pair2<T>::type T2;
+        const T2* q = reinterpret_cast<const T2*>(p);
+        const T2 zero = Pair2<T>::zero();
+        unsigned bits = 0;
+#pragma unroll
+        for (int j = 0; j < E / 2; ++j) {
+            const unsigned m = __hgtu2_mask(q[j], zero);       // 0xFFFF per half where v > 0 or unordered
+            bits |= ((m & 1u) | ((m >> 15) & 2u)) << (2 * j);
+        }
+        return bits;
+    }
+}
 
 // One warp packs the NR rows of a staged block (row stride GG_LD) whose row 0 is z row `row0` and whose
-// column 0 is z column n0 (a multiple of GG_BN).  The NR rows are processed together (their loads and
-// scans interleave), so the epilogue is bound by throughput rather than by the scan's shuffle latency.
+// column 0 is z column n0 (a multiple of GG_BN).  Lane l owns columns [l*E, l*E+E) of each TwELL tile.
+// The NR rows' compares and scans interleave; entries (rare) are written by a loop over the set bits
+// that re-reads their values from shared memory, so the cost is the scan, not the tile width.
+// Columns >= n were loaded as zeros (TMA / cp.async zero fill), so they are never entries.
 template <typename T, int TILE, int NR>
 __device__ __forceinline__ void pack_staged_rows(
     const T* staged, int row0, int n0, int M, int n, int n_tiles, int slots,
@@ -40,17 +66,12 @@ __device__ __forceinline__ void pack_staged_rows(
     for (int s = 0; s < GG_BN / TILE; ++s) {
         const int t = t0 + s;
         if (t >= n_tiles) break;
-        const int col0 = t * TILE + lane * E;
-        T v[NR][E];
+        const int c0 = s * TILE + lane * E;                       // column in the staged block
         unsigned mask[NR];
         int incl[NR];
 #pragma unroll
         for (int r = 0; r < NR; ++r) {
-            SmemChunk<T, E * sizeof(T)>::load(staged + r * GG_LD + s * TILE + lane * E, v[r]);
-            mask[r] = 0;
-#pragma unroll
-            for (int k = 0; k < E; ++k)
-                if (col0 + k < n && is_entry<true>(v[r][k])) mask[r] |= 1u << k;
+            mask[r] = entry_bits<T, E>(staged + r * GG_LD + c0);
             incl[r] = __popc(mask[r]);
         }
 #pragma unroll
@@ -67,17 +88,17 @@ __device__ __forceinline__ void pack_staged_rows(
             const int total = __shfl_sync(0xffffffffu, incl[r], 31);
             if (row >= M) continue;                              // warp-uniform
             const long long base = ((long long)row * n_tiles + t) * slots;
-            int pos = incl[r] - __popc(mask[r]);
-#pragma unroll
-            for (int k = 0; k < E; ++k) {
-                if (mask[r] & (1u << k)) {
-                    if (pos < slots) {
-                        indices[base + pos] = (u8)(lane * E + k);
-                        values[base + pos] = v[r][k];
-                    }
-                    if (neuron_counts) atomicAdd(neuron_counts + col0 + k, 1);
-                    ++pos;
+            unsigned m = mask[r];
+            int pos = incl[r] - __popc(m);
+            while (m) {
+                const int k = __ffs(m) - 1;
+                m &= m - 1u;
+                if (pos < slots) {
+                    indices[base + pos] = (u8)(lane * E + k);
+                    values[base + pos] = staged[r * GG_LD + c0 + k];
                 }
+                if (neuron_counts) atomicAdd(neuron_counts + n0 + c0 + k, 1);
+                ++pos;
             }
             for (int q = total + lane; q < slots; q += 32) {
                 indices[base + q] = 0;
@@ -257,7 +278,9 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1)
 {
 #ifdef TWELL_HAS_WGMMA
     extern __shared__ unsigned char smem_raw[];
-    unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(smem_raw) + 1023) & ~size_t(1023));
+    // 1024-byte alignment (128-byte swizzle atoms) by pointer arithmetic on the shared array itself, so the
+    // compiler keeps the shared address space (STS/LDS rather than generic ST/LD in the epilogue).
+    unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
     unsigned char* stage_a = smem;
     unsigned char* stage_b = smem + GW_STAGES * GW_A_BYTES;
     T* staged = reinterpret_cast<T*>(smem + GW_STAGES * GW_STAGE_BYTES);

@@ -35,7 +35,7 @@ MMA_SMEM = MMA_STAGES * (BLOCK_M + BLOCK_N) * (MMA_BK + 8) * 2
 
 #: Thread-block cluster sizes compiled for the Hopper kernel (the w tile is multicast across the cluster).
 WGMMA_CLUSTERS = (1, 2)
-WGMMA_CLUSTER = 2
+WGMMA_CLUSTER = 1
 GATE_KERNELS = ("auto", "wgmma", "mma", "cublas")
 FUSED_DTYPES = ("bfloat16", "float16")
 
