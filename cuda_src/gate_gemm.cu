@@ -94,17 +94,17 @@ __device__ __forceinline__ void pack_staged_rows(
                 const int k = __ffs(m) - 1;
                 m &= m - 1u;
                 if (pos < slots) {
-                    indices[base + pos] = (u8)(lane * E + k);
-                    values[base + pos] = staged[r * GG_LD + c0 + k];
+                    __stcs(indices + base + pos, (u8)(lane * E + k));
+                    __stcs(values + base + pos, staged[r * GG_LD + c0 + k]);
                 }
                 if (neuron_counts) atomicAdd(neuron_counts + n0 + c0 + k, 1);
                 ++pos;
             }
             for (int q = total + lane; q < slots; q += 32) {
-                indices[base + q] = 0;
-                values[base + q] = from_f<T>(0.0f);
+                __stcs(indices + base + q, (u8)0);
+                __stcs(values + base + q, from_f<T>(0.0f));
             }
-            if (lane == 0) counts[(long long)row * n_tiles + t] = total;
+            if (lane == 0) __stcs(counts + (long long)row * n_tiles + t, total);
         }
     }
 }
@@ -174,16 +174,31 @@ __device__ __forceinline__ void cluster_sync() {
 // The same box lands at the same shared-memory offset of every CTA in cta_mask, each CTA's mbarrier at
 // `bar`'s offset receiving the bytes.
 __device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TensorMap* map, unsigned long long* bar,
-                                                      int c_inner, int c_outer, unsigned short cta_mask) {
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
+                                                      int c_inner, int c_outer, unsigned short cta_mask,
+                                                      unsigned long long policy) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster.L2::cache_hint"
+                 " [%0], [%1, {%3, %4}], [%2], %5, %6;"
+                 :: "r"(smem_addr(dst)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(smem_addr(bar)),
+                    "r"(c_inner), "r"(c_outer), "h"(cta_mask), "l"(policy) : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, unsigned long long* bar, int c_inner, int c_outer,
+                                            unsigned long long policy) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
                  " [%0], [%1, {%3, %4}], [%2], %5;"
                  :: "r"(smem_addr(dst)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(smem_addr(bar)),
-                    "r"(c_inner), "r"(c_outer), "h"(cta_mask) : "memory");
+                    "r"(c_inner), "r"(c_outer), "l"(policy) : "memory");
 }
-__device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, unsigned long long* bar, int c_inner, int c_outer) {
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
-                 :: "r"(smem_addr(dst)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(smem_addr(bar)),
-                    "r"(c_inner), "r"(c_outer) : "memory");
+// L2 policies: the weight tiles are re-read by every row block (keep them), x tiles by one row of column
+// blocks in quick succession (normal priority); the TwELL output is written with streaming stores.
+__device__ __forceinline__ unsigned long long policy_evict_last() {
+    unsigned long long p;
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
+    return p;
+}
+__device__ __forceinline__ unsigned long long policy_evict_normal() {
+    unsigned long long p;
+    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(p));
+    return p;
 }
 
 // A consumer warp releases a stage in every CTA of the cluster (each CTA's producer multicasts into all).
@@ -308,19 +323,20 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1)
         if (threadIdx.x == 0) {
             int stage = 0;
             unsigned phase = 0;
+            const unsigned long long keep = policy_evict_last(), stream = policy_evict_normal();
             for (int w = cluster_id; w < n_work; w += n_clusters) {
                 const int m0 = ((w / n_blocks) * CLUSTER + (int)rank) * GG_BM, n0 = (w % n_blocks) * GG_BN;
                 for (int k = 0; k < k_iters; ++k) {
                     mbar_wait(empty + stage, phase ^ 1u);
                     mbar_expect_tx(full + stage, GW_STAGE_BYTES);
-                    tma_load_2d(stage_a + stage * GW_A_BYTES, &map_x, full + stage, k * GW_BK, m0);
+                    tma_load_2d(stage_a + stage * GW_A_BYTES, &map_x, full + stage, k * GW_BK, m0, stream);
                     if (CLUSTER == 1) {
-                        tma_load_2d(stage_b + stage * GW_B_BYTES, &map_w, full + stage, k * GW_BK, n0);
+                        tma_load_2d(stage_b + stage * GW_B_BYTES, &map_w, full + stage, k * GW_BK, n0, keep);
                     } else {
                         constexpr int part = GW_B_BYTES / CLUSTER;
                         tma_load_2d_multicast(stage_b + stage * GW_B_BYTES + rank * part, &map_w, full + stage,
                                               k * GW_BK, n0 + (int)rank * (GG_BN / CLUSTER),
-                                              (unsigned short)((1u << CLUSTER) - 1u));
+                                              (unsigned short)((1u << CLUSTER) - 1u), keep);
                     }
                     if (++stage == GW_STAGES) { stage = 0; phase ^= 1u; }
                 }

@@ -77,7 +77,22 @@ def _driver():
     return fn
 
 
+_tensor_maps: dict = {}
+
+
 def tensor_map(a, box_rows: int, box_cols: int = WGMMA_BK) -> np.ndarray:
+    """:func:`encode_tensor_map`, memoized on (pointer, shape, dtype, box) (weights are reused across calls,
+    activations usually come back at the same pool address), at most 64 entries."""
+    key = (a.data.ptr, a.shape, a.dtype.name, box_rows, box_cols, a.device.id)
+    tm = _tensor_maps.get(key)
+    if tm is None:
+        if len(_tensor_maps) >= 64:
+            _tensor_maps.clear()
+        tm = _tensor_maps[key] = encode_tensor_map(a, box_rows, box_cols)
+    return tm
+
+
+def encode_tensor_map(a, box_rows: int, box_cols: int = WGMMA_BK) -> np.ndarray:
     """A 2-D tiled ``CUtensorMap`` of the row-major 16-bit matrix ``a`` (rows, cols): boxes of
     ``box_rows x box_cols`` elements, 128-byte swizzle, zero fill out of bounds.  Returned as a
     one-element NumPy array of 128 bytes, which CuPy passes to a kernel by value."""
