@@ -51,7 +51,8 @@ __device__ __forceinline__ unsigned entry_bits(const T* p) {
 
 // One warp packs the NR rows of a staged block (row stride GG_LD) whose row 0 is z row `row0` and whose
 // column 0 is z column n0 (a multiple of GG_BN).  Lane l owns columns [l*E, l*E+E) of each TwELL tile.
-// The NR rows' compares and scans interleave; the slot blocks are written whole (see below).
+// The NR rows' compares and scans interleave; entries (rare) are written by a loop over the set bits
+// that re-reads their values from shared memory, so the cost is the scan, not the tile width.
 // Columns >= n were loaded as zeros (TMA / cp.async zero fill), so they are never entries.
 template <typename T, int TILE, int NR>
 __device__ __forceinline__ void pack_staged_rows(
@@ -87,47 +88,23 @@ __device__ __forceinline__ void pack_staged_rows(
             const int total = __shfl_sync(0xffffffffu, incl[r], 31);
             if (row >= M) continue;                              // warp-uniform
             const long long base = ((long long)row * n_tiles + t) * slots;
-            const int excl = incl[r] - __popc(mask[r]);
-            const int n_kept = min(total, slots);
-            // Lane q writes slot q0 + q of every 32-slot chunk in one instruction per array, entries and zero
-            // padding together, so each slot block is written in whole sectors (no partial-sector merges in
-            // L2).  Entry j comes from the lane whose prefix range holds j (a ballot), its column from that
-            // lane's mask, its value straight from the staged row (a shared-memory broadcast).
-            for (int q0 = 0; q0 < slots; q0 += 32) {
-                u8 idx = 0;
-                T val = from_f<T>(0.0f);
-                const int j_end = min(n_kept, q0 + 32);
-                for (int j = q0; j < j_end; ++j) {               // warp-uniform, ~1 entry per row and tile
-                    const int src = __ffs(__ballot_sync(0xffffffffu, incl[r] > j)) - 1;
-                    int k = 0;
-                    if (lane == src) {
-                        unsigned m = mask[r];
-                        for (int skip = j - excl; skip > 0; --skip) m &= m - 1u;
-                        k = __ffs(m) - 1;
-                        if (neuron_counts) atomicAdd(neuron_counts + n0 + c0 + k, 1);
-                    }
-                    k = __shfl_sync(0xffffffffu, k, src);
-                    if (lane == j - q0) {
-                        idx = (u8)(src * E + k);
-                        val = staged[r * GG_LD + s * TILE + src * E + k];
-                    }
+            unsigned m = mask[r];
+            int pos = incl[r] - __popc(m);
+            while (m) {
+                const int k = __ffs(m) - 1;
+                m &= m - 1u;
+                if (pos < slots) {
+                    __stcs(indices + base + pos, (u8)(lane * E + k));
+                    __stcs(values + base + pos, staged[r * GG_LD + c0 + k]);
                 }
-                if (q0 + lane < slots) {
-                    indices[base + q0 + lane] = idx;
-                    values[base + q0 + lane] = val;
-                }
+                if (neuron_counts) atomicAdd(neuron_counts + n0 + c0 + k, 1);
+                ++pos;
             }
-            if (neuron_counts && total > slots) {                // overflowed tile: count the entries past S
-                unsigned m = mask[r];
-                int pos = excl;
-                while (m) {
-                    const int k = __ffs(m) - 1;
-                    m &= m - 1u;
-                    if (pos >= slots) atomicAdd(neuron_counts + n0 + c0 + k, 1);
-                    ++pos;
-                }
+            for (int q = total + lane; q < slots; q += 32) {
+                __stcs(indices + base + q, (u8)0);
+                __stcs(values + base + q, from_f<T>(0.0f));
             }
-            if (lane == 0) counts[(long long)row * n_tiles + t] = total;
+            if (lane == 0) __stcs(counts + (long long)row * n_tiles + t, total);
         }
     }
 }
