@@ -94,17 +94,17 @@ __device__ __forceinline__ void pack_staged_rows(
                 const int k = __ffs(m) - 1;
                 m &= m - 1u;
                 if (pos < slots) {
-                    __stcs(indices + base + pos, (u8)(lane * E + k));
-                    __stcs(values + base + pos, staged[r * GG_LD + c0 + k]);
+                    indices[base + pos] = (u8)(lane * E + k);
+                    values[base + pos] = staged[r * GG_LD + c0 + k];
                 }
                 if (neuron_counts) atomicAdd(neuron_counts + n0 + c0 + k, 1);
                 ++pos;
             }
             for (int q = total + lane; q < slots; q += 32) {
-                __stcs(indices + base + q, (u8)0);
-                __stcs(values + base + q, from_f<T>(0.0f));
+                indices[base + q] = 0;
+                values[base + q] = from_f<T>(0.0f);
             }
-            if (lane == 0) __stcs(counts + (long long)row * n_tiles + t, total);
+            if (lane == 0) counts[(long long)row * n_tiles + t] = total;
         }
     }
 }
@@ -188,13 +188,10 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, uns
                  :: "r"(smem_addr(dst)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(smem_addr(bar)),
                     "r"(c_inner), "r"(c_outer), "l"(policy) : "memory");
 }
-// L2 policies: the weight tiles are re-read by every row block (keep them), x tiles by one row of column
-// blocks in quick succession (normal priority); the TwELL output is written with streaming stores.
-__device__ __forceinline__ unsigned long long policy_evict_last() {
-    unsigned long long p;
-    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
-    return p;
-}
+// L2 policy of the tile loads: normal priority for both operands.  (evict_last on the weight tiles, which
+// every row block re-reads, would pin w_gate in L2 and crowd the w_up / w_down rows that the up/down
+// gathers read right after this kernel.)  The TwELL output is written with ordinary stores for the same
+// reason (the up/down kernel reads it next, ideally from L2).
 __device__ __forceinline__ unsigned long long policy_evict_normal() {
     unsigned long long p;
     asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(p));
@@ -323,7 +320,7 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1)
         if (threadIdx.x == 0) {
             int stage = 0;
             unsigned phase = 0;
-            const unsigned long long keep = policy_evict_last(), stream = policy_evict_normal();
+            const unsigned long long keep = policy_evict_normal(), stream = keep;
             for (int w = cluster_id; w < n_work; w += n_clusters) {
                 const int m0 = ((w / n_blocks) * CLUSTER + (int)rank) * GG_BM, n0 = (w % n_blocks) * GG_BN;
                 for (int k = 0; k < k_iters; ++k) {

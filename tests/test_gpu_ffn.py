@@ -68,7 +68,7 @@ def _check(cp, out, arrays, dtype):
     dtype=st.sampled_from(DTYPES),
     tile_width=st.sampled_from([64, 256]),
     mean=st.sampled_from([1.0, 10.0, 40.0]),
-    gate_kernel=st.sampled_from(["auto", "mma", "cublas"]),
+    gate_kernel=st.sampled_from(["auto", "fused", "mma", "cublas"]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_gated_ffn_matches_reference(cp, m, d, n, dtype, tile_width, mean, gate_kernel, seed):
@@ -77,7 +77,7 @@ def test_gated_ffn_matches_reference(cp, m, d, n, dtype, tile_width, mean, gate_
     dev = [cp.asarray(a) for a in arrays]
     out = cp.full((m, d), np.nan, dtype=dev[0].dtype)          # poisoned: every row must be written
     if gate_kernel == "mma" and (dtype == "float32" or d % 8):
-        gate_kernel = "auto"                                     # the fused kernels take 16-bit, d % 8 == 0
+        gate_kernel = "fused"                                    # the fused kernels take 16-bit, d % 8 == 0
     y, stats = twell.gated_ffn(*dev, tile_width=tile_width, return_stats=True, out=out, gate_kernel=gate_kernel)
     assert y is out
     _check(cp, y, arrays, dtype)

@@ -117,7 +117,7 @@ def test_fused_gate_twell_bitwise_deterministic(cp):
             _assert_same(cp, _fused(xf, w, 256, 8, 128, kernel), first)
 
 
-@pytest.mark.parametrize("gate_kernel", ["auto", "wgmma", "mma", "cublas"])
+@pytest.mark.parametrize("gate_kernel", ["auto", "fused", "wgmma", "mma", "cublas"])
 def test_gated_ffn_each_gate_kernel_same_result(cp, gate_kernel):
     """With exact integer gates every gate kernel gives the same TwELL, hence bitwise the same y."""
     if gate_kernel == "wgmma" and cp.cuda.Device().compute_capability != "90":
@@ -128,8 +128,9 @@ def test_gated_ffn_each_gate_kernel_same_result(cp, gate_kernel):
     wd = cp.asarray((rng.standard_normal((1000, 256)) / 16).astype(np.float32)).astype(x.dtype)
     y_ref = twell.gated_ffn(x, wg, wu, wd, gate_kernel="cublas")
     y, stats = twell.gated_ffn(x, wg, wu, wd, gate_kernel=gate_kernel, return_stats=True)
-    expected = {"auto": "wgmma" if cp.cuda.Device().compute_capability == "90" else "mma"}.get(gate_kernel,
-                                                                                              gate_kernel)
+    from twell.kernels import gate_gemm
+    fused = "wgmma" if cp.cuda.Device().compute_capability == "90" else "mma"
+    expected = {"auto": gate_gemm.AUTO_GATE_KERNEL, "fused": fused}.get(gate_kernel, gate_kernel)
     assert stats.gate_kernel == expected
     assert stats.n_backup_rows >= 1                              # row 0 is dense: the backup path ran
     np.testing.assert_array_equal(cp.asnumpy(y.view(cp.uint16)), cp.asnumpy(y_ref.view(cp.uint16)))
@@ -140,7 +141,7 @@ def test_fused_gate_kernel_refuses_what_it_cannot_run(cp):
     w = cp.ones((50, 12), dtype=cp.float16)
     with pytest.raises(ValueError, match="multiple of 8"):
         twell.gated_ffn(x, w, w, w, gate_kernel="mma")
-    y, stats = twell.gated_ffn(x, w, w, w, gate_kernel="auto", return_stats=True)
+    y, stats = twell.gated_ffn(x, w, w, w, gate_kernel="fused", return_stats=True)
     assert stats.gate_kernel == "cublas"
     x32 = cp.ones((100, 16), dtype=cp.float32)
     w32 = cp.ones((50, 16), dtype=cp.float32)

@@ -967,6 +967,12 @@ def _make_twell(p):
     return lambda: _as_y(gated_ffn(x, wg, wu, wd))
 
 
+def _make_twell_fused_gate(p):
+    from twell.ops import gated_ffn  # noqa: PLC0415
+    x, wg, wu, wd = p.arrays()
+    return lambda: _as_y(gated_ffn(x, wg, wu, wd, gate_kernel="fused"))
+
+
 # ---- training steps (task="train") ------------------------------------------------
 def _make_dense_cupy_train(tp):
     """Dense fwd+bwd: 9 cuBLAS GEMMs (graph-capturable) and two fused elementwise kernels.
@@ -1193,6 +1199,8 @@ def _register_builtins():
     # ---- sparse implementations: one registration each --------------------------------
     register_sparse("twell", make=_make_twell, available=_twell_unavailable,
                     description="twell.ops.gated_ffn (TwELL kernels)")
+    register_sparse("twell_fused_gate", make=_make_twell_fused_gate, available=_twell_unavailable,
+                    description="twell.ops.gated_ffn(gate_kernel='fused'): gate GEMM with the TwELL epilogue fused")
     # ---- training steps (--mode train) ------------------------------------------------
     register_train("dense_cupy_train", _make_dense_cupy_train, dense=True, available=_gpu_unavailable,
                    description="9 cuBLAS GEMMs + fused relu*mul forward and fused backward elementwise kernels "

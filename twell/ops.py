@@ -101,11 +101,12 @@ def gated_ffn(x, w_gate, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compres
         in the dense computation.
     out : array (M, d), optional
         Preallocated C-contiguous output of x's dtype and module.
-    gate_kernel : {"auto", "wgmma", "mma", "cublas"}
+    gate_kernel : {"auto", "fused", "wgmma", "mma", "cublas"}
         GPU gate GEMM.  "wgmma" (Hopper) and "mma" (compute capability ≥ 8.0)
         are the fused GEMM whose epilogue writes TwELL directly (16-bit dtypes,
-        d a multiple of 8); "cublas" runs cuBLAS then the pack kernel.  "auto"
-        takes the fused kernel of the device where it can run, else cuBLAS.
+        d a multiple of 8); "fused" picks the device's one where it can run;
+        "cublas" runs cuBLAS then the pack kernel.  "auto" is currently
+        "cublas", the faster end to end on the H200 (docs/perf-notes.md).
         Ignored on NumPy inputs and for M ≤ 64 (decode path).
 
     Returns
@@ -160,7 +161,7 @@ def ffn(x, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compression=DEFAULT_C
                    gate_kernel)
 
 
-_GATE_KERNELS = ("auto", "wgmma", "mma", "cublas")
+_GATE_KERNELS = ("auto", "fused", "wgmma", "mma", "cublas")
 
 
 def _check_gate_kernel(value):

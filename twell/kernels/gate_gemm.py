@@ -36,7 +36,7 @@ MMA_SMEM = MMA_STAGES * (BLOCK_M + BLOCK_N) * (MMA_BK + 8) * 2
 #: Thread-block cluster sizes compiled for the Hopper kernel (the w tile is multicast across the cluster).
 WGMMA_CLUSTERS = (1, 2)
 WGMMA_CLUSTER = 1
-GATE_KERNELS = ("auto", "wgmma", "mma", "cublas")
+GATE_KERNELS = ("auto", "fused", "wgmma", "mma", "cublas")
 FUSED_DTYPES = ("bfloat16", "float16")
 
 _names = []
@@ -135,22 +135,33 @@ def fused_supported(x, w) -> str | None:
     return None
 
 
-def choose_gate_kernel(requested: str, x, w) -> str:
-    """Resolve ``gate_kernel`` ("auto", "wgmma", "mma", "cublas") for these operands.
+#: What ``gate_kernel="auto"`` runs.  cuBLAS + pack until the fused kernels win end to end: on the H200
+#: the Hopper kernel alone is at 83–89 % of cuBLAS's time for x w_gateᵀ (docs/perf-notes.md, v3), and the
+#: whole forward with it was 4 % slower than with cuBLAS + pack (1.166 vs 1.118 ms at M = 16,384).
+AUTO_GATE_KERNEL = "cublas"
 
-    "auto" takes the Hopper kernel on compute capability 9.0, the portable one on 8.x and newer
-    non-Hopper devices, and cuBLAS + pack where the fused kernels cannot run (other dtypes, d not a
-    multiple of 8, misaligned pointers).  An explicit fused choice that cannot run raises ValueError.
+
+def fused_kernel_for_device() -> str:
+    """The fused gate kernel of this device: "wgmma" on compute capability 9.0, else "mma"."""
+    return "wgmma" if _capability() == 90 else "mma"
+
+
+def choose_gate_kernel(requested: str, x, w) -> str:
+    """Resolve ``gate_kernel`` ("auto", "fused", "wgmma", "mma", "cublas") for these operands.
+
+    "auto" runs :data:`AUTO_GATE_KERNEL`; "fused" the fused kernel of the device (:func:`fused_kernel_for_device`)
+    where it can run, else cuBLAS + pack.  An explicit "wgmma" / "mma" that cannot run (other dtypes, d not a
+    multiple of 8, misaligned pointers, wrong device) raises ValueError.
     """
     if requested not in GATE_KERNELS:
         raise ValueError(f"gate_kernel must be one of {GATE_KERNELS}, got {requested!r}")
+    if requested == "auto":
+        requested = AUTO_GATE_KERNEL
     if requested == "cublas":
         return "cublas"
     why = fused_supported(x, w)
-    if requested == "auto":
-        if why is not None:
-            return "cublas"
-        return "wgmma" if _capability() == 90 else "mma"
+    if requested == "fused":
+        return "cublas" if why is not None else fused_kernel_for_device()
     if why is not None:
         raise ValueError(f"gate_kernel={requested!r} cannot run: {why}")
     if requested == "wgmma" and _capability() != 90:
