@@ -99,20 +99,3 @@ __device__ __forceinline__ int next_row(int* work_counter) {
     return __shfl_sync(0xffffffffu, row, 0);
 }
 
-
-// Weight-row loads of the warp gather kernels, through the read-only path with an L2 policy: keep != 0
-// evict_last (the weight rows are the only data these kernels reuse; x, y and the sparse lists stream
-// past them), else evict_normal (the plain __ldg behaviour).  One code path either way.
-struct WeightLoad {
-    unsigned long long policy;
-    __device__ __forceinline__ explicit WeightLoad(int keep) {
-        if (keep) asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
-        else asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
-    }
-    __device__ __forceinline__ uint4 operator()(const uint4* p) const {
-        uint4 v;
-        asm("ld.global.nc.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p), "l"(policy));
-        return v;
-    }
-};

@@ -244,7 +244,7 @@ template <typename T, int NC>
 __device__ __forceinline__ float warp_gated_row(const uint4 (&xr)[NC], const int* lcol, const float* lval,
                                                 int len, const T* __restrict__ w_up,
                                                 const T* __restrict__ w_down, float (&acc)[NC][8],
-                                                T* __restrict__ u_out, const WeightLoad& wl) {
+                                                T* __restrict__ u_out) {
     constexpr int D = NC * 256;
     const int lane = threadIdx.x & 31;
     const T* tag = nullptr;
@@ -253,17 +253,17 @@ __device__ __forceinline__ float warp_gated_row(const uint4 (&xr)[NC], const int
     if (len > 0) {
         const uint4* wu = reinterpret_cast<const uint4*>(w_up + (long long)lcol[0] * D);
 #pragma unroll
-        for (int k = 0; k < NC; ++k) ucur[k] = wl(wu + k * 32 + lane);
+        for (int k = 0; k < NC; ++k) ucur[k] = __ldg(wu + k * 32 + lane);
     }
     for (int e = 0; e < len; ++e) {
         uint4 dv[NC], unext[NC];
         const uint4* wd = reinterpret_cast<const uint4*>(w_down + (long long)lcol[e] * D);
 #pragma unroll
-        for (int k = 0; k < NC; ++k) dv[k] = wl(wd + k * 32 + lane);
+        for (int k = 0; k < NC; ++k) dv[k] = __ldg(wd + k * 32 + lane);
         if (e + 1 < len) {
             const uint4* wu = reinterpret_cast<const uint4*>(w_up + (long long)lcol[e + 1] * D);
 #pragma unroll
-            for (int k = 0; k < NC; ++k) unext[k] = wl(wu + k * 32 + lane);
+            for (int k = 0; k < NC; ++k) unext[k] = __ldg(wu + k * 32 + lane);
         }
         float dot = 0.f;
 #pragma unroll
@@ -294,8 +294,7 @@ __device__ __forceinline__ float warp_gated_row(const uint4 (&xr)[NC], const int
 // One warp, one non-gated row: acc += sum_e lval[e] * w_down[lcol[e]], two rows in flight.
 template <typename T, int NC>
 __device__ __forceinline__ void warp_down_row(const int* lcol, const float* lval, int len,
-                                              const T* __restrict__ w_down, float (&acc)[NC][8],
-                                              const WeightLoad& wl) {
+                                              const T* __restrict__ w_down, float (&acc)[NC][8]) {
     constexpr int D = NC * 256;
     const int lane = threadIdx.x & 31;
     const T* tag = nullptr;
@@ -305,7 +304,7 @@ __device__ __forceinline__ void warp_down_row(const int* lcol, const float* lval
         const uint4* w0 = reinterpret_cast<const uint4*>(w_down + (long long)lcol[e] * D);
         const uint4* w1 = reinterpret_cast<const uint4*>(w_down + (long long)lcol[e + 1] * D);
 #pragma unroll
-        for (int k = 0; k < NC; ++k) { d0[k] = wl(w0 + k * 32 + lane); d1[k] = wl(w1 + k * 32 + lane); }
+        for (int k = 0; k < NC; ++k) { d0[k] = __ldg(w0 + k * 32 + lane); d1[k] = __ldg(w1 + k * 32 + lane); }
         const float h0 = lval[e], h1 = lval[e + 1];
 #pragma unroll
         for (int k = 0; k < NC; ++k) {
@@ -322,7 +321,7 @@ __device__ __forceinline__ void warp_down_row(const int* lcol, const float* lval
 #pragma unroll
         for (int k = 0; k < NC; ++k) {
             float f0[8];
-            unpack8(wl(w0 + k * 32 + lane), f0, tag);
+            unpack8(__ldg(w0 + k * 32 + lane), f0, tag);
 #pragma unroll
             for (int i = 0; i < 8; ++i) acc[k][i] = fmaf(h0, f0[i], acc[k][i]);
         }
@@ -337,10 +336,9 @@ __global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) twell_up_down_warp(
     const T* __restrict__ x, const int* __restrict__ counts, const u8* __restrict__ indices,
     const T* __restrict__ values, const int* __restrict__ route, int compact,
     const T* __restrict__ w_up, const T* __restrict__ w_down,
-    int M, int n_tiles, int slots, int tile_width, T* __restrict__ y, int keep_weights, int* __restrict__ work_counter)
+    int M, int n_tiles, int slots, int tile_width, T* __restrict__ y, int* __restrict__ work_counter)
 {
     constexpr int D = NC * 256;
-    const WeightLoad wl(keep_weights);
     __shared__ int s_col[WARP_KERNEL_WARPS][MAX_LIST];
     __shared__ float s_val[WARP_KERNEL_WARPS][MAX_LIST];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -373,9 +371,9 @@ __global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) twell_up_down_warp(
         if (GATED) {
             uint4 xr[NC];
             load_row_stream<T, NC>(x + (long long)row * D, xr);
-            warp_gated_row<T, NC>(xr, lcol, lval, len, w_up, w_down, acc, nullptr, wl);
+            warp_gated_row<T, NC>(xr, lcol, lval, len, w_up, w_down, acc, nullptr);
         } else {
-            warp_down_row<T, NC>(lcol, lval, len, w_down, acc, wl);
+            warp_down_row<T, NC>(lcol, lval, len, w_down, acc);
         }
         store_row_stream<T, NC>(y + (long long)row * D, acc);
         __syncwarp();
@@ -390,11 +388,9 @@ __global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) csr_up_down_warp(
     const T* __restrict__ x, const int* __restrict__ row_ptr, const int* __restrict__ col_indices,
     const T* __restrict__ g_values, const int* __restrict__ backup_slot,
     const T* __restrict__ w_up, const T* __restrict__ w_down, int M,
-    T* __restrict__ y, T* __restrict__ u_values, float* __restrict__ row_l1, int keep_weights,
-    int* __restrict__ work_counter)
+    T* __restrict__ y, T* __restrict__ u_values, float* __restrict__ row_l1, int* __restrict__ work_counter)
 {
     constexpr int D = NC * 256;
-    const WeightLoad wl(keep_weights);
     __shared__ int s_col[WARP_KERNEL_WARPS][MAX_LIST];
     __shared__ float s_val[WARP_KERNEL_WARPS][MAX_LIST];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -415,7 +411,7 @@ __global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) csr_up_down_warp(
         zero_acc<NC>(acc);
         uint4 xr[NC];
         load_row_stream<T, NC>(x + (long long)row * D, xr);
-        const float l1 = warp_gated_row<T, NC>(xr, lcol, lval, len, w_up, w_down, acc, u_values + p0, wl);
+        const float l1 = warp_gated_row<T, NC>(xr, lcol, lval, len, w_up, w_down, acc, u_values + p0);
         store_row_stream<T, NC>(y + (long long)row * D, acc);
         if (lane == 0) row_l1[row] = l1;
         __syncwarp();

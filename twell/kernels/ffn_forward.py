@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from .._kernels import KernelFamily, get_kernel, register_family
@@ -25,12 +23,6 @@ MAX_LIST = 512
 THREADS = 128
 WARP_KERNEL_WARPS = 4
 WARP_KERNEL_MAX_NC = 8  # d <= 2048 on the warp-per-row path
-
-
-def l2_keep_weights() -> bool:
-    """Whether the warp gather kernels load weight rows with an L2 evict_last policy (default on;
-    ``TWELL_L2_KEEP_WEIGHTS=0`` turns it off, e.g. to measure it)."""
-    return os.environ.get("TWELL_L2_KEEP_WEIGHTS", "1") != "0"
 
 _names = []
 for _d in DEVICE_DTYPES:
@@ -132,7 +124,7 @@ def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: i
         k = get_kernel("ffn_forward", f"twell_up_down_warp<{ct}, {nc}, {cbool(gated)}>")
         launch_warp_rows(k, m, MAX_LIST * 8,
                          (x, counts, indices, values, route, i32(compact), w_up, w_down, i32(m), i32(n_tiles),
-                          i32(slots), i32(tile_width), y, i32(l2_keep_weights())), work_counter)
+                          i32(slots), i32(tile_width), y), work_counter)
         return y
     vec = _vec_ok(x.dtype, d, x, w_up, w_down, y)
     k = get_kernel("ffn_forward", f"twell_up_down<{ct}, {cbool(vec)}, {cbool(gated)}>")
@@ -199,7 +191,7 @@ def csr_up_down(x, row_ptr, col_indices, g_values, backup_slot, w_up, w_down, y,
     if nc:
         k = get_kernel("ffn_forward", f"csr_up_down_warp<{ct}, {nc}>")
         launch_warp_rows(k, m, MAX_LIST * 8, (x, row_ptr, col_indices, g_values, backup_slot, w_up, w_down, i32(m),
-                                              y, u_values, row_l1, i32(l2_keep_weights())), work_counter)
+                                              y, u_values, row_l1), work_counter)
         return
     vec = _vec_ok(x.dtype, d, x, w_up, w_down, y)
     k = get_kernel("ffn_forward", f"csr_up_down<{ct}, {cbool(vec)}>")
