@@ -56,6 +56,9 @@ def test_ops_match_reference(ffn_arrays):
      "out must have dtype float64"),
     (lambda x, wg, wu, wd: twell.gated_ffn(x, wg, wu, wd, out=np.empty((39, 24))), ValueError,
      "out must have shape"),
+    (lambda x, wg, wu, wd: twell.gated_ffn(x, wg, wu, wd, gate_kernel="tensor"), ValueError,
+     "gate_kernel must be one of"),
+    (lambda x, wg, wu, wd: twell.ffn(x, wu, wd, gate_kernel=None), ValueError, "gate_kernel must be one of"),
     (lambda x, wg, wu, wd: twell.gated_ffn_forward(x, wg, wu, wd, l1_weight=-1.0), ValueError, "l1_weight"),
     (lambda x, wg, wu, wd: twell.gated_ffn_forward(x, wg, wu, wd, l1_weight="0.1"), TypeError, "l1_weight"),
     (lambda x, wg, wu, wd: twell.gated_ffn_backward((x, wg), x), TypeError, "saved must be the SavedForBackward"),
@@ -87,3 +90,11 @@ def test_nan_in_x_propagates_like_dense(ffn_arrays):
     with np.errstate(invalid="ignore"):
         dense = reference.gated_ffn_dense(x, wg, wu, wd)
     np.testing.assert_array_equal(np.isnan(y), np.isnan(dense))
+
+
+@pytest.mark.parametrize("gate_kernel", ["auto", "fused", "wgmma", "mma", "cublas"])
+def test_gate_kernel_is_ignored_on_the_reference(ffn_arrays, gate_kernel):
+    """On NumPy inputs every gate_kernel runs the same float64 reference."""
+    x, wg, wu, wd = ffn_arrays
+    np.testing.assert_array_equal(twell.gated_ffn(x, wg, wu, wd, gate_kernel=gate_kernel),
+                                  twell.gated_ffn(x, wg, wu, wd))

@@ -249,10 +249,22 @@ def nvrtc_compile(name: str, arch: str = "sm_90a", *, return_cubin: bool = False
 
     Uses the same source string, options and name expressions as
     :func:`get_module`, plus ``-Xptxas=-v`` for the resource report.  With
-    ``return_cubin`` also returns the cubin (bytes), for a disassembly check.  Relies on
+    ``return_cubin`` also returns the cubin (bytes), for a disassembly check.  Memoized per (family,
+    arch, source text) within the process.  Relies on
     CuPy's private ``assemble_cupy_compiler_options`` and ``_NVRTCProgram``
     (present in CuPy 14.x, which ``pyproject.toml`` pins).
     """
+    key = (name, arch, family_source(name))
+    if key not in _compiled:
+        _compiled[key] = _nvrtc_compile_uncached(name, arch)
+    report, cubin = _compiled[key]
+    return (report, cubin) if return_cubin else report
+
+
+_compiled: dict = {}
+
+
+def _nvrtc_compile_uncached(name: str, arch: str):
     import cupy._core.core as core  # noqa: PLC0415
     from cupy.cuda import compiler  # noqa: PLC0415
 
@@ -262,5 +274,75 @@ def nvrtc_compile(name: str, arch: str = "sm_90a", *, return_cubin: bool = False
                                   name_expressions=list(fam.name_expressions), method="cubin")
     log = io.StringIO()
     cubin, mapping = prog.compile(options, log_stream=log)
-    report = _parse_ptxas(log.getvalue(), mapping)
-    return (report, cubin) if return_cubin else report
+    return _parse_ptxas(log.getvalue(), mapping), cubin
+
+
+# --------------------------------------------------------------------------- disassembly (CI check)
+
+
+def cubin_text_sections(cubin: bytes) -> dict:
+    """``{kernel mangled name: machine code}`` from the ``.text.<name>`` sections of an ELF64 cubin."""
+    import struct  # noqa: PLC0415
+
+    if cubin[:4] != b"\x7fELF" or cubin[4] != 2:
+        raise ValueError("not an ELF64 cubin")
+    shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+    names_off = headers[shstrndx][4]
+
+    def name_at(off):
+        start = names_off + off
+        return cubin[start:cubin.index(b"\0", start)].decode()
+
+    out = {}
+    for name_off, _type, _flags, _addr, offset, size in headers:
+        name = name_at(name_off)
+        if name.startswith(".text."):
+            out[name[len(".text."):]] = cubin[offset:offset + size]
+    return out
+
+
+def find_nvdisasm() -> str | None:
+    """``nvdisasm`` from PATH or from the NVIDIA wheels (``cuda-toolkit[nvdisasm]``), or None."""
+    import shutil  # noqa: PLC0415
+
+    exe = shutil.which("nvdisasm")
+    if exe:
+        return exe
+    try:
+        import nvidia  # noqa: PLC0415
+    except ImportError:
+        return None
+    for root in getattr(nvidia, "__path__", []):
+        hits = sorted(Path(root).glob("*/bin/nvdisasm"))
+        if hits:
+            return str(hits[0])
+    return None
+
+
+def disassemble(name: str, arch: str = "sm_90a") -> dict:
+    """SASS text of every kernel of a family: ``{name expression: sass}`` (NVRTC compile, then nvdisasm on
+    each kernel's raw ``.text`` section: cuobjdump does not read NVRTC 13 cubins)."""
+    import subprocess  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    exe = find_nvdisasm()
+    if exe is None:
+        raise RuntimeError("nvdisasm not found: pip install 'cuda-toolkit[nvdisasm]' (part of the cuda extras)")
+    report, cubin = nvrtc_compile(name, arch, return_cubin=True)
+    code = cubin_text_sections(cubin)
+    sm = "SM" + arch[len("sm_"):]                          # nvdisasm's spelling: SM90a
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in report:
+            blob = code.get(r.mangled)
+            if blob is None:
+                continue
+            path = Path(tmp) / "k.bin"
+            path.write_bytes(blob)
+            res = subprocess.run([exe, "-b", sm, str(path)], capture_output=True, text=True, check=False)
+            if res.returncode:
+                raise RuntimeError(f"nvdisasm failed on {r.name_expression}: {res.stderr.strip()}")
+            out[r.name_expression] = res.stdout
+    return out
