@@ -108,6 +108,8 @@ def run_checks(backend: str = "auto", dtypes=None, seed: int = 0) -> list:
             y = gated_ffn(x, wg, wu, wd)
             record("gated_ffn", y, ref_y, dense_y)
             record("gated_ffn deterministic", gated_ffn(x, wg, wu, wd), y)
+            if gpu:   # the fused gate GEMM -> TwELL epilogue (falls back to cuBLAS where it cannot run)
+                record("gated_ffn fused gate", gated_ffn(x, wg, wu, wd, gate_kernel="fused"), ref_y, dense_y)
             ref_yn = reference.ffn_dense(f64[0], f64[2], f64[3])
             zn = xp.matmul(x, wu.T).astype(np.float32)
             dense_yn = xp.matmul(xp.where(zn > 0, zn, 0).astype(x.dtype), wd)
