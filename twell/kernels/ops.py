@@ -59,9 +59,9 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
     m, d = x.shape
     n = w_down.shape[0]
     eff = _effective_threshold(threshold, n, tile_width, compression)
-    kernel = gate_gemm.choose_gate_kernel(gate_kernel, x, w_first)
     if m <= DECODE_MAX_ROWS:
         return _decode_forward(x, cp.matmul(x, w_first.T), w_up, w_down, return_stats, gated, out)
+    kernel = gate_gemm.choose_gate_kernel(gate_kernel, x, w_first)
     if kernel == "cublas":
         z = cp.matmul(x, w_first.T)                                    # (M, n)
         p = pack.pack_twell_async(z, tile_width, compression, eff, relu=True, neuron_counts=return_stats)
