@@ -320,20 +320,20 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1)
         if (threadIdx.x == 0) {
             int stage = 0;
             unsigned phase = 0;
-            const unsigned long long keep = policy_evict_normal(), stream = keep;
+            const unsigned long long policy = policy_evict_normal();
             for (int w = cluster_id; w < n_work; w += n_clusters) {
                 const int m0 = ((w / n_blocks) * CLUSTER + (int)rank) * GG_BM, n0 = (w % n_blocks) * GG_BN;
                 for (int k = 0; k < k_iters; ++k) {
                     mbar_wait(empty + stage, phase ^ 1u);
                     mbar_expect_tx(full + stage, GW_STAGE_BYTES);
-                    tma_load_2d(stage_a + stage * GW_A_BYTES, &map_x, full + stage, k * GW_BK, m0, stream);
+                    tma_load_2d(stage_a + stage * GW_A_BYTES, &map_x, full + stage, k * GW_BK, m0, policy);
                     if (CLUSTER == 1) {
-                        tma_load_2d(stage_b + stage * GW_B_BYTES, &map_w, full + stage, k * GW_BK, n0, keep);
+                        tma_load_2d(stage_b + stage * GW_B_BYTES, &map_w, full + stage, k * GW_BK, n0, policy);
                     } else {
                         constexpr int part = GW_B_BYTES / CLUSTER;
                         tma_load_2d_multicast(stage_b + stage * GW_B_BYTES + rank * part, &map_w, full + stage,
                                               k * GW_BK, n0 + (int)rank * (GG_BN / CLUSTER),
-                                              (unsigned short)((1u << CLUSTER) - 1u), keep);
+                                              (unsigned short)((1u << CLUSTER) - 1u), policy);
                     }
                     if (++stage == GW_STAGES) { stage = 0; phase ^= 1u; }
                 }
