@@ -329,7 +329,7 @@ def disassemble(name: str, arch: str = "sm_90a") -> dict:
 
     exe = find_nvdisasm()
     if exe is None:
-        raise RuntimeError("nvdisasm not found: pip install 'cuda-toolkit[nvdisasm]' (part of the cuda extras)")
+        raise RuntimeError("nvdisasm not found: pip install 'cuda-toolkit[nvdisasm]' (part of the cuda13 extra)")
     report, cubin = nvrtc_compile(name, arch, return_cubin=True)
     code = cubin_text_sections(cubin)
     sm = "SM" + arch[len("sm_"):]                          # nvdisasm's spelling: SM90a
