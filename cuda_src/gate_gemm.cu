@@ -8,10 +8,13 @@
 //                     accumulators), persistent grid; the producer runs ahead into the next tile while the
 //                     consumers run the epilogue.
 //   gate_twell_mma    any sm_80+: cp.async 3-stage pipeline, ldmatrix + mma.sync m16n8k16.
-// Both stage output rows in shared memory, rounded to T (exactly what cuBLAS would have written to z),
-// then pack them like pack_twell: one warp per row, lane l owns columns [l*E, l*E+E) of
-// every TwELL tile, a warp prefix sum places each entry in ascending column order.  The per-row route
-// (row_nnz, overflow, threshold) is decided afterwards by route_twell_counts (pack.cu) from the counts.
+// The Hopper kernel packs straight from its accumulator registers (pack_fragment_rows: a quad of threads
+// holds a row, entry masks are all-gathered in the quad and popcounts give every entry its slot).  The
+// portable kernel stages output rows in shared memory, rounded to T (exactly what cuBLAS would have
+// written to z), then packs them like pack_twell: one warp per row, lane l owns columns [l*E, l*E+E) of
+// every TwELL tile, a warp prefix sum places each entry in ascending column order.  Both write the same
+// TwELL, bitwise.  The per-row route (row_nnz, overflow, threshold) is decided afterwards by
+// route_twell_counts (pack.cu) from the counts.
 #include "common.cuh"
 
 #define GG_BM 128
@@ -109,6 +112,128 @@ __device__ __forceinline__ void pack_staged_rows(
     }
 }
 
+// ---------------------------------------------------------------- Hopper epilogue: fragments -> TwELL
+// The wgmma m64n256 accumulator fragment of a consumer warp holds 16 full rows of the tile: thread `lane`
+// has rows lane/4 (h = 0) and lane/4 + 8 (h = 1), pair i (0..31) = columns 8i + 2q, 8i + 2q + 1 with
+// q = lane % 4 -- so the four threads of a quad hold one row between them.  The epilogue packs straight
+// from the registers, one row half h at a time: each thread converts its 32 pairs of the row to T, tests
+// them with one packed compare each and keeps two 32-bit entry masks (word w: pairs 16w..16w+15; bit j =
+// low element of pair 16w+j, bit 16+j = high element); it parks the converted pairs in its own 128 bytes
+// of shared memory (read back only for the rare entries).  After an all-gather of the masks inside the
+// quad, a tile's count and each entry's slot (the number of entries of its TwELL tile at smaller columns)
+// are popcounts of masked words.  The quad zero-fills the row's slot blocks with vector stores, then
+// (after __syncwarp) each entry's owner writes its (index, value): the TwELL of pack_twell, bitwise.
+#define GW_EPI_BYTES_PER_THREAD 128  // 32 converted pairs of one row
+
+// Zero `len` bytes at p, shared by the `parts` threads of a group (this one is `part`): 16-byte stores
+// where the address allows, single bytes for an unaligned head and tail.
+__device__ __forceinline__ void zero_bytes(unsigned char* p, int len, int part, int parts) {
+    const int head = min(len, (int)((16u - ((unsigned)(size_t)p & 15u)) & 15u));
+    for (int i = part; i < head; i += parts) p[i] = 0;
+    const int vecs = (len - head) >> 4;
+    uint4* v = reinterpret_cast<uint4*>(p + head);
+    for (int i = part; i < vecs; i += parts) v[i] = make_uint4(0u, 0u, 0u, 0u);
+    for (int i = head + 16 * vecs + part; i < len; i += parts) p[i] = 0;
+}
+
+// `pairs`: this thread's 128 bytes of shared memory (8 x 16 bytes; group v is stored at (v + lane) % 8,
+// which keeps the warp's 16-byte stores free of bank conflicts).
+template <typename T, int TILE>
+__device__ __forceinline__ void pack_fragment_rows(
+    const float (&acc)[128], uint4* pairs, int row_base, int n0, int M, int n_tiles, int slots,
+    int* __restrict__ counts, u8* __restrict__ indices, T* __restrict__ values, int* __restrict__ neuron_counts)
+{
+    typedef typename Pair2<T>::type T2;
+    constexpr int PAIRS = TILE / 8;                 // fragment pairs of one TwELL tile per thread: 4..32
+    constexpr int TILES = GG_BN / TILE;
+    const int lane = threadIdx.x & 31, q = lane & 3;
+    const int t0 = n0 / TILE;
+    const int nt = min(TILES, n_tiles - t0);        // TwELL tiles of this column block that exist
+    const T2 zero = Pair2<T>::zero();
+    const unsigned short* pairs_u16 = reinterpret_cast<const unsigned short*>(pairs);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = row_base + (lane >> 2) + 8 * h;
+        unsigned w0 = 0u, w1 = 0u;
+#pragma unroll
+        for (int v = 0; v < 8; ++v) {
+            unsigned pk[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = 4 * v + e;
+                T pr[2] = {from_f<T>(acc[4 * i + 2 * h]), from_f<T>(acc[4 * i + 2 * h + 1])};
+                pk[e] = *reinterpret_cast<const unsigned*>(pr);
+                const unsigned m = __hgtu2_mask(*reinterpret_cast<const T2*>(pr), zero) & (0x00010001u << (i & 15));
+                if (i < 16) w0 |= m; else w1 |= m;
+            }
+            pairs[(v + lane) & 7] = make_uint4(pk[0], pk[1], pk[2], pk[3]);
+        }
+        unsigned quad0[4], quad1[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            quad0[j] = __shfl_sync(0xffffffffu, w0, (lane & ~3) | j);
+            quad1[j] = __shfl_sync(0xffffffffu, w1, (lane & ~3) | j);
+        }
+        int all0 = 0;                               // entries of word 0 in the whole quad (T = 256)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) all0 += __popc(quad0[j]);
+        // counts, and the row's slot blocks of this column block (contiguous) zero-filled by the quad
+        const long long first = (long long)row * n_tiles + t0;
+        if (row < M) {
+            if (q == 0) {
+#pragma unroll
+                for (int s = 0; s < TILES; ++s) {
+                    if (s < nt) {
+                        int c = 0;
+                        if constexpr (PAIRS == 32) {
+                            c = all0;
+#pragma unroll
+                            for (int j = 0; j < 4; ++j) c += __popc(quad1[j]);
+                        } else {
+                            constexpr unsigned lowp = (PAIRS >= 16) ? 0xFFFFu : ((1u << (PAIRS & 15)) - 1u);
+                            const unsigned sel = (lowp << ((s * PAIRS) & 15)) * 0x10001u;
+#pragma unroll
+                            for (int j = 0; j < 4; ++j) c += __popc(((s * PAIRS) < 16 ? quad0[j] : quad1[j]) & sel);
+                        }
+                        counts[first + s] = c;
+                    }
+                }
+            }
+            zero_bytes(indices + first * slots, nt * slots, q, 4);
+            zero_bytes(reinterpret_cast<unsigned char*>(values + first * slots), nt * slots * (int)sizeof(T), q, 4);
+        }
+        __syncwarp();                               // zero fill before the entries (other lanes' slots)
+        if (row < M) {
+            unsigned long long bits = (unsigned long long)w0 | ((unsigned long long)w1 << 32);
+            while (bits) {
+                const int k = __ffsll((long long)bits) - 1;
+                bits &= bits - 1ull;
+                const int w = k >> 5, j = k & 15, b = (k >> 4) & 1, p = 16 * w + j;
+                const int s = p / PAIRS;
+                // pairs [tile start, p) of word w, and the same plus pair p itself
+                const int lo_j = max(s * PAIRS - 16 * w, 0);
+                unsigned lt = ((1u << j) - 1u) & ~((1u << lo_j) - 1u);
+                lt |= lt << 16;
+                const unsigned le = lt | (0x00010001u << j);
+                const unsigned own = w ? w1 : w0;
+                int pos = b ? (int)((own >> j) & 1u) : 0;
+                if (PAIRS == 32 && w == 1) pos += all0;
+#pragma unroll
+                for (int jq = 0; jq < 4; ++jq)
+                    pos += __popc((w ? quad1[jq] : quad0[jq]) & (jq < q ? le : lt));
+                const int col = 8 * p + 2 * q + b;          // column inside the block
+                if (pos < slots) {
+                    const long long at = (first + s) * slots + pos;
+                    indices[at] = (u8)(col - s * TILE);
+                    const unsigned short raw = pairs_u16[8 * (((p >> 2) + lane) & 7) + 2 * (p & 3) + b];
+                    values[at] = *reinterpret_cast<const T*>(&raw);
+                }
+                if (neuron_counts) atomicAdd(neuron_counts + n0 + col, 1);
+            }
+        }
+    }
+}
+
 // Store an accumulator pair (row, col), (row, col + 1) into the staged tile, rounded to T.
 template <typename T>
 __device__ __forceinline__ void stage_pair(T* staged, int r, int c, float a, float b) {
@@ -127,10 +252,10 @@ template <> struct MmaType<__half> { static constexpr bool bf16 = false; };
 #define GW_A_BYTES (GG_BM * GW_BK * 2)
 #define GW_B_BYTES (GG_BN * GW_BK * 2)
 #define GW_STAGE_BYTES (GW_A_BYTES + GW_B_BYTES)
-#define GW_STAGED_ROWS 8             // per consumer warp: half of its 16 accumulator rows at a time
-#define GW_STAGED_BYTES (8 * GW_STAGED_ROWS * GG_LD * 2)
-// dynamic shared memory: 1024 alignment slack + stages + staged tile + 2 * STAGES mbarriers
-#define GW_SMEM_BYTES (1024 + GW_STAGES * GW_STAGE_BYTES + GW_STAGED_BYTES + 2 * GW_STAGES * 8)
+// dynamic shared memory: 1024 alignment slack + stages + epilogue pairs (256 consumer threads x 128 bytes)
+// + 2 * STAGES mbarriers
+#define GW_EPI_BYTES (256 * GW_EPI_BYTES_PER_THREAD)
+#define GW_SMEM_BYTES (1024 + GW_STAGES * GW_STAGE_BYTES + GW_EPI_BYTES + 2 * GW_STAGES * 8)
 
 // A CUtensorMap (cuda.h), passed by value as a __grid_constant__ parameter.
 struct alignas(64) TensorMap { unsigned long long opaque[16]; };
@@ -281,7 +406,7 @@ __device__ __forceinline__ void wgmma_m64n256k16(float d[128], unsigned long lon
 // 48 KB per 4.2 MFLOP k-step at ~740 TFLOP/s is 8.7 TB/s).  A stage is refilled only when the consumers
 // of every CTA in the cluster have released it.  Work: (row-block group, column block) items taken in a
 // static stride by a persistent grid whose size the launcher reads from the occupancy API.
-// PACK = false skips the TwELL packing (benchmark of the GEMM + staging alone; never used by the ops).
+// PACK = false skips the epilogue (benchmark of the GEMM mainloop alone; never used by the ops).
 template <typename T, int TILE, int CLUSTER, bool PACK>
 __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1) gate_twell_wgmma(
     const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
@@ -295,8 +420,8 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1)
     unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
     unsigned char* stage_a = smem;
     unsigned char* stage_b = smem + GW_STAGES * GW_A_BYTES;
-    T* staged = reinterpret_cast<T*>(smem + GW_STAGES * GW_STAGE_BYTES);
-    unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + GW_STAGES * GW_STAGE_BYTES + GW_STAGED_BYTES);
+    uint4* epi = reinterpret_cast<uint4*>(smem + GW_STAGES * GW_STAGE_BYTES);
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + GW_STAGES * GW_STAGE_BYTES + GW_EPI_BYTES);
     unsigned long long* empty = full + GW_STAGES;
 
     const unsigned rank = CLUSTER > 1 ? cluster_ctarank() : 0u;
@@ -342,9 +467,7 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1)
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
         const int c = wg - 1;                                   // consumer: rows [64c, 64c + 64)
-        const int ctid = threadIdx.x - 128;                     // 0..255
         const int lane = threadIdx.x & 31, warp_in_wg = (threadIdx.x >> 5) & 3;
-        const int cwarp = ctid >> 5;                            // 0..7
         int stage = 0;
         unsigned phase = 0;
         float acc[128];
@@ -370,20 +493,15 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1)
             asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
             if (prev >= 0 && lane == 0) release_stage<CLUSTER>(empty + prev);
 
-            // epilogue: each warp owns 16 full rows (all 256 columns) of the tile, so it packs them alone:
-            // two halves of 8 rows through its own staging block, ordered by __syncwarp only.
-            T* wbuf = staged + cwarp * GW_STAGED_ROWS * GG_LD;
-            const int q2 = 2 * (lane & 3);
+            // epilogue: each warp owns 16 full rows (all 256 columns) of the tile and packs them from its
+            // registers; the producer is already loading the next tile's stages meanwhile.
+            if (PACK) {
+                pack_fragment_rows<T, TILE>(acc, epi + (threadIdx.x - 128) * (GW_EPI_BYTES_PER_THREAD / 16),
+                                            m0 + c * 64 + warp_in_wg * 16, n0, M, n_tiles, slots,
+                                            counts, indices, values, neuron_counts);
+            } else if (M < 0) {                                 // never: keeps the accumulators (and the MMAs) live
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                __syncwarp();
-#pragma unroll
-                for (int i = 0; i < 32; ++i)
-                    stage_pair<T>(wbuf, lane >> 2, 8 * i + q2, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
-                __syncwarp();
-                if (PACK)
-                    pack_staged_rows<T, TILE, GW_STAGED_ROWS>(wbuf, m0 + c * 64 + warp_in_wg * 16 + 8 * h, n0, M, n,
-                                                              n_tiles, slots, counts, indices, values, neuron_counts);
+                for (int i = 0; i < 128; ++i) values[128 * threadIdx.x + i] = from_f<T>(acc[i]);
             }
         }
     }

@@ -28,10 +28,22 @@ def hopper(monkeypatch):
     monkeypatch.setattr(gate_gemm, "_capability", lambda: 90)
 
 
-def test_auto_runs_the_documented_default(hopper):
+def test_auto_runs_the_hopper_kernel_where_it_can(hopper):
     x, w = FakeDeviceArray((256, 64)), FakeDeviceArray((512, 64))
-    assert gate_gemm.choose_gate_kernel("auto", x, w) == gate_gemm.AUTO_GATE_KERNEL
+    assert gate_gemm.choose_gate_kernel("auto", x, w) == "wgmma"
     assert gate_gemm.choose_gate_kernel("cublas", x, w) == "cublas"
+    x32, w32 = FakeDeviceArray((256, 64), dtype=np.float32), FakeDeviceArray((512, 64), dtype=np.float32)
+    assert gate_gemm.choose_gate_kernel("auto", x32, w32) == "cublas"       # fp32: no fused kernel
+    xm = FakeDeviceArray((256, 64), ptr=(1 << 20) + 8)
+    assert gate_gemm.choose_gate_kernel("auto", xm, w) == "cublas"          # misaligned: cuBLAS + pack
+
+
+@pytest.mark.parametrize("cc", [80, 89, 100])
+def test_auto_stays_on_cublas_without_hopper(monkeypatch, cc):
+    """The portable mma.sync kernel is slower than cuBLAS + pack: "auto" never picks it."""
+    monkeypatch.setattr(gate_gemm, "_capability", lambda: cc)
+    x, w = FakeDeviceArray((256, 64)), FakeDeviceArray((512, 64))
+    assert gate_gemm.choose_gate_kernel("auto", x, w) == "cublas"
 
 
 @pytest.mark.parametrize("cc, expected", [(90, "wgmma"), (89, "mma"), (80, "mma"), (100, "mma")])

@@ -190,12 +190,22 @@ def get_module(name: str):
     return mod
 
 
+_functions: dict = {}
+
+
 def get_kernel(name: str, name_expression: str):
-    """One kernel (``cupy.RawKernel``) of a family, by its name expression."""
-    fam = _family(name)
-    if name_expression not in fam.name_expressions:
-        raise KeyError(f"{name_expression!r} is not a registered name expression of family {name!r}")
-    return get_module(name).get_function(name_expression)
+    """One kernel (``cupy.RawKernel``) of a family, by its name expression (memoized per device: the
+    launchers call this on every op, so the hit path is one dict lookup)."""
+    import cupy  # noqa: PLC0415
+
+    key = (name, name_expression, cupy.cuda.runtime.getDevice())
+    fn = _functions.get(key)
+    if fn is None:
+        fam = _family(name)
+        if name_expression not in fam.name_expressions:
+            raise KeyError(f"{name_expression!r} is not a registered name expression of family {name!r}")
+        fn = _functions[key] = get_module(name).get_function(name_expression)
+    return fn
 
 
 @dataclass

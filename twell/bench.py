@@ -91,7 +91,7 @@ the timed region), the fused kernel reading both halves, the down GEMM.
 
 Timing (GPU)
 ------------
-Each implementation is timed twice:
+Each implementation is timed three times (training steps: eager and graph):
 
 * **eager**: CUDA events recorded on the current stream immediately before and
   after each call, host synchronisation after each call, the same measurement
@@ -105,6 +105,12 @@ Each implementation is timed twice:
   replays are queued back to back without host synchronisation, so the times
   are pure device time.  A capture failure (a host synchronisation, a CuPy
   cuBLAS call, ...) is recorded as ``"graph": null`` with ``"graph_error"``.
+* **queued** (inference): eager calls queued back to back, each between its own
+  pair of events, no host synchronisation between calls -- the steady state of
+  a loop over layers, where Python prepares the next call while the GPU runs
+  this one.  twell's own per-call read-back of the routed-row count is inside
+  each call, so it is paid here too.  ``spd queued`` divides the faster of the
+  dense queued and dense graph times by the impl's queued time.
 
 Repetitions adapt to ``--budget`` seconds per timing (at least 5 repetitions,
 after ``--warmup`` untimed calls).  Reported: median, p20, p80 in ms.
@@ -1673,8 +1679,9 @@ def _summarise_dense(impl_results: dict, *, forward: bool = False) -> dict:
     cb_ms, cb = best("eager", cupy_names)
     b_ms, b = best("eager")
     g_ms, g = best("graph")
+    q_ms, q = min((t for t in (best("queued"), (g_ms, g)) if t[0] is not None), default=(None, None))
     out = {"cupy_best": cb, "cupy_best_ms": cb_ms, "best": b, "best_ms": b_ms,
-           "best_graph": g, "best_graph_ms": g_ms}
+           "best_graph": g, "best_graph_ms": g_ms, "best_queued": q, "best_queued_ms": q_ms}
     if forward:
         f_ms, f = best("forward")
         out.update(best_forward=f, best_forward_ms=f_ms)
@@ -1687,6 +1694,7 @@ def _add_speedups(impl_results: dict, dense: dict):
     for r in impl_results.values():
         r["speedup"] = ratio(dense["best_ms"], r.get("eager"))
         r["speedup_graph"] = ratio(dense["best_graph_ms"], r.get("graph"))
+        r["speedup_queued"] = ratio(dense.get("best_queued_ms"), r.get("queued"))
         if "best_forward_ms" in dense:
             r["speedup_forward"] = ratio(dense["best_forward_ms"], r.get("forward"))
 
@@ -1705,13 +1713,19 @@ def _copy_info(r: dict, run) -> None:
         r.update(info)
 
 
-def _time_gpu_impl(r: dict, impl: Impl, run, cfg: BenchConfig, flush, stream, on_graph=None) -> None:
+def _time_gpu_impl(r: dict, impl: Impl, run, cfg: BenchConfig, flush, stream, on_graph=None, *,
+                   queued: bool = True) -> None:
     """Eager and (unless ``--no-graph``) CUDA-graph timings of ``run`` into ``r``.
 
     ``on_graph(y)`` (optional) sees the output of the first replay (for ``--check``).
     A failed capture leaves ``r["graph"] = None`` and the reason in ``r["graph_error"]``.
     """
     r["eager"] = time_gpu(run, budget_s=cfg.budget_s, warmup=cfg.warmup, flush=flush).to_dict()
+    # Calls queued back to back (events around each, no host sync between calls): the steady state of a
+    # loop over layers, where the host prepares the next call while the GPU runs this one.
+    if queued:
+        r["queued"] = time_gpu(run, budget_s=cfg.budget_s, warmup=cfg.warmup, flush=flush,
+                               sync_each=False).to_dict()
     if not cfg.graphs:
         return
     cap = None
@@ -1847,7 +1861,8 @@ def _run_one_train(impl: Impl, tp: TrainProblem, cfg: BenchConfig, ref, *, gpu: 
         if gpu:
             def on_graph(outs):
                 r["graph_max_rel_err"] = max(_train_errors(outs, ref).values())
-            _time_gpu_impl(r, impl, run, cfg, flush, stream, on_graph if ref is not None else None)
+            _time_gpu_impl(r, impl, run, cfg, flush, stream, on_graph if ref is not None else None,
+                           queued=False)
             if fwd is not None:
                 r["forward"] = time_gpu(fwd, budget_s=cfg.budget_s, warmup=cfg.warmup, flush=flush).to_dict()
             run = fwd = None
@@ -2045,7 +2060,8 @@ def _train_case_body(out: dict, problem, cfg: BenchConfig, impls: list, *, gpu, 
 # =============================================================================
 _CASE_COLS = [("case", 22, "<"), ("M", 7, ">"), ("mean", 6, ">"), ("p99", 6, ">"), ("max", 6, ">")]
 _INFER_COLS = [("impl", 16, "<"), ("median ms", 10, ">"), ("p20", 9, ">"), ("p80", 9, ">"),
-               ("graph ms", 9, ">"), ("speedup", 8, ">"), ("spd graph", 9, ">"), ("rel err", 9, ">")]
+               ("graph ms", 9, ">"), ("queued ms", 10, ">"), ("speedup", 8, ">"), ("spd graph", 9, ">"),
+               ("spd queued", 10, ">"), ("rel err", 9, ">")]
 _TRAIN_COLS = [("impl", 17, "<"), ("step ms", 9, ">"), ("p20", 9, ">"), ("p80", 9, ">"), ("graph ms", 9, ">"),
                ("fwd ms", 9, ">"), ("speedup", 7, ">"), ("spd graph", 9, ">"), ("spd fwd", 7, ">"),
                ("peak MiB", 8, ">"), ("saved MiB", 9, ">"), ("l0", 6, ">"), ("backup", 6, ">"),
@@ -2075,10 +2091,10 @@ def _err_cell(err: float | None, r: dict) -> str:
 
 
 def _infer_cells(r: dict) -> list:
-    e, g = r.get("eager") or {}, r.get("graph") or {}
+    e, g, q = r.get("eager") or {}, r.get("graph") or {}, r.get("queued") or {}
     return [_f(e.get("median_ms"), ".4f"), _f(e.get("p20_ms"), ".4f"), _f(e.get("p80_ms"), ".4f"),
-            _f(g.get("median_ms"), ".4f"), _f(r.get("speedup"), ".2f"), _f(r.get("speedup_graph"), ".2f"),
-            _err_cell(r.get("rel_err"), r)]
+            _f(g.get("median_ms"), ".4f"), _f(q.get("median_ms"), ".4f"), _f(r.get("speedup"), ".2f"),
+            _f(r.get("speedup_graph"), ".2f"), _f(r.get("speedup_queued"), ".2f"), _err_cell(r.get("rel_err"), r)]
 
 
 def _train_cells(r: dict) -> list:

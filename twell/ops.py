@@ -25,8 +25,38 @@ __all__ = [
 DEFAULT_INFERENCE_ROW_THRESHOLD = 128
 
 
+_KERNEL_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _valid_cupy_args(x, weights: dict):
+    """The common GPU case in few operations (every op call pays this before its first launch): all
+    CuPy arrays, C-contiguous, on x's device, a kernel dtype, consistent shapes.  Returns (cupy, n) or
+    None, in which case :func:`_check_ffn_args` runs the full checks (and raises the precise error)."""
+    cp = B.cupy_or_none()
+    if cp is None or type(x) is not cp.ndarray or x.ndim != 2:
+        return None
+    m, d = x.shape
+    dt = x.dtype
+    if m < 1 or d < 1 or dt.name not in _KERNEL_DTYPES or not x.flags.c_contiguous:
+        return None
+    dev = x.device.id
+    n = None
+    for w in weights.values():
+        if (type(w) is not cp.ndarray or w.ndim != 2 or w.dtype != dt or w.shape[1] != d
+                or (n is not None and w.shape[0] != n) or not w.flags.c_contiguous or w.device.id != dev):
+            return None
+        n = w.shape[0]
+    if n is None or n < 1:
+        return None
+    return cp, n
+
+
 def _check_ffn_args(x, weights: dict, *, gpu_contiguous=True):
     """Validate x (M, d) and neuron-major weights (n, d); return (xp, x, weights)."""
+    if gpu_contiguous:
+        fast = _valid_cupy_args(x, weights)
+        if fast is not None:
+            return fast[0], x, weights, fast[1]
     arrays = {"x": x, **weights}
     xp = B.check_same_module(arrays)
     x = B.to_module(x, xp, "x")
@@ -105,8 +135,9 @@ def gated_ffn(x, w_gate, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compres
         GPU gate GEMM.  "wgmma" (Hopper) and "mma" (compute capability ≥ 8.0)
         are the fused GEMM whose epilogue writes TwELL directly (16-bit dtypes,
         d a multiple of 8); "fused" picks the device's one where it can run;
-        "cublas" runs cuBLAS then the pack kernel.  "auto" is currently
-        "cublas", the faster end to end on the H200 (docs/perf-notes.md).
+        "cublas" runs cuBLAS then the pack kernel.  "auto" runs "wgmma" on
+        Hopper where it can (faster end to end on the H200, docs/perf-notes.md)
+        and "cublas" elsewhere (the portable kernel is slower than cuBLAS).
         Ignored on NumPy inputs and for M ≤ 64 (decode path).
 
     Returns

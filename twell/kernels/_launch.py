@@ -8,13 +8,20 @@ from .. import _backend as B
 from .._kernels import CTYPE
 
 NULL = np.uint64(0)  # a null device pointer argument
+_CTYPE_OF_DTYPE: dict = {}  # np.dtype -> C++ type, filled by ctype_of
 
 
 def ctype_of(dtype, name: str) -> str:
     """C++ type for a device dtype (or dtype name), or a TypeError naming the argument."""
+    ct = CTYPE.get(dtype) if isinstance(dtype, str) else _CTYPE_OF_DTYPE.get(dtype)
+    if ct is not None:
+        return ct
     key = dtype if isinstance(dtype, str) else np.dtype(dtype).name
     try:
-        return CTYPE[key]
+        ct = CTYPE[key]
+        if not isinstance(dtype, str):
+            _CTYPE_OF_DTYPE[np.dtype(dtype)] = ct
+        return ct
     except KeyError:
         raise TypeError(
             f"{name} has dtype {key}; the CUDA kernels take {{{', '.join(CTYPE)}}} "

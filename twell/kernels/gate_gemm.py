@@ -29,8 +29,7 @@ from .pack import ROUTE_COMPACT, TwellPending  # noqa: F401  (re-exported for ca
 BLOCK_M, BLOCK_N = 128, 256
 WGMMA_THREADS, WGMMA_STAGES, WGMMA_BK = 384, 4, 64
 MMA_THREADS, MMA_STAGES, MMA_BK = 256, 3, 32
-_LD = BLOCK_N + 8
-WGMMA_SMEM = 1024 + WGMMA_STAGES * (BLOCK_M + BLOCK_N) * WGMMA_BK * 2 + 8 * 8 * _LD * 2 + 2 * WGMMA_STAGES * 8
+WGMMA_SMEM = 1024 + WGMMA_STAGES * (BLOCK_M + BLOCK_N) * WGMMA_BK * 2 + 256 * 128 + 2 * WGMMA_STAGES * 8
 MMA_SMEM = MMA_STAGES * (BLOCK_M + BLOCK_N) * (MMA_BK + 8) * 2
 
 #: Thread-block cluster sizes compiled for the Hopper kernel (the w tile is multicast across the cluster).
@@ -46,7 +45,7 @@ for _d in FUSED_DTYPES:
         for _c in WGMMA_CLUSTERS:
             _names.append(f"gate_twell_wgmma<{_t}, {_w}, {_c}, true>")
         _names.append(f"gate_twell_mma<{_t}, {_w}>")
-# GEMM + staging without the TwELL packing: only for the perf notes' breakdown (python -m twell bench).
+# GEMM mainloop without the epilogue: only for the perf notes' breakdown (docs/perf/gate_gemm_probe.py).
 _names += [f"gate_twell_wgmma<__nv_bfloat16, 256, {_c}, false>" for _c in WGMMA_CLUSTERS]
 
 FAMILY = register_family(KernelFamily("gate_gemm", tuple(_names), hot_kernels=(r"gate_twell_",)))
@@ -115,12 +114,24 @@ def encode_tensor_map(a, box_rows: int, box_cols: int = WGMMA_BK) -> np.ndarray:
 # --------------------------------------------------------------------------- selection
 
 
+_capabilities: dict = {}
+
+
 def _capability() -> int:
-    return int(_cp().cuda.Device().compute_capability)
+    """Compute capability of the current device as an int (90 for Hopper), memoized per device."""
+    cp = _cp()
+    dev = cp.cuda.runtime.getDevice()
+    cc = _capabilities.get(dev)
+    if cc is None:
+        cc = _capabilities[dev] = int(cp.cuda.Device(dev).compute_capability)
+    return cc
 
 
 def fused_supported(x, w) -> str | None:
     """Why the fused gate kernels cannot take these operands, or None if they can."""
+    if x.dtype.name in FUSED_DTYPES and x.shape[1] % 8 == 0 and (x.data.ptr | w.data.ptr) % 16 == 0 \
+            and x.flags.c_contiguous and w.flags.c_contiguous and _capability() >= 80:
+        return None                                            # the common case in one test
     if x.dtype.name not in FUSED_DTYPES:
         return f"dtype {x.dtype.name} (the fused gate GEMM takes bfloat16 / float16)"
     d = x.shape[1]
@@ -135,10 +146,17 @@ def fused_supported(x, w) -> str | None:
     return None
 
 
-#: What ``gate_kernel="auto"`` runs.  cuBLAS + pack until the fused kernels win end to end: on the H200
-#: the Hopper kernel alone is at 83–89 % of cuBLAS's time for x w_gateᵀ (docs/perf-notes.md, v3), and the
-#: whole forward with it was 4 % slower than with cuBLAS + pack (1.166 vs 1.118 ms at M = 16,384).
-AUTO_GATE_KERNEL = "cublas"
+def auto_gate_kernel(x, w) -> str:
+    """What ``gate_kernel="auto"`` runs: the Hopper fused kernel ("wgmma") where it can run, else "cublas".
+
+    Since the epilogue packs from registers (docs/perf-notes.md, v5) the Hopper kernel takes 92–96 % of
+    cuBLAS's time for ``x w_gateᵀ`` alone and the whole forward is faster with it than with cuBLAS + pack
+    (1.135 vs 1.155 ms at M = 16,384; 8.22 vs 8.43 ms at 131,072).  The portable mma.sync kernel is ~3.5×
+    slower than cuBLAS, so other devices stay on cuBLAS + pack.
+    """
+    if _capability() == 90 and fused_supported(x, w) is None:
+        return "wgmma"
+    return "cublas"
 
 
 def fused_kernel_for_device() -> str:
@@ -149,14 +167,14 @@ def fused_kernel_for_device() -> str:
 def choose_gate_kernel(requested: str, x, w) -> str:
     """Resolve ``gate_kernel`` ("auto", "fused", "wgmma", "mma", "cublas") for these operands.
 
-    "auto" runs :data:`AUTO_GATE_KERNEL`; "fused" the fused kernel of the device (:func:`fused_kernel_for_device`)
+    "auto" runs :func:`auto_gate_kernel`; "fused" the fused kernel of the device (:func:`fused_kernel_for_device`)
     where it can run, else cuBLAS + pack.  An explicit "wgmma" / "mma" that cannot run (other dtypes, d not a
     multiple of 8, misaligned pointers, wrong device) raises ValueError.
     """
     if requested not in GATE_KERNELS:
         raise ValueError(f"gate_kernel must be one of {GATE_KERNELS}, got {requested!r}")
     if requested == "auto":
-        requested = AUTO_GATE_KERNEL
+        return auto_gate_kernel(x, w)
     if requested == "cublas":
         return "cublas"
     why = fused_supported(x, w)
@@ -238,12 +256,11 @@ def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_thr
     n = w_gate.shape[0]
     n_tiles, slots = twell_layout(n, tile_width, compression)
     ct = ctype_of(x.dtype, "x")
+    # Only what the GEMM writes is allocated before its launch: the host work before the first launch
+    # of an op is GPU idle time; the routing buffers are allocated while the GEMM runs.
     counts = cp.empty((m, n_tiles), dtype=cp.int32)
     indices = cp.empty((m, n_tiles, slots), dtype=cp.uint8)
     values = cp.empty((m, n_tiles, slots), dtype=x.dtype)
-    row_nnz = cp.empty(m, dtype=cp.int32)
-    row_route = cp.empty(m, dtype=cp.int32)
-    totals = cp.zeros(3, dtype=cp.int32)
     ncounts = cp.zeros(n, dtype=cp.int32) if neuron_counts else None
     m_blocks, n_blocks = -(-m // BLOCK_M), -(-n // BLOCK_N)
     work = m_blocks * n_blocks
@@ -269,6 +286,9 @@ def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_thr
         k((work,), (MMA_THREADS,), (x, w_gate) + tail, shared_mem=MMA_SMEM)
     else:
         raise ValueError(f"kernel must be 'wgmma' or 'mma', got {kernel!r}")
+    row_nnz = cp.empty(m, dtype=cp.int32)
+    row_route = cp.empty(m, dtype=cp.int32)
+    totals = cp.zeros(3, dtype=cp.int32)
     route = get_kernel("pack", "route_twell_counts")
     route((grid_1d(m, _ROUTE_WARPS, cap=2**31 - 1),), (32 * _ROUTE_WARPS,),
           (counts, i32(m), i32(n_tiles), i32(slots), i32(dense_row_threshold), row_nnz, row_route, totals))
