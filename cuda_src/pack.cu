@@ -311,6 +311,35 @@ __global__ void __launch_bounds__(TRANSPOSE_THREADS) transpose_place(
     }
 }
 
+// TwELL -> CSR entries of the compact Hybrid rows (training forward after the fused gate GEMM).  One
+// warp per row; lane l takes tiles l, l + 32, ...: a warp scan of the tile counts places each tile's
+// slots (already in ascending column order) at row_ptr[row] + offset.  Rows that are Hybrid backup rows
+// (backup_slot >= 0) or that overflowed a TwELL tile (their slots hold only the first S entries of a
+// tile; the caller refills them from a recomputed dense row) are skipped.
+template <typename T>
+__global__ void __launch_bounds__(256) twell_rows_to_csr(
+    const int* __restrict__ counts, const u8* __restrict__ indices, const T* __restrict__ values, int M,
+    int n_tiles, int slots, int tile_width, const int* __restrict__ row_route, const int* __restrict__ backup_slot,
+    const int* __restrict__ row_ptr, int* __restrict__ col_indices, T* __restrict__ out_values)
+{
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= M || backup_slot[row] >= 0 || row_route[row] == ROUTE_OVERFLOW) return;
+    int out = row_ptr[row];
+    for (int t0 = 0; t0 < n_tiles; t0 += 32) {
+        const int t = t0 + lane;
+        const long long rt = (long long)row * n_tiles + t;
+        const int c = t < n_tiles ? counts[rt] : 0;               // <= slots: the row did not overflow
+        const int incl = warp_inclusive_scan(c);
+        int pos = out + incl - c;
+        for (int s = 0; s < c; ++s, ++pos) {
+            col_indices[pos] = t * tile_width + indices[rt * slots + s];
+            out_values[pos] = values[rt * slots + s];
+        }
+        out += __shfl_sync(0xffffffffu, incl, 31);
+    }
+}
+
 // Route rows from TwELL counts (after the fused gate GEMM, which writes counts and slots but sees only
 // 256 columns of a row at a time).  One warp per row; same codes and totals as pack_twell.
 __global__ void __launch_bounds__(256) route_twell_counts(

@@ -146,3 +146,35 @@ def test_fused_gate_kernel_refuses_what_it_cannot_run(cp):
     w32 = cp.ones((50, 16), dtype=cp.float32)
     with pytest.raises(ValueError, match="bfloat16 / float16"):
         twell.gated_ffn(x32, w32, w32, w32, gate_kernel="wgmma")
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+def test_training_forward_with_fused_gate_equals_cublas_gate(cp, dtype):
+    """The training forward's gate pattern from the fused GEMM (TwELL -> CSR, recomputed dense rows for
+    backup rows and for compact rows that overflow a TwELL tile) is bitwise the cuBLAS + pack one, and so
+    are y, the saved values and every gradient (exact integer gates)."""
+    m, d, n, threshold = 700, 256, 1000, 200
+    x, wg = integer_gate_problem(cp, m, d, n, dtype, active_rate=0.1, seed=21)
+    rng = np.random.default_rng(2)
+    wu = cp.asarray((rng.standard_normal((n, d)) / 16).astype(np.float32)).astype(x.dtype)
+    wd = cp.asarray((rng.standard_normal((n, d)) / 16).astype(np.float32)).astype(x.dtype)
+    dy = cp.asarray(rng.standard_normal((m, d)).astype(np.float32)).astype(x.dtype)
+    # the problem exercises all three gate row kinds: compact, compact but over a 32-slot tile, backup
+    z = cp.asnumpy(cp.matmul(x, wg.T).astype(cp.float32))
+    active = ~(z <= 0)
+    nnz = active.sum(axis=1)
+    tiles = np.add.reduceat(active, np.arange(0, n, 256), axis=1)
+    assert (nnz > threshold).any() and ((tiles > 32).any(axis=1) & (nnz <= threshold)).any()
+    fused = "wgmma" if cp.cuda.Device().compute_capability == "90" else "mma"
+    out = {}
+    for kernel in ("cublas", fused):
+        y, saved, stats = twell.gated_ffn_forward(x, wg, wu, wd, l1_weight=0.5, dense_row_threshold=threshold,
+                                                  gate_kernel=kernel)
+        assert stats.gate_kernel == kernel
+        g = saved.gate
+        arrays = [y, g.row_ptr, g.col_indices, g.values, g.backup_slot, g.backup_rows, g.backup_values,
+                  saved.up_values, stats.neuron_counts]
+        arrays += list(twell.gated_ffn_backward(saved, dy))
+        out[kernel] = [cp.asnumpy(a.view(cp.uint16) if a.dtype.itemsize == 2 else a) for a in arrays]
+    for i, (a, b) in enumerate(zip(out["cublas"], out[fused])):
+        np.testing.assert_array_equal(a, b, err_msg=f"array {i}")

@@ -294,7 +294,7 @@ def _check_finite(xp, weights, enabled):
             raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")
 
 
-def gated_ffn_forward(x, w_gate, w_up, w_down, *, l1_weight=0.0, dense_row_threshold=128):
+def gated_ffn_forward(x, w_gate, w_up, w_down, *, l1_weight=0.0, dense_row_threshold=128, gate_kernel="auto"):
     """Training forward through the hybrid format: ``(y, saved, stats)``.
 
     Parameters
@@ -307,6 +307,13 @@ def gated_ffn_forward(x, w_gate, w_up, w_down, *, l1_weight=0.0, dense_row_thres
         unweighted ``l1 = (1/M) Σ|h|`` in ``stats``.
     dense_row_threshold : int
         Rows with more active neurons are stored and differentiated densely.
+    gate_kernel : {"auto", "fused", "wgmma", "mma", "cublas"}
+        GPU gate GEMM, as in :func:`gated_ffn`.  With a fused kernel the gate
+        pattern goes GEMM epilogue → TwELL → the hybrid's CSR (no dense gate
+        activations in device memory); backup rows, and compact rows that
+        overflow a TwELL tile, recompute their dense gate row with cuBLAS.
+        "auto" is "cublas" here (the fused gate did not pay in the training
+        step on the H200, docs/perf-notes.md).  Ignored on NumPy inputs.
 
     Returns
     -------
@@ -320,12 +327,13 @@ def gated_ffn_forward(x, w_gate, w_up, w_down, *, l1_weight=0.0, dense_row_thres
     xp, x, w, n = _check_ffn_args(x, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down})
     threshold = check_dense_row_threshold(dense_row_threshold, n)
     l1_weight = _check_l1(l1_weight)
+    gate_kernel = _check_gate_kernel(gate_kernel)
     if xp is np:
         from . import reference
         return reference.gated_ffn_forward(x, w["w_gate"], w["w_up"], w["w_down"], l1_weight=l1_weight,
                                            dense_row_threshold=threshold)
     from .kernels import ops
-    return ops.gated_ffn_forward(x, w["w_gate"], w["w_up"], w["w_down"], l1_weight, threshold)
+    return ops.gated_ffn_forward(x, w["w_gate"], w["w_up"], w["w_down"], l1_weight, threshold, gate_kernel)
 
 
 def _check_l1(l1_weight) -> float:

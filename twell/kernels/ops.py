@@ -159,9 +159,9 @@ def down_projection(h: TwELL, w_down, out=None):
     return _sparse_product(dummy_x, h, w_down, w_down, False, out)
 
 
-def gated_ffn_forward(x, w_gate, w_up, w_down, l1_weight, threshold):
+def gated_ffn_forward(x, w_gate, w_up, w_down, l1_weight, threshold, gate_kernel="auto"):
     from . import train
-    return train.gated_ffn_forward(x, w_gate, w_up, w_down, l1_weight, threshold)
+    return train.gated_ffn_forward(x, w_gate, w_up, w_down, l1_weight, threshold, gate_kernel)
 
 
 def gated_ffn_backward(saved, dy):

@@ -34,6 +34,7 @@ for _d in DEVICE_DTYPES:
     _names.append(f"unpack_twell<{_t}>")
     _names.append(f"unpack_hybrid_rows<{_t}>")
     _names.append(f"relu_keep_nan<{_t}>")
+    _names.append(f"twell_rows_to_csr<{_t}>")
 _names += ["route_rows", "route_twell_counts", "transpose_count", "transpose_scan", "transpose_place"]
 
 FAMILY = register_family(KernelFamily("pack", tuple(_names),
