@@ -34,7 +34,9 @@ MMA_SMEM = MMA_STAGES * (BLOCK_M + BLOCK_N) * (MMA_BK + 8) * 2
 
 #: Thread-block cluster sizes compiled for the Hopper kernel (the w tile is multicast across the cluster).
 WGMMA_CLUSTERS = (1, 2)
-WGMMA_CLUSTER = 1
+#: Cluster size the ops use: 2 (the w tile multicast to two row blocks) measured 1.5–2.5 % faster end to
+#: end than 1 at M = 16,384 and 131,072 (docs/perf-notes.md, v5).
+WGMMA_CLUSTER = 2
 GATE_KERNELS = ("auto", "fused", "wgmma", "mma", "cublas")
 FUSED_DTYPES = ("bfloat16", "float16")
 
@@ -227,7 +229,7 @@ def max_active_clusters(kernel, threads: int, smem: int, cluster: int) -> int:
 
 def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_threshold: int, *,
                      kernel: str = "wgmma", neuron_counts: bool = False,
-                     cluster: int = WGMMA_CLUSTER, _pack: bool = True) -> TwellPending:
+                     cluster: int | None = None, _pack: bool = True) -> TwellPending:
     """TwELL of ``relu(x w_gateᵀ)`` straight from the GEMM, plus the per-row routing; no host sync.
 
     Parameters
@@ -242,8 +244,9 @@ def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_thr
     kernel : {"wgmma", "mma"}
     neuron_counts : bool
         Also count, per neuron, the rows where it is active (int32 (n,)).
-    cluster : {1, 2}
-        Thread-block cluster size of the Hopper kernel (CTAs sharing each w tile by TMA multicast).
+    cluster : {1, 2} or None
+        Thread-block cluster size of the Hopper kernel (CTAs sharing each w tile by TMA multicast);
+        None: the module default :data:`WGMMA_CLUSTER`.
 
     Returns
     -------
@@ -267,6 +270,8 @@ def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_thr
     tail = (i32(m), i32(n), i32(d), i32(n_tiles), i32(slots), counts, indices, values,
             NULL if ncounts is None else ncounts)
     if kernel == "wgmma":
+        if cluster is None:
+            cluster = WGMMA_CLUSTER
         if cluster not in WGMMA_CLUSTERS:
             raise ValueError(f"cluster must be one of {WGMMA_CLUSTERS}, got {cluster}")
         k = get_kernel("gate_gemm", f"gate_twell_wgmma<{ct}, {tile_width}, {cluster}, {'true' if _pack else 'false'}>")
