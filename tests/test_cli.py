@@ -171,6 +171,26 @@ def test_format_table_handles_errors_and_missing_values():
     assert "ERROR: ValueError: boom" in text and "a*" in text and "FAIL" in text and "ERROR: RuntimeError: x" in text
 
 
+def test_queued_speedup_uses_the_fastest_dense_queued_or_graph_time():
+    t = lambda ms: {"median_ms": ms, "p20_ms": ms, "p80_ms": ms}  # noqa: E731
+    impls = {
+        "dense_a": {"dense": True, "backend": "cupy", "eager": t(2.0), "graph": t(1.6), "queued": t(1.9)},
+        "dense_b": {"dense": True, "backend": "cupy", "eager": t(1.8), "graph": None, "queued": t(1.7)},
+        "sparse": {"dense": False, "backend": "twell", "eager": t(1.2), "graph": None, "queued": t(0.8)},
+    }
+    dense = bench._summarise_dense(impls)
+    assert dense["best_ms"] == 1.8 and dense["best_graph_ms"] == 1.6
+    assert (dense["best_queued"], dense["best_queued_ms"]) == ("dense_a", 1.6)   # the graph replay is faster
+    bench._add_speedups(impls, dense)
+    assert impls["sparse"]["speedup"] == pytest.approx(1.5)
+    assert impls["sparse"]["speedup_queued"] == pytest.approx(2.0)
+    assert impls["sparse"]["speedup_graph"] is None
+    impls["dense_b"]["check_ok"] = False                                       # failed --check: not a baseline
+    impls["dense_a"]["graph"] = None
+    dense = bench._summarise_dense(impls)
+    assert (dense["best_queued"], dense["best_queued_ms"]) == ("dense_a", 1.9)
+
+
 def test_write_json_is_strict(tmp_path):
     p = tmp_path / "x.json"
     bench.write_json({"a": float("nan"), "b": np.float32(1.5), "c": np.int64(3), "d": (1, 2), "e": np.bool_(True)}, p)
