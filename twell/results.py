@@ -52,6 +52,14 @@ class FFNStats:
         How the gate GEMM ran on the GPU: "wgmma" / "mma" (fused GEMM → TwELL
         epilogue), "cublas" (cuBLAS + pack kernel); None on the host reference
         and the decode path.
+    fused_forward : bool
+        The routing and the up/down products of the compact rows ran inside the
+        Hopper gate GEMM's persistent kernel (gather warps next to the MMA
+        warps; inference, ``gate_kernel`` "wgmma").
+    n_deferred_rows : int
+        Rows the fused forward's gather warps handed back because their tiles
+        were not ready in time (only when its grid was not fully resident); all
+        compact rows were then recomputed by the separate kernels.
     """
 
     n_rows: int
@@ -63,6 +71,8 @@ class FFNStats:
     n_backup_rows: int = 0
     n_overflow_rows: int | None = None
     gate_kernel: str | None = None
+    fused_forward: bool = False
+    n_deferred_rows: int = 0
 
     def to_dict(self) -> dict:
         """All statistics as host Python values (neuron_counts as a list)."""
@@ -79,6 +89,8 @@ class FFNStats:
             "n_backup_rows": int(self.n_backup_rows),
             "n_overflow_rows": None if self.n_overflow_rows is None else int(self.n_overflow_rows),
             "gate_kernel": self.gate_kernel,
+            "fused_forward": bool(self.fused_forward),
+            "n_deferred_rows": int(self.n_deferred_rows),
         }
 
 

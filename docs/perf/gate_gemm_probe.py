@@ -52,14 +52,15 @@ def main():
         for cluster in (1, 2):
             for do_pack in (True, False):
                 k = get_kernel("gate_gemm",
-                               f"gate_twell_wgmma<__nv_bfloat16, 256, {cluster}, {'true' if do_pack else 'false'}>")
+                               f"gate_twell_wgmma<__nv_bfloat16, 256, {cluster}, {'true' if do_pack else 'false'}, 0, 0>")
                 k.max_dynamic_shared_size_bytes = gate_gemm.WGMMA_SMEM
                 mx, mw = gate_gemm.tensor_map(x, 128), gate_gemm.tensor_map(wg, 256 // cluster)
                 grid = 132 if cluster == 1 else 2 * gate_gemm.max_active_clusters(k, 384, gate_gemm.WGMMA_SMEM, 2)
 
                 def launch(b, k=k, mx=mx, mw=mw, grid=grid):
                     k((grid,), (384,), (mx, mw, i32(m), i32(n), i32(d), i32(n_tiles), i32(slots), b[0], b[1], b[2],
-                                        NULL), shared_mem=gate_gemm.WGMMA_SMEM)
+                                        NULL, NULL, NULL, NULL, NULL, i32(0), NULL, NULL, NULL, i32(0), i32(0)),
+                      shared_mem=gate_gemm.WGMMA_SMEM)
                     return b
 
                 res[f"kernel cluster={cluster} pack={do_pack} preallocated"] = med(lambda: launch(pre))

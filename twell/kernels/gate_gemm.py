@@ -30,6 +30,7 @@ BLOCK_M, BLOCK_N = 128, 256
 WGMMA_THREADS, WGMMA_STAGES, WGMMA_BK = 384, 4, 64
 MMA_THREADS, MMA_STAGES, MMA_BK = 256, 3, 32
 WGMMA_SMEM = 1024 + WGMMA_STAGES * (BLOCK_M + BLOCK_N) * WGMMA_BK * 2 + 256 * 128 + 2 * WGMMA_STAGES * 8
+WGMMA_GATHER_SMEM = WGMMA_SMEM + 3 * 128 * 4     # + the active lists of the producer warpgroup's warps 1-3
 MMA_SMEM = MMA_STAGES * (BLOCK_M + BLOCK_N) * (MMA_BK + 8) * 2
 
 #: Thread-block cluster sizes compiled for the Hopper kernel (the w tile is multicast across the cluster).
@@ -40,15 +41,38 @@ WGMMA_CLUSTER = 2
 GATE_KERNELS = ("auto", "fused", "wgmma", "mma", "cublas")
 FUSED_DTYPES = ("bfloat16", "float16")
 
+#: The fully fused forward (gate GEMM → TwELL → route → up/down in one persistent kernel, GATHER != 0):
+#: TwELL tile width it is compiled for, longest compact row it holds (cuda_src/gate_gemm.cu FG_LIST) and
+#: largest d / 256 (FG_MAX_NC).
+FUSED_FORWARD_TILE_WIDTH = 256
+FUSED_FORWARD_MAX_LIST = 128
+#: d / 256 values it is compiled for (d = 1024, 2048); other d run the separate up/down kernel.
+FUSED_FORWARD_NCS = (4, 8)
+#: Use the fully fused forward where it can run (read at call time; False: fused gate + separate
+#: route and up/down kernels, for A/B runs).
+FUSED_FORWARD = False
+#: A gather warp waits at most this long for a row's tiles before deferring the row to the host's rerun
+#: (only reached if the persistent grid is not fully resident, e.g. GPU shared with other work).
+FUSED_FORWARD_WAIT_US = 20000
+#: Warps 1-3 of the producer warpgroup gather while the consumers run the MMAs (False: only the consumer
+#: warps gather, after their last tile; for A/B runs).
+FUSED_FORWARD_PRODUCER_GATHERS = True
+_FG_HEAD = 4                     # sync[0] backup rows, [1] overflowed rows, [2] next row, [3] deferred rows
+ROUTE_DEFERRED = 3
+
 _names = []
 for _d in FUSED_DTYPES:
     _t = ctype_of(_d, "dtype")
     for _w in TILE_WIDTHS:
         for _c in WGMMA_CLUSTERS:
-            _names.append(f"gate_twell_wgmma<{_t}, {_w}, {_c}, true>")
+            _names.append(f"gate_twell_wgmma<{_t}, {_w}, {_c}, true, 0, 0>")
         _names.append(f"gate_twell_mma<{_t}, {_w}>")
+    for _c in WGMMA_CLUSTERS:
+        for _g in (1, 2):
+            for _nc in FUSED_FORWARD_NCS:
+                _names.append(f"gate_twell_wgmma<{_t}, {FUSED_FORWARD_TILE_WIDTH}, {_c}, true, {_g}, {_nc}>")
 # GEMM mainloop without the epilogue: only for the perf notes' breakdown (docs/perf/gate_gemm_probe.py).
-_names += [f"gate_twell_wgmma<__nv_bfloat16, 256, {_c}, false>" for _c in WGMMA_CLUSTERS]
+_names += [f"gate_twell_wgmma<__nv_bfloat16, 256, {_c}, false, 0, 0>" for _c in WGMMA_CLUSTERS]
 
 FAMILY = register_family(KernelFamily("gate_gemm", tuple(_names), hot_kernels=(r"gate_twell_",)))
 
@@ -227,6 +251,105 @@ def max_active_clusters(kernel, threads: int, smem: int, cluster: int) -> int:
 # --------------------------------------------------------------------------- launch
 
 
+def _wgmma_grid(k, smem: int, m_blocks: int, n_blocks: int, cluster: int, device_id: int) -> int:
+    """Persistent grid of the Hopper kernel: one CTA per SM (cluster 1) or as many clusters as the
+    occupancy API says run at once, never more CTAs than work items.  Sets the kernel's shared memory."""
+    _set_smem(k, smem)
+    if cluster == 1:
+        return min(m_blocks * n_blocks, _sm_count(device_id))
+    groups = -(-m_blocks // cluster) * n_blocks           # work items of a cluster
+    resident = max_active_clusters(k, WGMMA_THREADS, smem, cluster)
+    return cluster * (min(groups, resident) if resident > 0 else groups)
+
+
+def fused_forward_supported(x, w_first, w_up, w_down, y, tile_width: int, threshold: int) -> bool:
+    """Whether the fully fused forward kernel takes these operands (besides :func:`fused_supported`):
+    Hopper, TwELL tiles of 256, d = 1024 or 2048, 16-byte aligned rows, compact rows of at most 128
+    entries (``threshold``), n < 65,536."""
+    d = x.shape[1]
+    return (tile_width == FUSED_FORWARD_TILE_WIDTH and d % 256 == 0 and d // 256 in FUSED_FORWARD_NCS
+            and threshold <= FUSED_FORWARD_MAX_LIST and w_first.shape[0] <= 65535 and _capability() == 90
+            and all(a.data.ptr % 16 == 0 and a.flags.c_contiguous for a in (w_up, w_down, y)))
+
+
+def ffn_twell_fused_async(x, w_first, w_up, w_down, y, compression: int, dense_row_threshold: int, *,
+                          gated: bool = True, neuron_counts: bool = False, cluster: int | None = None,
+                          wait_us: int | None = None) -> TwellPending:
+    """The whole sparse forward of the compact rows in one persistent Hopper kernel; no host sync.
+
+    GEMM ``x w_firstᵀ`` → ReLU → TwELL (tile width 256) → per-row route → ``y`` rows of the compact rows
+    (``gated``: ``(g ⊙ (x w_upᵀ)) w_down`` over the active list; else ``g w_down``), bitwise what
+    :func:`gate_twell_async` + :func:`~twell.kernels.ffn_forward.twell_up_down` compute.  Rows routed to
+    the dense backup (codes 1, 2) are left to the caller, as are rows deferred (code 3) by a gather warp
+    that waited more than ``wait_us`` for the row's tiles (only if the grid was not fully resident;
+    ``wait_us=0`` forces deferrals, for tests): rerun the route and the up/down when ``totals[3] > 0``.
+
+    Parameters
+    ----------
+    x : cupy.ndarray (M, d), bfloat16 / float16, d = 256 * NC with NC in FUSED_FORWARD_NCS
+    w_first : cupy.ndarray (n, d), the gate weight (the up weight when not gated)
+    w_up, w_down : cupy.ndarray (n, d)
+    y : cupy.ndarray (M, d), written for the compact rows
+    compression, dense_row_threshold : int
+        TwELL layout (256 // compression slots per tile) and row threshold (<= 128).
+
+    Returns
+    -------
+    TwellPending
+        as :func:`gate_twell_async`'s, with ``totals`` = (backup rows, overflowed rows, rows handed
+        out, deferred rows) on the device.
+    """
+    cp = _cp()
+    m, d = x.shape
+    n = w_first.shape[0]
+    tile_width = FUSED_FORWARD_TILE_WIDTH
+    n_tiles, slots = twell_layout(n, tile_width, compression)
+    if not 0 <= dense_row_threshold <= FUSED_FORWARD_MAX_LIST:
+        raise ValueError(f"dense_row_threshold must be in [0, {FUSED_FORWARD_MAX_LIST}] for the fused forward")
+    if d % 256 or d // 256 not in FUSED_FORWARD_NCS:
+        raise ValueError(f"the fused forward takes d in {[256 * c for c in FUSED_FORWARD_NCS]}, got {d}")
+    if cluster is None:
+        cluster = WGMMA_CLUSTER
+    if cluster not in WGMMA_CLUSTERS:
+        raise ValueError(f"cluster must be one of {WGMMA_CLUSTERS}, got {cluster}")
+    if wait_us is None:
+        wait_us = FUSED_FORWARD_WAIT_US
+    ct = ctype_of(x.dtype, "x")
+    counts = cp.empty((m, n_tiles), dtype=cp.int32)
+    indices = cp.empty((m, n_tiles, slots), dtype=cp.uint8)
+    values = cp.empty((m, n_tiles, slots), dtype=x.dtype)
+    row_nnz = cp.empty(m, dtype=cp.int32)
+    row_route = cp.empty(m, dtype=cp.int32)
+    sync = cp.zeros(_FG_HEAD + -(-m // 16), dtype=cp.int32)   # totals, row counter, deferred, ready[]
+    ncounts = cp.zeros(n, dtype=cp.int32) if neuron_counts else None
+    m_blocks, n_blocks = -(-m // BLOCK_M), -(-n // BLOCK_N)
+    k = get_kernel("gate_gemm",
+                   f"gate_twell_wgmma<{ct}, {tile_width}, {cluster}, true, {1 if gated else 2}, {d // 256}>")
+    grid = _wgmma_grid(k, WGMMA_GATHER_SMEM, m_blocks, n_blocks, cluster, x.device.id)
+    k((grid,), (WGMMA_THREADS,),
+      (tensor_map(x, BLOCK_M), tensor_map(w_first, BLOCK_N // cluster), i32(m), i32(n), i32(d), i32(n_tiles),
+       i32(slots), counts, indices, values, NULL if ncounts is None else ncounts,
+       x, w_up, w_down, y, i32(dense_row_threshold), row_nnz, row_route, sync, i32(wait_us),
+       i32(1 if FUSED_FORWARD_PRODUCER_GATHERS else 0)),
+      shared_mem=WGMMA_GATHER_SMEM)
+    return TwellPending(counts, indices, values, row_nnz, row_route, sync[:_FG_HEAD], n, tile_width,
+                        dense_row_threshold, ncounts)
+
+
+def route_pending(p: TwellPending) -> TwellPending:
+    """Route every row of ``p`` from its counts again (``route_twell_counts``), with fresh totals: the
+    fallback after a fused forward deferred rows."""
+    cp = _cp()
+    m, n_tiles = p.counts.shape
+    slots = p.indices.shape[2]
+    totals = cp.zeros(3, dtype=cp.int32)
+    route = get_kernel("pack", "route_twell_counts")
+    route((grid_1d(m, _ROUTE_WARPS, cap=2**31 - 1),), (32 * _ROUTE_WARPS,),
+          (p.counts, i32(m), i32(n_tiles), i32(slots), i32(p.dense_row_threshold), p.row_nnz, p.row_route, totals))
+    return TwellPending(p.counts, p.indices, p.values, p.row_nnz, p.row_route, totals, p.n_cols, p.tile_width,
+                        p.dense_row_threshold, p.neuron_counts)
+
+
 def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_threshold: int, *,
                      kernel: str = "wgmma", neuron_counts: bool = False,
                      cluster: int | None = None, _pack: bool = True) -> TwellPending:
@@ -274,17 +397,10 @@ def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_thr
             cluster = WGMMA_CLUSTER
         if cluster not in WGMMA_CLUSTERS:
             raise ValueError(f"cluster must be one of {WGMMA_CLUSTERS}, got {cluster}")
-        k = get_kernel("gate_gemm", f"gate_twell_wgmma<{ct}, {tile_width}, {cluster}, {'true' if _pack else 'false'}>")
-        _set_smem(k, WGMMA_SMEM)
-        map_x = tensor_map(x, BLOCK_M)
-        map_w = tensor_map(w_gate, BLOCK_N // cluster)
-        groups = -(-m_blocks // cluster) * n_blocks           # work items of a cluster
-        if cluster == 1:
-            grid = min(work, _sm_count(x.device.id))
-        else:
-            resident = max_active_clusters(k, WGMMA_THREADS, WGMMA_SMEM, cluster)
-            grid = cluster * (min(groups, resident) if resident > 0 else groups)
-        k((grid,), (WGMMA_THREADS,), (map_x, map_w) + tail, shared_mem=WGMMA_SMEM)
+        k = get_kernel("gate_gemm", f"gate_twell_wgmma<{ct}, {tile_width}, {cluster}, {'true' if _pack else 'false'}, 0, 0>")
+        grid = _wgmma_grid(k, WGMMA_SMEM, m_blocks, n_blocks, cluster, x.device.id)
+        k((grid,), (WGMMA_THREADS,), (tensor_map(x, BLOCK_M), tensor_map(w_gate, BLOCK_N // cluster)) + tail
+          + (NULL, NULL, NULL, NULL, i32(0), NULL, NULL, NULL, i32(0), i32(0)), shared_mem=WGMMA_SMEM)
     elif kernel == "mma":
         k = get_kernel("gate_gemm", f"gate_twell_mma<{ct}, {tile_width}>")
         _set_smem(k, MMA_SMEM)

@@ -2,8 +2,8 @@
 
 Everything runs on the current CuPy stream.  The only host synchronisation in
 the inference ops is the 8-byte read-back of (backup rows, overflowed rows),
-which is enqueued right after the pack kernel and waited for while the fused
-up/down kernel runs, so the GPU does not idle.
+which is enqueued right after the pack kernel (on a side stream) and waited for
+while the fused up/down kernel runs, so the GPU does not idle.
 """
 
 from __future__ import annotations
@@ -62,18 +62,36 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
     if m <= DECODE_MAX_ROWS:
         return _decode_forward(x, cp.matmul(x, w_first.T), w_up, w_down, return_stats, gated, out)
     kernel = gate_gemm.choose_gate_kernel(gate_kernel, x, w_first)
+    y = _output(out, m, d, x.dtype)
+    fused_forward, n_deferred = False, 0
     if kernel == "cublas":
         z = cp.matmul(x, w_first.T)                                    # (M, n)
         p = pack.pack_twell_async(z, tile_width, compression, eff, relu=True, neuron_counts=return_stats)
     else:
         z = None                                                       # never materialised
-        p = gate_gemm.gate_twell_async(x, w_first, tile_width, compression, eff, kernel=kernel,
-                                       neuron_counts=return_stats)
-    readback = HostReadback(p.totals[:2])
-    y = _output(out, m, d, x.dtype)
-    ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.row_route, w_up, w_down, tile_width, y,
-                              compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3])
-    n_backup, n_overflow = readback.wait()
+        fused_forward = (kernel == "wgmma" and gate_gemm.FUSED_FORWARD
+                         and gate_gemm.fused_forward_supported(x, w_first, w_up, w_down, y, tile_width, eff))
+        if fused_forward:                                              # GEMM, route and up/down: one kernel
+            p = gate_gemm.ffn_twell_fused_async(x, w_first, w_up, w_down, y, compression, eff, gated=gated,
+                                                neuron_counts=return_stats)
+        else:
+            p = gate_gemm.gate_twell_async(x, w_first, tile_width, compression, eff, kernel=kernel,
+                                           neuron_counts=return_stats)
+    if fused_forward:
+        n_backup, n_overflow, _, n_deferred = HostReadback(p.totals).wait()
+        if n_deferred:
+            # Some gather warp gave up waiting for its row's tiles (the grid was not fully resident): route
+            # and compute every compact row again with the separate kernels (same arithmetic, bitwise).
+            p = gate_gemm.route_pending(p)
+            readback = HostReadback(p.totals[:2], overlap=True)
+            ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.row_route, w_up, w_down, tile_width,
+                                      y, compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3])
+            n_backup, n_overflow = readback.wait()
+    else:
+        readback = HostReadback(p.totals[:2], overlap=True)      # the up/down kernel only touches totals[2]
+        ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.row_route, w_up, w_down, tile_width, y,
+                                  compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3])
+        n_backup, n_overflow = readback.wait()
     if n_backup == m:
         # Every row is dense (a dense batch): plain cuBLAS on the whole batch, no gathers or scatters.
         # (With the fused gate the gate GEMM runs a second time here: z was never stored.)
@@ -92,7 +110,8 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
         return y
     nnz = p.row_nnz.sum(dtype=cp.int64)
     stats = FFNStats(n_rows=m, n_cols=n, nnz=nnz, l0=nnz / max(m, 1), l1=None, neuron_counts=p.neuron_counts,
-                     n_backup_rows=n_backup, n_overflow_rows=n_overflow, gate_kernel=kernel)
+                     n_backup_rows=n_backup, n_overflow_rows=n_overflow, gate_kernel=kernel,
+                     fused_forward=fused_forward, n_deferred_rows=n_deferred)
     return y, stats
 
 
