@@ -58,16 +58,33 @@ def device_matrix(a, name: str, *, ndim: int = 2):
     return a
 
 
+#: ``HostReadback(..., overlap=True)`` copies on a side stream (after an event on the current stream), so
+#: the kernels queued after the read-back do not wait for the copy engine (a D2H copy between two kernels
+#: of one stream delays the second by the copy's latency).  False: every copy on the current stream.
+READBACK_SIDE_STREAM = True
+_side_streams: dict = {}
+
+
+def _side_stream(cp):
+    dev = cp.cuda.runtime.getDevice()
+    s = _side_streams.get(dev)
+    if s is None:
+        s = _side_streams[dev] = cp.cuda.Stream(non_blocking=True)
+    return s
+
+
 class HostReadback:
     """Copy a few small device int32 arrays to pinned host memory without blocking now.
 
-    The copies are enqueued on the current stream; :meth:`wait` blocks only
-    until they (and the work before them) are done, so kernels queued after
-    the constructor keep the GPU busy while the host waits.  ``wait`` returns
-    every element of every array, in order, as Python ints.
+    The copies are ordered after the work already queued on the current stream; :meth:`wait` blocks only
+    until they are done, so kernels queued after the constructor keep the GPU busy while the host waits.
+    ``overlap=True`` (for a read-back followed by kernels before its :meth:`wait`): the copies run on a side
+    stream that waits for the current one (:data:`READBACK_SIDE_STREAM`), so those kernels do not queue
+    behind the copy; they must not write the arrays being read.  ``wait`` returns every element of every
+    array, in order, as Python ints.
     """
 
-    def __init__(self, *device_arrays):
+    def __init__(self, *device_arrays, overlap: bool = False):
         import cupy as cp  # noqa: PLC0415
 
         sizes = [int(a.size) for a in device_arrays]
@@ -75,6 +92,12 @@ class HostReadback:
         self._mem = cp.cuda.alloc_pinned_memory(4 * max(total, 1))
         self._host = np.frombuffer(self._mem, dtype=np.int32, count=total)
         stream = cp.cuda.get_current_stream()
+        if overlap and READBACK_SIDE_STREAM:
+            ready = cp.cuda.Event(block=False, disable_timing=True)
+            ready.record(stream)
+            stream = _side_stream(cp)
+            stream.wait_event(ready)
+        self._arrays = device_arrays            # alive until the copies are done
         offset = 0
         for a, size in zip(device_arrays, sizes):
             if a.dtype != np.int32 or not a.flags.c_contiguous:
@@ -87,4 +110,5 @@ class HostReadback:
 
     def wait(self) -> tuple:
         self._event.synchronize()
+        self._arrays = None
         return tuple(int(v) for v in self._host)
