@@ -979,6 +979,33 @@ def _make_twell_fused_gate(p):
     return lambda: _as_y(gated_ffn(x, wg, wu, wd, gate_kernel="fused"))
 
 
+def _fused_forward_unavailable():
+    why = _twell_unavailable()
+    if why is not None:
+        return why
+    import cupy as cp  # noqa: PLC0415
+    if cp.cuda.Device().compute_capability != "90":
+        return "the fully fused forward needs a Hopper GPU (sm_90a)"
+    return None
+
+
+def _make_twell_fused_forward(p):
+    """twell.ops.gated_ffn with the fully fused forward switched on for the call (gather warps inside the
+    gate GEMM's persistent kernel; off by default: docs/perf-notes.md, v6)."""
+    from twell.kernels import gate_gemm  # noqa: PLC0415
+    from twell.ops import gated_ffn  # noqa: PLC0415
+    x, wg, wu, wd = p.arrays()
+
+    def run():
+        old = gate_gemm.FUSED_FORWARD
+        gate_gemm.FUSED_FORWARD = True
+        try:
+            return _as_y(gated_ffn(x, wg, wu, wd))
+        finally:
+            gate_gemm.FUSED_FORWARD = old
+    return run
+
+
 # ---- training steps (task="train") ------------------------------------------------
 def _make_dense_cupy_train(tp):
     """Dense fwd+bwd: 9 cuBLAS GEMMs (graph-capturable) and two fused elementwise kernels.
@@ -1207,6 +1234,9 @@ def _register_builtins():
                     description="twell.ops.gated_ffn (TwELL kernels)")
     register_sparse("twell_fused_gate", make=_make_twell_fused_gate, available=_twell_unavailable,
                     description="twell.ops.gated_ffn(gate_kernel='fused'): gate GEMM with the TwELL epilogue fused")
+    register_sparse("twell_fused_forward", make=_make_twell_fused_forward, available=_fused_forward_unavailable,
+                    description="twell.ops.gated_ffn with gate_gemm.FUSED_FORWARD: route and up/down gathered "
+                                "inside the gate GEMM's persistent kernel")
     # ---- training steps (--mode train) ------------------------------------------------
     register_train("dense_cupy_train", _make_dense_cupy_train, dense=True, available=_gpu_unavailable,
                    description="9 cuBLAS GEMMs + fused relu*mul forward and fused backward elementwise kernels "
