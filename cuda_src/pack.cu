@@ -85,54 +85,91 @@ __global__ void __launch_bounds__(256) pack_twell(
     }
 }
 
-// Backup-row compaction (one CTA of ROUTE_THREADS threads; deterministic, row order preserved so
-// backup_rows is ascending).  Thread t owns the contiguous rows [t*per, t*per + per).
-// totals[0] = backup rows, totals[1] = rows routed by tile overflow, totals[2] = 0 (a work counter
-// for the kernels that follow).
+// Backup-row compaction: backup_slot[r] = rank of row r among the routed rows (route != 0) in row
+// order, or -1; backup_rows[slot] = r (ascending).  Deterministic.  Two kernels over blocks of
+// ROUTE_BLOCK_ROWS rows (coalesced: round i of a block reads rows base + i * ROUTE_THREADS + tid):
+// route_rows_count writes each block's (routed, overflowed) counts; route_rows_place gives every block
+// the sum of the earlier blocks' counts, then places its rows round by round with a block scan.
+// totals[0] = routed (backup) rows, totals[1] = rows routed by tile overflow, totals[2] = 0 (a work
+// counter for the kernels that follow).  (Was one CTA with a contiguous row range per thread:
+// uncoalesced, 24 us at M = 16,384.)
 #define ROUTE_THREADS 1024
-__global__ void __launch_bounds__(ROUTE_THREADS) route_rows(
-    const int* __restrict__ row_route, int M, int* __restrict__ backup_slot, int* __restrict__ backup_rows,
-    int* __restrict__ totals)
+#define ROUTE_ROUNDS 8
+#define ROUTE_BLOCK_ROWS (ROUTE_THREADS * ROUTE_ROUNDS)
+
+__global__ void __launch_bounds__(ROUTE_THREADS) route_rows_count(
+    const int* __restrict__ row_route, int M, int* __restrict__ block_counts)
 {
     __shared__ int warp_sums[ROUTE_THREADS / 32][2];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int per = (M + ROUTE_THREADS - 1) / ROUTE_THREADS;
-    const int lo = min(tid * per, M), hi = min(lo + per, M);
+    const long long base = (long long)blockIdx.x * ROUTE_BLOCK_ROWS;
     int cnt = 0, ovf = 0;
-#pragma unroll 8
-    for (int r = lo; r < hi; ++r) {
-        const int v = row_route[r];
-        cnt += v != ROUTE_COMPACT;
-        ovf += v == ROUTE_OVERFLOW;
-    }
-    const int incl = warp_inclusive_scan(cnt);
-    int ovf_sum = ovf;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ovf_sum += __shfl_xor_sync(0xffffffffu, ovf_sum, o);
-    if (lane == 31) warp_sums[warp][0] = incl;
-    if (lane == 0) warp_sums[warp][1] = ovf_sum;
-    __syncthreads();
-    int offset = 0, total = 0, total_ovf = 0;
-    for (int w = 0; w < ROUTE_THREADS / 32; ++w) {
-        const int c = warp_sums[w][0];
-        if (w < warp) offset += c;
-        total += c;
-        total_ovf += warp_sums[w][1];
-    }
-    int slot = offset + incl - cnt;
-    for (int r = lo; r < hi; ++r) {
-        if (row_route[r] != ROUTE_COMPACT) {
-            backup_slot[r] = slot;
-            backup_rows[slot] = r;
-            ++slot;
-        } else {
-            backup_slot[r] = -1;
+    for (int i = 0; i < ROUTE_ROUNDS; ++i) {
+        const long long r = base + i * ROUTE_THREADS + tid;
+        if (r < M) {
+            const int v = row_route[r];
+            cnt += v != ROUTE_COMPACT;
+            ovf += v == ROUTE_OVERFLOW;
         }
     }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        cnt += __shfl_xor_sync(0xffffffffu, cnt, o);
+        ovf += __shfl_xor_sync(0xffffffffu, ovf, o);
+    }
+    if (lane == 0) { warp_sums[warp][0] = cnt; warp_sums[warp][1] = ovf; }
+    __syncthreads();
     if (tid == 0) {
-        totals[0] = total;
-        totals[1] = total_ovf;
-        totals[2] = 0;
+        int c = 0, v = 0;
+        for (int w = 0; w < ROUTE_THREADS / 32; ++w) { c += warp_sums[w][0]; v += warp_sums[w][1]; }
+        block_counts[2 * blockIdx.x] = c;
+        block_counts[2 * blockIdx.x + 1] = v;
+    }
+}
+
+__global__ void __launch_bounds__(ROUTE_THREADS) route_rows_place(
+    const int* __restrict__ row_route, int M, const int* __restrict__ block_counts,
+    int* __restrict__ backup_slot, int* __restrict__ backup_rows, int* __restrict__ totals)
+{
+    __shared__ int warp_sums[ROUTE_THREADS / 32];
+    __shared__ int block_base;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (tid == 0) {
+        int before = 0;
+        for (int b = 0; b < (int)blockIdx.x; ++b) before += block_counts[2 * b];
+        block_base = before;
+        if (blockIdx.x == 0) {
+            int total = 0, total_ovf = 0;
+            for (int b = 0; b < (int)gridDim.x; ++b) { total += block_counts[2 * b]; total_ovf += block_counts[2 * b + 1]; }
+            totals[0] = total;
+            totals[1] = total_ovf;
+            totals[2] = 0;
+        }
+    }
+    __syncthreads();
+    int running = block_base;
+    const long long base = (long long)blockIdx.x * ROUTE_BLOCK_ROWS;
+    for (int i = 0; i < ROUTE_ROUNDS; ++i) {
+        const long long r = base + i * ROUTE_THREADS + tid;
+        const int f = (r < M && row_route[r] != ROUTE_COMPACT) ? 1 : 0;
+        const int incl = warp_inclusive_scan(f);
+        if (lane == 31) warp_sums[warp] = incl;
+        __syncthreads();
+        int offset = 0, round_total = 0;
+#pragma unroll 8
+        for (int w = 0; w < ROUTE_THREADS / 32; ++w) {
+            const int c = warp_sums[w];
+            offset += (w < warp) ? c : 0;
+            round_total += c;
+        }
+        __syncthreads();                            // warp_sums is rewritten by the next round
+        if (r < M) {
+            const int slot = running + offset + incl - f;
+            backup_slot[r] = f ? slot : -1;
+            if (f) backup_rows[slot] = (int)r;
+        }
+        running += round_total;
     }
 }
 

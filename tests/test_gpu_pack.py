@@ -139,3 +139,19 @@ def test_gpu_pack_bad_input(cp):
         twell.pack_twell(a, tile_width=64, compression=3)
     with pytest.raises(ValueError, match="dense must be 2-D"):
         twell.pack_twell(cp.ones(5, cp.float32))
+
+
+@pytest.mark.parametrize("m", [0, 1, 1000, 8192, 8193, 50_000])
+def test_route_rows_orders_the_routed_rows(cp, m):
+    """backup_slot = rank among the routed rows (code != 0) in row order, backup_rows ascending, totals
+    (routed, overflowed, 0) -- across the kernels' 8,192-row blocks."""
+    from twell.kernels import pack
+    rng = np.random.default_rng(m)
+    codes = rng.choice([0, 0, 0, 1, 2], size=m).astype(np.int32)
+    slot, rows_buf, totals = pack.route_rows(cp.asarray(codes))
+    routed = np.flatnonzero(codes != 0)
+    expected_slot = np.full(m, -1, dtype=np.int32)
+    expected_slot[routed] = np.arange(routed.size, dtype=np.int32)
+    np.testing.assert_array_equal(cp.asnumpy(slot), expected_slot)
+    np.testing.assert_array_equal(cp.asnumpy(rows_buf[:routed.size]), routed)
+    np.testing.assert_array_equal(cp.asnumpy(totals), [routed.size, int((codes == 2).sum()), 0])

@@ -19,6 +19,7 @@ from ._launch import NULL, HostReadback, aligned, cbool, ctype_of, device_matrix
 DEVICE_DTYPES = ("bfloat16", "float16", "float32")
 ROUTE_COMPACT, ROUTE_THRESHOLD, ROUTE_OVERFLOW = 0, 1, 2
 ROUTE_THREADS = 1024
+ROUTE_BLOCK_ROWS = ROUTE_THREADS * 8  # cuda_src/pack.cu ROUTE_ROUNDS
 
 _names = []
 for _d in DEVICE_DTYPES:
@@ -35,7 +36,7 @@ for _d in DEVICE_DTYPES:
     _names.append(f"unpack_hybrid_rows<{_t}>")
     _names.append(f"relu_keep_nan<{_t}>")
     _names.append(f"twell_rows_to_csr<{_t}>")
-_names += ["route_rows", "route_twell_counts", "transpose_count", "transpose_scan", "transpose_place"]
+_names += ["route_rows_count", "route_rows_place", "route_twell_counts", "transpose_count", "transpose_scan", "transpose_place"]
 
 FAMILY = register_family(KernelFamily("pack", tuple(_names),
                                       hot_kernels=(r"pack_twell<", r"count_row_entries<", r"fill_hybrid_rows<")))
@@ -96,14 +97,18 @@ def pack_twell_async(dense, tile_width: int, compression: int, dense_row_thresho
 
 def route_rows(row_route):
     """Ordered routing of rows with ``row_route != 0``: backup_slot (M,), backup_rows buffer (capacity M)
-    and device totals (backup rows, overflowed rows, 0).  Deterministic (single CTA, row order)."""
+    and device totals (backup rows, overflowed rows, 0).  Deterministic (row order; two kernels: per-block
+    counts, then placement)."""
     cp = _cp()
     m = row_route.shape[0]
     backup_slot = cp.empty(m, dtype=cp.int32)
     backup_rows_buf = cp.empty(max(m, 1), dtype=cp.int32)
     totals = cp.empty(3, dtype=cp.int32)
-    k = get_kernel("pack", "route_rows")
-    k((1,), (ROUTE_THREADS,), (row_route, i32(m), backup_slot, backup_rows_buf, totals))
+    blocks = max(1, -(-m // ROUTE_BLOCK_ROWS))
+    block_counts = cp.empty(2 * blocks, dtype=cp.int32)
+    get_kernel("pack", "route_rows_count")((blocks,), (ROUTE_THREADS,), (row_route, i32(m), block_counts))
+    get_kernel("pack", "route_rows_place")((blocks,), (ROUTE_THREADS,),
+                                           (row_route, i32(m), block_counts, backup_slot, backup_rows_buf, totals))
     return backup_slot, backup_rows_buf, totals
 
 
