@@ -76,3 +76,40 @@ __device__ __forceinline__ float warp_sum(float x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;
 }
+
+// Block-wide exclusive scan of one int per thread (THREADS threads, a multiple of 32, at most 1024);
+// `total` gets the block total.  warp_sums: THREADS / 32 ints of shared memory.  Contains
+// __syncthreads: every thread of the block must call it.
+template <int THREADS>
+__device__ __forceinline__ int block_exclusive_scan_n(int v, int* warp_sums, int& total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int incl = warp_inclusive_scan(v);
+    if (lane == 31) warp_sums[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        const int s = lane < THREADS / 32 ? warp_sums[lane] : 0;
+        const int si = warp_inclusive_scan(s);
+        if (lane < THREADS / 32) warp_sums[lane] = si;   // inclusive prefix of the warp totals
+    }
+    __syncthreads();
+    const int before = warp ? warp_sums[warp - 1] : 0;
+    total = warp_sums[THREADS / 32 - 1];
+    __syncthreads();                                      // warp_sums is rewritten by the next call
+    return before + incl - v;
+}
+
+// Block-wide sum (THREADS threads); the result in every thread.  Contains __syncthreads.
+template <int THREADS, typename V>
+__device__ __forceinline__ V block_sum_n(V v, V* warp_sums) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    V t = 0;
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; ++w) t += warp_sums[w];
+    __syncthreads();
+    return t;
+}
+

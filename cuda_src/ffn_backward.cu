@@ -5,34 +5,38 @@
 //   du_e = dh_e * g_e,  dz_e = dh_e * u_e        (the pattern is where z > 0)
 //   dx[t] = sum_e du_e w_up[j] + dz_e w_gate[j]  (token-major, one accumulator)
 //   dw_up[j] = sum_e du_e x[t], dw_gate[j] = sum_e dz_e x[t], dw_down[j] = sum_e h_e dy[t]
-//                                                (neuron-major: each gathered x row serves two products)
-// Token-major kernels: one warp per row (fast path) or one CTA per row (any d / dtype).  Neuron-major
-// kernel: one CTA per (neuron, chunk of <= WG_CHUNK entries); chunks of neurons with more entries write
-// fp32 partials that reduce_weight_partials sums in chunk order.  No atomics on values: every result
-// is bitwise reproducible.  Dense-backup rows are handled by cuBLAS on the host side (their
-// contributions to the weight gradients are added here, before the single rounding).
+// Three passes, each gathering one kind of row (docs/perf-notes.md, v8):
+//   dh_dw_down  neuron-major, gathers dy rows: each dy[t] serves both dh_e (dot with the CTA's one
+//               w_down[j] row) and dw_down[j]; writes du, dz per entry (fp32).
+//   dw_up_gate  neuron-major, gathers x rows: each x[t] serves dw_up[j] and dw_gate[j].
+//   csr_dx      token-major, gathers w_up[j] and w_gate[j] rows: dx (one warp or one CTA per row).
+// so a (token, neuron) pair moves 16 KiB instead of 20 KiB (the token-major dh pass re-gathered w_down),
+// and each pass's gathered working set is one or two arrays, not three.  Neuron-major kernels: one CTA
+// per (neuron, chunk of <= WG_CHUNK entries); chunks of neurons with more entries write fp32 partials
+// that reduce_weight_partials sums in chunk order.  No atomics on values: every result is bitwise
+// reproducible.  Dense-backup rows are handled by cuBLAS afterwards (their contributions are added into
+// dx and the weight gradients by GEMMs with beta = 1, queued behind these kernels).
 #include "ffn_common.cuh"
 
 __device__ __forceinline__ float sign_of(float v) { return (float)((v > 0.f) - (v < 0.f)); }
-
-// ---------------------------------------------------------------- token-major, warp per row
+// ---------------------------------------------------------------- token-major dx, warp per row
+// dx[row] = sum_e du_e w_up[j_e] + dz_e w_gate[j_e], entries in row order; the next entry's weight rows
+// are in flight while the current ones are accumulated.
 template <typename T, int NC>
-__global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) csr_backward_warp(
-    const T* __restrict__ dy, const int* __restrict__ row_ptr, const int* __restrict__ col_indices,
-    const T* __restrict__ g_values, const T* __restrict__ u_values, const int* __restrict__ backup_slot,
-    const T* __restrict__ w_gate, const T* __restrict__ w_up, const T* __restrict__ w_down,
-    int M, float l1_scale, T* __restrict__ dx, float* __restrict__ du, float* __restrict__ dz,
-    int* __restrict__ work_counter)
+__global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) csr_dx_warp(
+    const int* __restrict__ row_ptr, const int* __restrict__ col_indices, const float* __restrict__ du,
+    const float* __restrict__ dz, const int* __restrict__ backup_slot, const T* __restrict__ w_gate,
+    const T* __restrict__ w_up, int M, T* __restrict__ dx, int* __restrict__ work_counter)
 {
     constexpr int D = NC * 256;
     __shared__ int s_col[WARP_KERNEL_WARPS][MAX_LIST];
-    __shared__ float s_g[WARP_KERNEL_WARPS][MAX_LIST];
-    __shared__ float s_u[WARP_KERNEL_WARPS][MAX_LIST];
+    __shared__ float s_du[WARP_KERNEL_WARPS][MAX_LIST];
+    __shared__ float s_dz[WARP_KERNEL_WARPS][MAX_LIST];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const T* tag = nullptr;
     int* lcol = s_col[warp];
-    float* lg = s_g[warp];
-    float* lu = s_u[warp];
+    float* lu = s_du[warp];
+    float* lz = s_dz[warp];
     for (;;) {
         const int row = next_row(work_counter);
         if (row >= M) break;
@@ -41,36 +45,21 @@ __global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) csr_backward_warp(
         const int len = min(row_ptr[row + 1] - p0, MAX_LIST);
         for (int i = lane; i < len; i += 32) {
             lcol[i] = col_indices[p0 + i];
-            lg[i] = to_f<T>(g_values[p0 + i]);
-            lu[i] = to_f<T>(u_values[p0 + i]);
+            lu[i] = du[p0 + i];
+            lz[i] = dz[p0 + i];
         }
         __syncwarp();
-        uint4 dyr[NC];
-        load_row_stream<T, NC>(dy + (long long)row * D, dyr);
         float acc[NC][8];
         zero_acc<NC>(acc);
         for (int e = 0; e < len; ++e) {
             const long long off = (long long)lcol[e] * D;
-            uint4 wd[NC], wu[NC], wg[NC];
+            uint4 wu[NC], wg[NC];
 #pragma unroll
             for (int k = 0; k < NC; ++k) {
-                wd[k] = __ldg(reinterpret_cast<const uint4*>(w_down + off) + k * 32 + lane);
                 wu[k] = __ldg(reinterpret_cast<const uint4*>(w_up + off) + k * 32 + lane);
                 wg[k] = __ldg(reinterpret_cast<const uint4*>(w_gate + off) + k * 32 + lane);
             }
-            float dot = 0.f;
-#pragma unroll
-            for (int k = 0; k < NC; ++k) {
-                float fa[8], fb[8];
-                unpack8(wd[k], fa, tag);
-                unpack8(dyr[k], fb, tag);
-#pragma unroll
-                for (int i = 0; i < 8; ++i) dot = fmaf(fa[i], fb[i], dot);
-            }
-            const float g = lg[e], u = lu[e];
-            const float dh = warp_sum(dot) + l1_scale * sign_of(g * u);
-            const float cu = dh * g, cz = dh * u;
-            if (lane == 0) { du[p0 + e] = cu; dz[p0 + e] = cz; }
+            const float cu = lu[e], cz = lz[e];
 #pragma unroll
             for (int k = 0; k < NC; ++k) {
                 float fu[8], fg[8];
@@ -85,52 +74,30 @@ __global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) csr_backward_warp(
     }
 }
 
-// ---------------------------------------------------------------- token-major, CTA per row (any d)
+// ---------------------------------------------------------------- token-major dx, CTA per row (any d)
 template <typename T, bool VEC>
-__global__ void __launch_bounds__(FFN_THREADS) csr_backward(
-    const T* __restrict__ dy, const int* __restrict__ row_ptr, const int* __restrict__ col_indices,
-    const T* __restrict__ g_values, const T* __restrict__ u_values, const int* __restrict__ backup_slot,
-    const T* __restrict__ w_gate, const T* __restrict__ w_up, const T* __restrict__ w_down,
-    int M, int d, float l1_scale, T* __restrict__ dx, float* __restrict__ du, float* __restrict__ dz)
+__global__ void __launch_bounds__(FFN_THREADS) csr_dx(
+    const int* __restrict__ row_ptr, const int* __restrict__ col_indices, const float* __restrict__ du,
+    const float* __restrict__ dz, const int* __restrict__ backup_slot, const T* __restrict__ w_gate,
+    const T* __restrict__ w_up, int M, int d, T* __restrict__ dx)
 {
     constexpr int CW = Vec<T, VEC>::N;
     typedef Chunk<T, CW, VEC> C;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    T* dys = reinterpret_cast<T*>(smem_raw);
     __shared__ int l_col[MAX_LIST];
     __shared__ float l_du[MAX_LIST];
     __shared__ float l_dz[MAX_LIST];
     const int row = blockIdx.x;
     if (row >= M || backup_slot[row] >= 0) return;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x;
     const int p0 = row_ptr[row];
     const int len = min(row_ptr[row + 1] - p0, MAX_LIST);
     const int d_chunks = d / CW;
-    stage_row<T, VEC>(dy + (long long)row * d, d, dys);
-    for (int i = tid; i < len; i += FFN_THREADS) l_col[i] = col_indices[p0 + i];
-    __syncthreads();
-    // Phase A: dh per entry (warp per entry), du / dz to shared and global memory.
-    for (int e = warp; e < len; e += FFN_WARPS) {
-        const T* wr = w_down + (long long)l_col[e] * d;
-        float acc = 0.f;
-#pragma unroll 4
-        for (int c = lane; c < d_chunks; c += 32) {
-            C w; w.load(wr + c * CW);
-#pragma unroll
-            for (int k = 0; k < CW; ++k) acc = fmaf(to_f<T>(w.v[k]), to_f<T>(dys[c * CW + k]), acc);
-        }
-        acc = warp_sum(acc);
-        if (lane == 0) {
-            const float g = to_f<T>(g_values[p0 + e]), u = to_f<T>(u_values[p0 + e]);
-            const float dh = acc + l1_scale * sign_of(g * u);
-            l_du[e] = dh * g;
-            l_dz[e] = dh * u;
-            du[p0 + e] = dh * g;
-            dz[p0 + e] = dh * u;
-        }
+    for (int i = tid; i < len; i += FFN_THREADS) {
+        l_col[i] = col_indices[p0 + i];
+        l_du[i] = du[p0 + i];
+        l_dz[i] = dz[p0 + i];
     }
     __syncthreads();
-    // Phase B: dx row, thread per 16-byte chunk, entries in list order.
     for (int c = tid; c < d_chunks; c += FFN_THREADS) {
         float acc[CW];
 #pragma unroll
@@ -150,9 +117,11 @@ __global__ void __launch_bounds__(FFN_THREADS) csr_backward(
     }
 }
 
-// ---------------------------------------------------------------- neuron-major weight gradients
+// ---------------------------------------------------------------- neuron-major passes
 #define WG_THREADS 256
+#define WG_WARPS (WG_THREADS / 32)
 #define WG_CHUNK 128
+#define WG_GROUP 8      // gathered rows in flight per thread
 // Item -> neuron: the last j with item_ptr[j] <= item (item_ptr has n + 1 entries, non-decreasing).
 __device__ __forceinline__ int neuron_of_item(const int* __restrict__ item_ptr, int n, int item) {
     int lo = 0, hi = n;  // answer in [lo, hi)
@@ -163,125 +132,275 @@ __device__ __forceinline__ int neuron_of_item(const int* __restrict__ item_ptr, 
     return lo;
 }
 
+// The CTA's work item: neuron j, entries [e0, e0 + len) of its column, and where its result goes.
+struct WgItem {
+    int j, k, items_j, e0, len;
+};
+__device__ __forceinline__ bool wg_item(const int* __restrict__ item_ptr, const int* __restrict__ col_ptr, int n,
+                                        WgItem& w) {
+    const int item = blockIdx.x;
+    if (item >= item_ptr[n]) return false;
+    w.j = neuron_of_item(item_ptr, n, item);
+    w.k = item - item_ptr[w.j];
+    w.items_j = item_ptr[w.j + 1] - item_ptr[w.j];
+    w.e0 = col_ptr[w.j] + w.k * WG_CHUNK;
+    w.len = max(0, min(WG_CHUNK, col_ptr[w.j + 1] - w.e0));
+    return true;
+}
+
+// Sum WG_GROUP per-lane values over the warp with 4 + 2 + 1 + 2 shuffles (instead of 8 x 5): afterwards
+// lane l with (l & 3) == 0 holds the warp total of value (l >> 2).  Fixed order: bitwise reproducible.
+__device__ __forceinline__ float warp_sum_group8(const float (&v)[WG_GROUP]) {
+    const int lane = threadIdx.x & 31;
+    float a[4];
+    const bool hi16 = lane & 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float keep = hi16 ? v[i + 4] : v[i], send = hi16 ? v[i] : v[i + 4];
+        a[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+    }
+    float b[2];
+    const bool hi8 = lane & 8;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const float keep = hi8 ? a[i + 2] : a[i], send = hi8 ? a[i] : a[i + 2];
+        b[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+    }
+    const bool hi4 = lane & 4;
+    float c = (hi4 ? b[1] : b[0]) + __shfl_xor_sync(0xffffffffu, hi4 ? b[0] : b[1], 4);
+    c += __shfl_xor_sync(0xffffffffu, c, 2);
+    c += __shfl_xor_sync(0xffffffffu, c, 1);
+    // value index held: bit 2 of it from lane bit 4, bit 1 from lane bit 3, bit 0 from lane bit 2
+    return c;
+}
+
+// ---------------------------------------------------------------- work plan of the neuron-major passes
+// A neuron with c entries is max(ceil(c / WG_CHUNK), 1) work items; one with more than one item writes
+// that many fp32 partials.  One CTA of PLAN_THREADS each (n is d_ff: a few thousand).
+#define PLAN_THREADS 1024
+__device__ __forceinline__ int wg_items_of(int c) { return max((c + WG_CHUNK - 1) / WG_CHUNK, 1); }
+
+// bounds[0] = work items, bounds[1] = partial slots, from per-neuron counts that bound the compact counts
+// (the forward's counts include backup rows): sizes the backward's grid and workspace at the one host sync.
+__global__ void __launch_bounds__(PLAN_THREADS) weight_grad_bounds(const int* __restrict__ neuron_counts, int n,
+                                                                   int* __restrict__ bounds)
+{
+    __shared__ int ws[PLAN_THREADS / 32];
+    int items = 0, partials = 0;
+    for (int j = threadIdx.x; j < n; j += PLAN_THREADS) {
+        const int it = wg_items_of(neuron_counts[j]);
+        items += it;
+        partials += it > 1 ? it : 0;
+    }
+    items = block_sum_n<PLAN_THREADS>(items, ws);
+    partials = block_sum_n<PLAN_THREADS>(partials, ws);
+    if (threadIdx.x == 0) { bounds[0] = items; bounds[1] = partials; }
+}
+
+// item_ptr[0..n], partial_ptr[0..n]: exclusive prefixes of each neuron's items and partial slots, from the
+// compact pattern's column offsets col_ptr[0..n].
+__global__ void __launch_bounds__(PLAN_THREADS) weight_grad_items(const int* __restrict__ col_ptr, int n,
+                                                                  int* __restrict__ item_ptr,
+                                                                  int* __restrict__ partial_ptr)
+{
+    __shared__ int ws[PLAN_THREADS / 32];
+    int carry_items = 0, carry_partials = 0;
+    for (int j0 = 0; j0 < n; j0 += PLAN_THREADS) {
+        const int j = j0 + threadIdx.x;
+        const int it = j < n ? wg_items_of(col_ptr[j + 1] - col_ptr[j]) : 0;
+        int total_items, total_partials;
+        const int ei = block_exclusive_scan_n<PLAN_THREADS>(it, ws, total_items);
+        const int ep = block_exclusive_scan_n<PLAN_THREADS>(it > 1 ? it : 0, ws, total_partials);
+        if (j < n) { item_ptr[j] = carry_items + ei; partial_ptr[j] = carry_partials + ep; }
+        carry_items += total_items;
+        carry_partials += total_partials;
+    }
+    if (threadIdx.x == 0) { item_ptr[n] = carry_items; partial_ptr[n] = carry_partials; }
+}
+
+// Store one finished weight-gradient chunk: the result itself when the neuron is one item, else an fp32
+// partial for reduce_weight_partials.
+template <typename T, int CW>
+__device__ __forceinline__ void wg_store(const WgItem& w, int d, int c, int slot, const float (&acc)[CW],
+                                         T* __restrict__ dst, const int* __restrict__ partial_ptr,
+                                         float* __restrict__ partial) {
+    if (w.items_j == 1) {
+        const long long o = (long long)w.j * d + c * CW;
+#pragma unroll
+        for (int q = 0; q < CW; ++q) dst[o + q] = from_f<T>(acc[q]);
+    } else {
+        float* p = partial + ((long long)(partial_ptr[w.j] + w.k) * 3 + slot) * d + c * CW;
+#pragma unroll
+        for (int q = 0; q < CW; ++q) p[q] = acc[q];
+    }
+}
+
+// Pass 1 (gathers dy): dh_e = dy[t_e] . w_down[j] + s sign(h_e); du_e = dh_e g_e, dz_e = dh_e u_e written at the
+// entry's row-major position; dw_down[j] = sum_e h_e dy[t_e] (partial slot 2).
 template <typename T, bool VEC>
-__global__ void __launch_bounds__(WG_THREADS) weight_grads(
-    const T* __restrict__ x, const T* __restrict__ dy, const int* __restrict__ col_ptr,
-    const int* __restrict__ row_indices, const int* __restrict__ positions,
-    const T* __restrict__ g_values, const T* __restrict__ u_values,
-    const float* __restrict__ du, const float* __restrict__ dz,
-    const int* __restrict__ item_ptr, const int* __restrict__ partial_ptr, int n, int d, int has_backup,
-    T* __restrict__ dw_gate, T* __restrict__ dw_up, T* __restrict__ dw_down, float* __restrict__ partial)
+__global__ void __launch_bounds__(WG_THREADS) dh_dw_down(
+    const T* __restrict__ dy, const int* __restrict__ col_ptr, const int* __restrict__ row_indices,
+    const int* __restrict__ positions, const T* __restrict__ g_values, const T* __restrict__ u_values,
+    const T* __restrict__ w_down, const int* __restrict__ item_ptr, const int* __restrict__ partial_ptr,
+    int n, int d, float l1_scale, float* __restrict__ du, float* __restrict__ dz,
+    T* __restrict__ dw_down, float* __restrict__ partial)
 {
     constexpr int CW = Vec<T, VEC>::N;
     typedef Chunk<T, CW, VEC> C;
     __shared__ int s_row[WG_CHUNK];
-    __shared__ float s_du[WG_CHUNK], s_dz[WG_CHUNK], s_h[WG_CHUNK];
-    const int item = blockIdx.x;
-    if (item >= item_ptr[n]) return;
-    const int j = neuron_of_item(item_ptr, n, item);
-    const int k = item - item_ptr[j];
-    const int items_j = item_ptr[j + 1] - item_ptr[j];
-    const int e0 = col_ptr[j] + k * WG_CHUNK;
-    const int len = max(0, min(WG_CHUNK, col_ptr[j + 1] - e0));
+    __shared__ float s_g[WG_CHUNK], s_u[WG_CHUNK], s_h[WG_CHUNK];
+    __shared__ float s_dot[WG_WARPS][WG_CHUNK];
+    WgItem w;
+    if (!wg_item(item_ptr, col_ptr, n, w)) return;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    for (int i = tid; i < WG_CHUNK; i += WG_THREADS) {
+        float g = 0.f, u = 0.f;
+        int r = 0;
+        if (i < w.len) {
+            const int pos = positions[w.e0 + i];
+            r = row_indices[w.e0 + i];
+            g = to_f<T>(g_values[pos]);
+            u = to_f<T>(u_values[pos]);
+        }
+        s_row[i] = r;
+        s_g[i] = g;
+        s_u[i] = u;
+        s_h[i] = g * u;
+#pragma unroll
+        for (int q = 0; q < WG_WARPS; ++q) s_dot[q][i] = 0.f;
+    }
+    __syncthreads();
+    const int d_chunks = d / CW;
+    const long long wrow = (long long)w.j * d;
+    // Warp-uniform loop over this thread's chunks: every lane of a warp shuffles in every round.
+    for (int c0 = warp * 32; c0 < d_chunks; c0 += WG_THREADS) {
+        const int c = c0 + lane;
+        const bool on = c < d_chunks;
+        float wf[CW], ad[CW];
+        {
+            C wv;
+            if (on) wv.load(w_down + wrow + c * CW); else wv.load_partial(w_down, 0);
+#pragma unroll
+            for (int q = 0; q < CW; ++q) { wf[q] = to_f<T>(wv.v[q]); ad[q] = 0.f; }
+        }
+        for (int i = 0; i < w.len; i += WG_GROUP) {
+            C dv[WG_GROUP];
+#pragma unroll
+            for (int r = 0; r < WG_GROUP; ++r) {
+                if (on && i + r < w.len) dv[r].load(dy + (long long)s_row[i + r] * d + c * CW);
+                else dv[r].load_partial(dy, 0);
+            }
+            float part[WG_GROUP];
+#pragma unroll
+            for (int r = 0; r < WG_GROUP; ++r) {
+                const float h = s_h[i + r];
+                float p = 0.f;
+#pragma unroll
+                for (int q = 0; q < CW; ++q) {
+                    const float f = to_f<T>(dv[r].v[q]);
+                    p = fmaf(wf[q], f, p);
+                    ad[q] = fmaf(h, f, ad[q]);
+                }
+                part[r] = p;
+            }
+            const float tot = warp_sum_group8(part);
+            const int r = ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
+            if ((lane & 3) == 0 && i + r < w.len) s_dot[warp][i + r] += tot;
+        }
+        if (on) wg_store<T, CW>(w, d, c, 2, ad, dw_down, partial_ptr, partial);
+    }
+    __syncthreads();
+    for (int i = tid; i < w.len; i += WG_THREADS) {
+        float s = 0.f;
+#pragma unroll
+        for (int q = 0; q < WG_WARPS; ++q) s += s_dot[q][i];
+        const float g = s_g[i], u = s_u[i];
+        const float dh = s + l1_scale * sign_of(g * u);
+        const int pos = positions[w.e0 + i];
+        du[pos] = dh * g;
+        dz[pos] = dh * u;
+    }
+}
+
+// Pass 2 (gathers x): dw_up[j] = sum_e du_e x[t_e], dw_gate[j] = sum_e dz_e x[t_e] (partial slots 0 and 1).
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(WG_THREADS) dw_up_gate(
+    const T* __restrict__ x, const int* __restrict__ col_ptr, const int* __restrict__ row_indices,
+    const int* __restrict__ positions, const float* __restrict__ du, const float* __restrict__ dz,
+    const int* __restrict__ item_ptr, const int* __restrict__ partial_ptr, int n, int d,
+    T* __restrict__ dw_gate, T* __restrict__ dw_up, float* __restrict__ partial)
+{
+    constexpr int CW = Vec<T, VEC>::N;
+    typedef Chunk<T, CW, VEC> C;
+    __shared__ int s_row[WG_CHUNK];
+    __shared__ float s_du[WG_CHUNK], s_dz[WG_CHUNK];
+    WgItem w;
+    if (!wg_item(item_ptr, col_ptr, n, w)) return;
     const int tid = threadIdx.x;
-    for (int i = tid; i < len; i += WG_THREADS) {
-        const int pos = positions[e0 + i];
-        s_row[i] = row_indices[e0 + i];
-        s_du[i] = du[pos];
-        s_dz[i] = dz[pos];
-        s_h[i] = to_f<T>(g_values[pos]) * to_f<T>(u_values[pos]);
+    for (int i = tid; i < WG_CHUNK; i += WG_THREADS) {
+        float a = 0.f, b = 0.f;
+        int r = 0;
+        if (i < w.len) {
+            const int pos = positions[w.e0 + i];
+            r = row_indices[w.e0 + i];
+            a = du[pos];
+            b = dz[pos];
+        }
+        s_row[i] = r;
+        s_du[i] = a;
+        s_dz[i] = b;
     }
     __syncthreads();
     const int d_chunks = d / CW;
     for (int c = tid; c < d_chunks; c += WG_THREADS) {
-        float au[CW], ag[CW], ad[CW];
+        float au[CW], ag[CW];
 #pragma unroll
-        for (int q = 0; q < CW; ++q) au[q] = ag[q] = ad[q] = 0.f;
-        int i = 0;
-        for (; i + 4 <= len; i += 4) {
-            C xv[4], dv[4];
+        for (int q = 0; q < CW; ++q) au[q] = ag[q] = 0.f;
+        for (int i = 0; i < w.len; i += WG_GROUP) {
+            C xv[WG_GROUP];
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const long long off = (long long)s_row[i + r] * d + c * CW;
-                xv[r].load(x + off);
-                dv[r].load(dy + off);
+            for (int r = 0; r < WG_GROUP; ++r) {
+                if (i + r < w.len) xv[r].load(x + (long long)s_row[i + r] * d + c * CW);
+                else xv[r].load_partial(x, 0);
             }
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const float cu = s_du[i + r], cz = s_dz[i + r], ch = s_h[i + r];
+            for (int r = 0; r < WG_GROUP; ++r) {
+                const float cu = s_du[i + r], cz = s_dz[i + r];
 #pragma unroll
                 for (int q = 0; q < CW; ++q) {
                     const float xf = to_f<T>(xv[r].v[q]);
                     au[q] = fmaf(cu, xf, au[q]);
                     ag[q] = fmaf(cz, xf, ag[q]);
-                    ad[q] = fmaf(ch, to_f<T>(dv[r].v[q]), ad[q]);
                 }
             }
         }
-        for (; i < len; ++i) {
-            const long long off = (long long)s_row[i] * d + c * CW;
-            C xv, dv;
-            xv.load(x + off);
-            dv.load(dy + off);
-            const float cu = s_du[i], cz = s_dz[i], ch = s_h[i];
-#pragma unroll
-            for (int q = 0; q < CW; ++q) {
-                const float xf = to_f<T>(xv.v[q]);
-                au[q] = fmaf(cu, xf, au[q]);
-                ag[q] = fmaf(cz, xf, ag[q]);
-                ad[q] = fmaf(ch, to_f<T>(dv.v[q]), ad[q]);
-            }
-        }
-        const long long o = (long long)j * d + c * CW;
-        if (items_j == 1) {
-#pragma unroll
-            for (int q = 0; q < CW; ++q) {
-                const float bu = has_backup ? to_f<T>(dw_up[o + q]) : 0.f;
-                const float bg = has_backup ? to_f<T>(dw_gate[o + q]) : 0.f;
-                const float bd = has_backup ? to_f<T>(dw_down[o + q]) : 0.f;
-                dw_up[o + q] = from_f<T>(au[q] + bu);
-                dw_gate[o + q] = from_f<T>(ag[q] + bg);
-                dw_down[o + q] = from_f<T>(ad[q] + bd);
-            }
-        } else {
-            float* p = partial + (long long)(partial_ptr[j] + k) * 3 * d + c * CW;
-#pragma unroll
-            for (int q = 0; q < CW; ++q) {
-                p[q] = au[q];
-                p[d + q] = ag[q];
-                p[2 * d + q] = ad[q];
-            }
-        }
+        wg_store<T, CW>(w, d, c, 0, au, dw_up, partial_ptr, partial);
+        wg_store<T, CW>(w, d, c, 1, ag, dw_gate, partial_ptr, partial);
     }
 }
 
-// Neurons split over several chunks: sum the partials in chunk order, add the backup part, round once.
+// Neurons split over several chunks: sum the partials in chunk order, round once.
 template <typename T>
 __global__ void reduce_weight_partials(const int* __restrict__ item_ptr, const int* __restrict__ partial_ptr,
-                                       const float* __restrict__ partial, int n, int d, int has_backup,
+                                       const float* __restrict__ partial, int n, int d,
                                        T* __restrict__ dw_gate, T* __restrict__ dw_up, T* __restrict__ dw_down)
 {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= d) return;
     for (int j = blockIdx.y; j < n; j += gridDim.y) {
-    const int items_j = item_ptr[j + 1] - item_ptr[j];
-    if (items_j <= 1) continue;
-    const float* p = partial + (long long)partial_ptr[j] * 3 * d + c;
-    float su = 0.f, sg = 0.f, sd = 0.f;
-    for (int k = 0; k < items_j; ++k) {
-        su += p[(long long)k * 3 * d];
-        sg += p[(long long)k * 3 * d + d];
-        sd += p[(long long)k * 3 * d + 2 * d];
-    }
-    const long long o = (long long)j * d + c;
-    if (has_backup) {
-        su += to_f<T>(dw_up[o]);
-        sg += to_f<T>(dw_gate[o]);
-        sd += to_f<T>(dw_down[o]);
-    }
-    dw_up[o] = from_f<T>(su);
-    dw_gate[o] = from_f<T>(sg);
-    dw_down[o] = from_f<T>(sd);
+        const int items_j = item_ptr[j + 1] - item_ptr[j];
+        if (items_j <= 1) continue;
+        const float* p = partial + (long long)partial_ptr[j] * 3 * d + c;
+        float su = 0.f, sg = 0.f, sd = 0.f;
+        for (int k = 0; k < items_j; ++k) {
+            su += p[(long long)k * 3 * d];
+            sg += p[(long long)k * 3 * d + d];
+            sd += p[(long long)k * 3 * d + 2 * d];
+        }
+        const long long o = (long long)j * d + c;
+        dw_up[o] = from_f<T>(su);
+        dw_gate[o] = from_f<T>(sg);
+        dw_down[o] = from_f<T>(sd);
     }
 }
 

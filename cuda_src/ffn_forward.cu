@@ -482,3 +482,20 @@ __global__ void gate_mul(const T* __restrict__ g, const T* __restrict__ u, long 
         h[i] = from_f<T>(gv * to_f<T>(u[i]));
     }
 }
+
+// Training statistics in one launch (one CTA of 1024 threads): out[0] = sum(row_l1) / M (float64
+// accumulation in a fixed order), out[1] = nnz_all / M.
+__global__ void __launch_bounds__(1024) train_stats(const float* __restrict__ row_l1, int M,
+                                                    const long long* __restrict__ nnz_all, double* __restrict__ out)
+{
+    __shared__ double ws[32];
+    double s = 0.0;
+    for (int r = threadIdx.x; r < M; r += 1024) s += (double)row_l1[r];
+    s = block_sum_n<1024>(s, ws);
+    if (threadIdx.x == 0) {
+        const double m = (double)max(M, 1);
+        out[0] = s / m;
+        out[1] = (double)(*nnz_all) / m;
+    }
+}
+

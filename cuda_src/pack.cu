@@ -317,11 +317,16 @@ __global__ void transpose_scan(int* __restrict__ block_counts, int n_blocks, int
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= n) return;
     int run = 0;
-    for (int b = 0; b < n_blocks; ++b) {
-        const long long i = (long long)b * n + c;
-        const int v = block_counts[i];
-        block_counts[i] = run;
-        run += v;
+    // 16 independent loads in flight per batch (the loop is otherwise one dependent round trip per block)
+    for (int b0 = 0; b0 < n_blocks; b0 += 16) {
+        int v[16];
+#pragma unroll
+        for (int k = 0; k < 16; ++k) v[k] = b0 + k < n_blocks ? block_counts[(long long)(b0 + k) * n + c] : 0;
+#pragma unroll
+        for (int k = 0; k < 16; ++k) {
+            if (b0 + k < n_blocks) block_counts[(long long)(b0 + k) * n + c] = run;
+            run += v[k];
+        }
     }
     col_counts[c] = run;
 }
@@ -346,6 +351,124 @@ __global__ void __launch_bounds__(TRANSPOSE_THREADS) transpose_place(
             positions[pos] = e;
         }
     }
+}
+
+// ---------------------------------------------------------------- the Hybrid's plan (training forward)
+// From each row's entry count (and, after the fused gate GEMM, its TwELL route code): which rows are
+// backup rows (nnz > threshold), which compact rows overflowed a TwELL tile and must be refilled from a
+// recomputed dense row ("redo"), and the compact rows' CSR offsets -- in two kernels over blocks of
+// ROUTE_BLOCK_ROWS rows (per-block sums, then ordered placement), instead of a dozen array operations
+// and a cumsum on the host's critical path.  Outputs, all deterministic (row order):
+//   backup_slot[r] = rank among backup rows or -1; backup_rows[slot] = r; redo_rows[k] = r (if row_route)
+//   row_ptr[0..M] (exclusive prefix of the compact rows' counts; backup rows have length 0)
+//   totals = {compact entries, backup rows, redo rows, 0 (a work counter for the kernels that follow)}
+//   nnz_all = entries of every row (int64, for the statistics)
+#define PLAN_FIELDS 3   // per-block int sums: backup rows, redo rows, compact entries
+
+__device__ __forceinline__ void plan_row(const int* __restrict__ row_nnz, const int* __restrict__ row_route,
+                                         long long r, int M, int threshold, int& backup, int& redo, int& len,
+                                         int& all) {
+    backup = redo = len = all = 0;
+    if (r < M) {
+        all = row_nnz[r];
+        backup = all > threshold;
+        redo = !backup && row_route != nullptr && row_route[r] == ROUTE_OVERFLOW;
+        len = backup ? 0 : all;
+    }
+}
+
+__global__ void __launch_bounds__(ROUTE_THREADS) hybrid_plan_count(
+    const int* __restrict__ row_nnz, const int* __restrict__ row_route, int M, int threshold,
+    int* __restrict__ block_counts, long long* __restrict__ block_all)
+{
+    __shared__ int ws[ROUTE_THREADS / 32];
+    __shared__ long long wl[ROUTE_THREADS / 32];
+    const int tid = threadIdx.x;
+    const long long base = (long long)blockIdx.x * ROUTE_BLOCK_ROWS;
+    int nb = 0, nr = 0, nl = 0;
+    long long na = 0;
+#pragma unroll
+    for (int i = 0; i < ROUTE_ROUNDS; ++i) {
+        int b, rd, len, all;
+        plan_row(row_nnz, row_route, base + i * ROUTE_THREADS + tid, M, threshold, b, rd, len, all);
+        nb += b; nr += rd; nl += len; na += all;
+    }
+    nb = block_sum_n<ROUTE_THREADS>(nb, ws);
+    nr = block_sum_n<ROUTE_THREADS>(nr, ws);
+    nl = block_sum_n<ROUTE_THREADS>(nl, ws);
+    na = block_sum_n<ROUTE_THREADS>(na, wl);
+    if (tid == 0) {
+        block_counts[PLAN_FIELDS * blockIdx.x] = nb;
+        block_counts[PLAN_FIELDS * blockIdx.x + 1] = nr;
+        block_counts[PLAN_FIELDS * blockIdx.x + 2] = nl;
+        block_all[blockIdx.x] = na;
+    }
+}
+
+__global__ void __launch_bounds__(ROUTE_THREADS) hybrid_plan_place(
+    const int* __restrict__ row_nnz, const int* __restrict__ row_route, int M, int threshold,
+    const int* __restrict__ block_counts, const long long* __restrict__ block_all,
+    int* __restrict__ backup_slot, int* __restrict__ backup_rows, int* __restrict__ redo_rows,
+    int* __restrict__ row_ptr, int* __restrict__ totals, long long* __restrict__ nnz_all)
+{
+    __shared__ int ws[ROUTE_THREADS / 32];
+    __shared__ int bases[PLAN_FIELDS];
+    const int tid = threadIdx.x;
+    if (tid < PLAN_FIELDS) {
+        int before = 0;
+        for (int b = 0; b < (int)blockIdx.x; ++b) before += block_counts[PLAN_FIELDS * b + tid];
+        bases[tid] = before;
+        if (blockIdx.x == 0) {
+            int total = 0;
+            for (int b = 0; b < (int)gridDim.x; ++b) total += block_counts[PLAN_FIELDS * b + tid];
+            const int slot = tid == 2 ? 0 : tid + 1;          // totals = {compact entries, backup, redo, 0}
+            totals[slot] = total;
+            if (tid == 2) { row_ptr[M] = total; totals[3] = 0; }
+        }
+    }
+    if (blockIdx.x == 0 && tid == 32) {
+        long long a = 0;
+        for (int b = 0; b < (int)gridDim.x; ++b) a += block_all[b];
+        *nnz_all = a;
+    }
+    __syncthreads();
+    int run_backup = bases[0], run_redo = bases[1], run_len = bases[2];
+    const long long base = (long long)blockIdx.x * ROUTE_BLOCK_ROWS;
+    for (int i = 0; i < ROUTE_ROUNDS; ++i) {
+        const long long r = base + i * ROUTE_THREADS + tid;
+        int b, rd, len, all;
+        plan_row(row_nnz, row_route, r, M, threshold, b, rd, len, all);
+        int flags_total, len_total;
+        const int flags = block_exclusive_scan_n<ROUTE_THREADS>(b | (rd << 16), ws, flags_total);
+        const int off = block_exclusive_scan_n<ROUTE_THREADS>(len, ws, len_total);
+        if (r < M) {
+            const int bs = run_backup + (flags & 0xffff);
+            backup_slot[r] = b ? bs : -1;
+            if (b) backup_rows[bs] = (int)r;
+            if (rd) redo_rows[run_redo + (flags >> 16)] = (int)r;
+            row_ptr[r] = run_len + off;
+        }
+        run_backup += flags_total & 0xffff;
+        run_redo += flags_total >> 16;
+        run_len += len_total;
+    }
+}
+
+// col_ptr[0..n] = exclusive prefix of col_counts (one CTA; the transposed pattern's column offsets).
+__global__ void __launch_bounds__(ROUTE_THREADS) column_offsets(const int* __restrict__ col_counts, int n,
+                                                                int* __restrict__ col_ptr)
+{
+    __shared__ int ws[ROUTE_THREADS / 32];
+    int carry = 0;
+    for (int c0 = 0; c0 < n; c0 += ROUTE_THREADS) {
+        const int c = c0 + threadIdx.x;
+        const int v = c < n ? col_counts[c] : 0;
+        int total;
+        const int excl = block_exclusive_scan_n<ROUTE_THREADS>(v, ws, total);
+        if (c < n) col_ptr[c] = carry + excl;
+        carry += total;
+    }
+    if (threadIdx.x == 0) col_ptr[n] = carry;
 }
 
 // TwELL -> CSR entries of the compact Hybrid rows (training forward after the fused gate GEMM).  One

@@ -155,3 +155,53 @@ def test_route_rows_orders_the_routed_rows(cp, m):
     np.testing.assert_array_equal(cp.asnumpy(slot), expected_slot)
     np.testing.assert_array_equal(cp.asnumpy(rows_buf[:routed.size]), routed)
     np.testing.assert_array_equal(cp.asnumpy(totals), [routed.size, int((codes == 2).sum()), 0])
+
+
+@pytest.mark.parametrize("m", [0, 1, 1000, 8192, 8193, 50_000])
+@pytest.mark.parametrize("with_route", [False, True])
+def test_hybrid_plan_matches_numpy(cp, m, with_route):
+    """hybrid_plan: backup rows (nnz > threshold) and redo rows (compact rows with TwELL code 2) listed in
+    row order, compact CSR offsets, totals (compact entries, backup, redo, 0) and the all-row entry count --
+    across the kernels' 8,192-row blocks."""
+    from twell.kernels import pack
+    rng = np.random.default_rng(m + with_route)
+    thr = 40
+    row_nnz = rng.integers(0, 90, size=m).astype(np.int32)
+    codes = rng.choice([0, 0, 0, 2], size=m).astype(np.int32) if with_route else None
+    plan = pack.hybrid_plan(cp.asarray(row_nnz), thr, None if codes is None else cp.asarray(codes))
+    backup = row_nnz > thr
+    rows = np.flatnonzero(backup)
+    slot = np.full(m, -1, dtype=np.int32)
+    slot[rows] = np.arange(rows.size, dtype=np.int32)
+    np.testing.assert_array_equal(cp.asnumpy(plan.backup_slot), slot)
+    np.testing.assert_array_equal(cp.asnumpy(plan.backup_rows_buf[:rows.size]), rows)
+    lengths = np.where(backup, 0, row_nnz)
+    row_ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    np.testing.assert_array_equal(cp.asnumpy(plan.row_ptr), row_ptr)
+    redo = np.flatnonzero(~backup & (codes == 2)) if codes is not None else np.zeros(0, dtype=np.int64)
+    if codes is not None:
+        np.testing.assert_array_equal(cp.asnumpy(plan.redo_rows_buf[:redo.size]), redo)
+    else:
+        assert plan.redo_rows_buf is None
+    np.testing.assert_array_equal(cp.asnumpy(plan.totals), [row_ptr[-1], rows.size, redo.size, 0])
+    assert int(plan.nnz_all[0]) == int(row_nnz.sum(dtype=np.int64))
+
+
+@pytest.mark.parametrize("n", [1, 40, 1024, 1025, 5632])
+def test_weight_grad_plan_kernels(cp, n):
+    """weight_grad_bounds / weight_grad_items: items per neuron max(ceil(c / 128), 1), partial slots for
+    neurons of more than one item, as totals and as exclusive prefixes."""
+    from twell.kernels import ffn_backward as fb
+    rng = np.random.default_rng(n)
+    counts = rng.choice([0, 1, 5, 127, 128, 129, 300, 1000], size=n).astype(np.int32)
+    items = np.maximum(-(-counts // fb.WG_CHUNK), 1)
+    partials = np.where(items > 1, items, 0)
+    np.testing.assert_array_equal(cp.asnumpy(fb.workspace_bounds(cp.asarray(counts))),
+                                  [items.sum(), partials.sum()])
+    col_ptr = cp.asarray(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    item_ptr = cp.empty(n + 1, dtype=cp.int32)
+    partial_ptr = cp.empty(n + 1, dtype=cp.int32)
+    fb.get_kernel("ffn_backward", "weight_grad_items")((1,), (fb.PLAN_THREADS,),
+                                                        (col_ptr, np.int32(n), item_ptr, partial_ptr))
+    np.testing.assert_array_equal(cp.asnumpy(item_ptr), np.concatenate([[0], np.cumsum(items)]))
+    np.testing.assert_array_equal(cp.asnumpy(partial_ptr), np.concatenate([[0], np.cumsum(partials)]))

@@ -40,6 +40,7 @@ for _d in DEVICE_DTYPES:
     _names.append(f"reduce_split_rows<{_t}>")
     _names.append(f"gate_mul<{_t}, true>")
     _names.append(f"gate_mul<{_t}, false>")
+_names.append("train_stats")
 
 # Hot: the warp-per-row kernels and the 16-byte-load variants of the CTA kernels (the scalar-load
 # fallbacks for odd d may spill a few bytes).
@@ -199,6 +200,15 @@ def csr_up_down(x, row_ptr, col_indices, g_values, backup_slot, w_up, w_down, y,
     _raise_smem_limit(k, smem)
     k((m,), (THREADS,), (x, row_ptr, col_indices, g_values, backup_slot, w_up, w_down, i32(m), i32(d), y,
                          u_values, row_l1), shared_mem=smem)
+
+
+def train_stats(row_l1, nnz_all):
+    """Device float64 (2,): ``(sum(row_l1) / M, nnz_all / M)`` -- the training forward's L1 and L0 statistics
+    in one launch (``row_l1`` float32 (M,), ``nnz_all`` int64 (1,); M = 0 divides by 1)."""
+    cp = _cp()
+    out = cp.empty(2, dtype=cp.float64)
+    get_kernel("ffn_forward", "train_stats")((1,), (1024,), (row_l1, i32(row_l1.shape[0]), nnz_all, out))
+    return out
 
 
 def gate_mul(g, u, *, relu: bool):

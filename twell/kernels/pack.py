@@ -36,7 +36,8 @@ for _d in DEVICE_DTYPES:
     _names.append(f"unpack_hybrid_rows<{_t}>")
     _names.append(f"relu_keep_nan<{_t}>")
     _names.append(f"twell_rows_to_csr<{_t}>")
-_names += ["route_rows_count", "route_rows_place", "route_twell_counts", "transpose_count", "transpose_scan", "transpose_place"]
+_names += ["route_rows_count", "route_rows_place", "route_twell_counts", "transpose_count", "transpose_scan",
+           "transpose_place", "hybrid_plan_count", "hybrid_plan_place", "column_offsets"]
 
 FAMILY = register_family(KernelFamily("pack", tuple(_names),
                                       hot_kernels=(r"pack_twell<", r"count_row_entries<", r"fill_hybrid_rows<")))
@@ -162,18 +163,65 @@ def unpack_twell(tw: TwELL):
 
 
 @dataclass
+class HybridPlan:
+    """Row routing and CSR offsets of a Hybrid, on the device (from :func:`hybrid_plan`).
+
+    backup_slot (M,) int32, backup_rows_buf (capacity M) int32, redo_rows_buf (capacity M) int32 (compact
+    rows whose TwELL tile overflowed; only with a route code), row_ptr (M + 1,) int32, totals (4,) int32
+    = (compact entries, backup rows, redo rows, 0: a work counter), nnz_all (1,) int64 (entries of all rows).
+    """
+
+    backup_slot: object
+    backup_rows_buf: object
+    redo_rows_buf: object
+    row_ptr: object
+    totals: object
+    nnz_all: object
+
+
+def hybrid_plan(row_nnz, dense_row_threshold: int, row_route=None) -> HybridPlan:
+    """Hybrid routing from per-row entry counts, in two kernels and no host sync.
+
+    A row is a backup row iff ``row_nnz > dense_row_threshold``; with ``row_route`` (TwELL route codes of
+    the fused gate GEMM) a compact row with code ``ROUTE_OVERFLOW`` is also listed in ``redo_rows_buf``.
+    Every list is in row order (deterministic).
+    """
+    cp = _cp()
+    m = row_nnz.shape[0]
+    blocks = max(1, -(-m // ROUTE_BLOCK_ROWS))
+    backup_slot = cp.empty(m, dtype=cp.int32)
+    backup_rows_buf = cp.empty(max(m, 1), dtype=cp.int32)
+    redo_rows_buf = cp.empty(max(m, 1), dtype=cp.int32) if row_route is not None else None
+    row_ptr = cp.empty(m + 1, dtype=cp.int32)
+    totals = cp.empty(4, dtype=cp.int32)
+    nnz_all = cp.empty(1, dtype=cp.int64)
+    block_counts = cp.empty(3 * blocks, dtype=cp.int32)
+    block_all = cp.empty(blocks, dtype=cp.int64)
+    route = NULL if row_route is None else row_route
+    get_kernel("pack", "hybrid_plan_count")((blocks,), (ROUTE_THREADS,),
+                                            (row_nnz, route, i32(m), i32(dense_row_threshold), block_counts,
+                                             block_all))
+    get_kernel("pack", "hybrid_plan_place")((blocks,), (ROUTE_THREADS,),
+                                            (row_nnz, route, i32(m), i32(dense_row_threshold), block_counts,
+                                             block_all, backup_slot, backup_rows_buf,
+                                             NULL if redo_rows_buf is None else redo_rows_buf, row_ptr, totals,
+                                             nnz_all))
+    return HybridPlan(backup_slot, backup_rows_buf, redo_rows_buf, row_ptr, totals, nnz_all)
+
+
+@dataclass
 class HybridPending:
     """Hybrid routing computed on the device before sizing (row_ptr valid, entries not written)."""
 
     row_nnz: object
-    row_ptr: object
-    backup_slot: object
-    backup_rows_buf: object
-    nnz_dev: object
-    totals: object
+    plan: HybridPlan
     neuron_counts: object
     n_cols: int
     dense_row_threshold: int
+
+    row_ptr = property(lambda self: self.plan.row_ptr)
+    backup_slot = property(lambda self: self.plan.backup_slot)
+    backup_rows_buf = property(lambda self: self.plan.backup_rows_buf)
 
 
 def pack_hybrid_async(dense, dense_row_threshold: int, *, relu: bool = False, neuron_counts: bool = False):
@@ -188,14 +236,7 @@ def pack_hybrid_async(dense, dense_row_threshold: int, *, relu: bool = False, ne
         k = get_kernel("pack", f"count_row_entries<{ct}, {cbool(relu)}, {cbool(vec)}>")
         k((grid_1d(m, WARPS_PER_BLOCK, cap=2**31 - 1),), (32 * WARPS_PER_BLOCK,),
           (dense, i32(m), i32(n), row_nnz, NULL if ncounts is None else ncounts))
-    route = (row_nnz > dense_row_threshold).astype(cp.int32)
-    backup_slot, backup_rows_buf, totals = route_rows(route)
-    compact_len = cp.where(route == 0, row_nnz, 0)
-    row_ptr = cp.zeros(m + 1, dtype=cp.int32)
-    if m:
-        cp.cumsum(compact_len, dtype=cp.int32, out=row_ptr[1:])
-    return HybridPending(row_nnz, row_ptr, backup_slot, backup_rows_buf, row_ptr[-1:], totals, ncounts, n,
-                         dense_row_threshold)
+    return HybridPending(row_nnz, hybrid_plan(row_nnz, dense_row_threshold), ncounts, n, dense_row_threshold)
 
 
 def finish_hybrid(p: HybridPending, dense, nnz: int, n_backup: int, *, relu: bool = False,
@@ -227,7 +268,7 @@ def pack_hybrid(dense, dense_row_threshold: int, transpose: bool = True, *, relu
     """GPU pack of a dense (M, n) matrix into the Hybrid format (one host sync to size it)."""
     dense = device_matrix(dense, "dense")
     p = pack_hybrid_async(dense, dense_row_threshold, relu=relu)
-    nnz, n_backup = HostReadback(p.nnz_dev, p.totals[:1]).wait()
+    nnz, n_backup = HostReadback(p.plan.totals[:2]).wait()
     return finish_hybrid(p, dense, nnz, n_backup, relu=relu, transpose=transpose)
 
 
@@ -260,11 +301,11 @@ def transpose_pattern(hy: Hybrid) -> NeuronMajorPattern:
     """
     cp = _cp()
     n, m = hy.n_cols, hy.n_rows
-    col_ptr = cp.zeros(n + 1, dtype=cp.int32)
     row_indices = cp.empty(hy.nnz, dtype=cp.int32)
     positions = cp.empty(hy.nnz, dtype=cp.int32)
     if hy.nnz == 0:
-        return NeuronMajorPattern(col_ptr, row_indices, positions)
+        return NeuronMajorPattern(cp.zeros(n + 1, dtype=cp.int32), row_indices, positions)
+    col_ptr = cp.empty(n + 1, dtype=cp.int32) if n <= TRANSPOSE_MAX_COLS else cp.zeros(n + 1, dtype=cp.int32)
     if n > TRANSPOSE_MAX_COLS:
         cp.cumsum(cp.bincount(hy.col_indices, minlength=n), dtype=cp.int32, out=col_ptr[1:])
         positions = cp.argsort(hy.col_indices, kind="stable").astype(cp.int32)
@@ -280,7 +321,7 @@ def transpose_pattern(hy: Hybrid) -> NeuronMajorPattern:
             k.max_dynamic_shared_size_bytes = smem
     kc((n_blocks,), (TRANSPOSE_THREADS,), (hy.row_ptr, hy.col_indices, i32(m), i32(n), counts), shared_mem=smem)
     get_kernel("pack", "transpose_scan")((-(-n // 128),), (128,), (counts, i32(n_blocks), i32(n), col_counts))
-    cp.cumsum(col_counts, dtype=cp.int32, out=col_ptr[1:])
+    get_kernel("pack", "column_offsets")((1,), (ROUTE_THREADS,), (col_counts, i32(n), col_ptr))
     kp((n_blocks,), (TRANSPOSE_THREADS,), (hy.row_ptr, hy.col_indices, i32(m), i32(n), counts, col_ptr,
                                            row_indices, positions), shared_mem=smem)
     return NeuronMajorPattern(col_ptr, row_indices, positions)
