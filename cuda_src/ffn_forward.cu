@@ -483,6 +483,26 @@ __global__ void gate_mul(const T* __restrict__ g, const T* __restrict__ u, long 
     }
 }
 
+// Dense-backup rows of the training forward: h = g * u (fp32, rounded once) for R rows of n, and each row's
+// sum |h| (of the rounded h, fp32, fixed order) stored at row_l1[rows[r]].  One warp per row.
+template <typename T>
+__global__ void backup_gate_mul_l1(const T* __restrict__ g, const T* __restrict__ u, int R, int n,
+                                   const int* __restrict__ rows, T* __restrict__ h, float* __restrict__ row_l1)
+{
+    const int lane = threadIdx.x & 31;
+    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= R) return;
+    const long long base = (long long)r * n;
+    float s = 0.f;
+    for (int c = lane; c < n; c += 32) {
+        const T hv = from_f<T>(to_f<T>(g[base + c]) * to_f<T>(u[base + c]));
+        h[base + c] = hv;
+        s += fabsf(to_f<T>(hv));
+    }
+    s = warp_sum(s);
+    if (lane == 0) row_l1[rows[r]] = s;
+}
+
 // Training statistics in one launch (one CTA of 1024 threads): out[0] = sum(row_l1) / M (float64
 // accumulation in a fixed order), out[1] = nnz_all / M.
 __global__ void __launch_bounds__(1024) train_stats(const float* __restrict__ row_l1, int M,

@@ -474,8 +474,9 @@ __global__ void __launch_bounds__(ROUTE_THREADS) column_offsets(const int* __res
 // TwELL -> CSR entries of the compact Hybrid rows (training forward after the fused gate GEMM).  One
 // warp per row; lane l takes tiles l, l + 32, ...: a warp scan of the tile counts places each tile's
 // slots (already in ascending column order) at row_ptr[row] + offset.  Rows that are Hybrid backup rows
-// (backup_slot >= 0) or that overflowed a TwELL tile (their slots hold only the first S entries of a
-// tile; the caller refills them from a recomputed dense row) are skipped.
+// (backup_slot >= 0) are skipped.  A compact row that overflowed a TwELL tile (its slots hold only the first
+// S entries of a tile; the caller refills it from a recomputed dense row) gets placeholder entries (column
+// 0, value 0) so that a kernel reading it before the refill stays in bounds.
 template <typename T>
 __global__ void __launch_bounds__(256) twell_rows_to_csr(
     const int* __restrict__ counts, const u8* __restrict__ indices, const T* __restrict__ values, int M,
@@ -484,8 +485,15 @@ __global__ void __launch_bounds__(256) twell_rows_to_csr(
 {
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= M || backup_slot[row] >= 0 || row_route[row] == ROUTE_OVERFLOW) return;
+    if (row >= M || backup_slot[row] >= 0) return;
     int out = row_ptr[row];
+    if (row_route[row] == ROUTE_OVERFLOW) {
+        for (int p = out + lane; p < row_ptr[row + 1]; p += 32) {
+            col_indices[p] = 0;
+            out_values[p] = from_f<T>(0.0f);
+        }
+        return;
+    }
     for (int t0 = 0; t0 < n_tiles; t0 += 32) {
         const int t = t0 + lane;
         const long long rt = (long long)row * n_tiles + t;

@@ -149,10 +149,14 @@ def test_fused_gate_kernel_refuses_what_it_cannot_run(cp):
 
 
 @pytest.mark.parametrize("dtype", FUSED_DTYPES)
-def test_training_forward_with_fused_gate_equals_cublas_gate(cp, dtype):
+@pytest.mark.parametrize("presized", [True, False])
+def test_training_forward_with_fused_gate_equals_cublas_gate(cp, dtype, presized, monkeypatch):
     """The training forward's gate pattern from the fused GEMM (TwELL -> CSR, recomputed dense rows for
     backup rows and for compact rows that overflow a TwELL tile) is bitwise the cuBLAS + pack one, and so
-    are y, the saved values and every gradient (exact integer gates)."""
+    are y, the saved values and every gradient (exact integer gates) -- with the compact entries presized
+    (queued before the read-back) and sized first."""
+    from twell.kernels import train
+    monkeypatch.setattr(train, "PRESIZE_MAX_BYTES", train.PRESIZE_MAX_BYTES if presized else 0)
     m, d, n, threshold = 700, 256, 1000, 200
     x, wg = integer_gate_problem(cp, m, d, n, dtype, active_rate=0.1, seed=21)
     rng = np.random.default_rng(2)

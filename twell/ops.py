@@ -312,8 +312,11 @@ def gated_ffn_forward(x, w_gate, w_up, w_down, *, l1_weight=0.0, dense_row_thres
         pattern goes GEMM epilogue → TwELL → the hybrid's CSR (no dense gate
         activations in device memory); backup rows, and compact rows that
         overflow a TwELL tile, recompute their dense gate row with cuBLAS.
-        "auto" is "cublas" here (the fused gate did not pay in the training
-        step on the H200, docs/perf-notes.md).  Ignored on NumPy inputs.
+        "auto" is as in :func:`gated_ffn` (the Hopper fused kernel where it can
+        run, else cuBLAS + pack; ``twell.kernels.train.TRAINING_AUTO_FUSED``:
+        the fused gate saves 0.05-0.1 ms per step on the H200,
+        docs/perf-notes.md v8).
+        Ignored on NumPy inputs.
 
     Returns
     -------

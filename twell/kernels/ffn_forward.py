@@ -40,6 +40,7 @@ for _d in DEVICE_DTYPES:
     _names.append(f"reduce_split_rows<{_t}>")
     _names.append(f"gate_mul<{_t}, true>")
     _names.append(f"gate_mul<{_t}, false>")
+    _names.append(f"backup_gate_mul_l1<{_t}>")
 _names.append("train_stats")
 
 # Hot: the warp-per-row kernels and the 16-byte-load variants of the CTA kernels (the scalar-load
@@ -209,6 +210,18 @@ def train_stats(row_l1, nnz_all):
     out = cp.empty(2, dtype=cp.float64)
     get_kernel("ffn_forward", "train_stats")((1,), (1024,), (row_l1, i32(row_l1.shape[0]), nnz_all, out))
     return out
+
+
+def backup_gate_mul_l1(g, u, rows, row_l1):
+    """Dense-backup rows of the training forward: ``h = g * u`` (R, n) rounded once, and
+    ``row_l1[rows[r]] = sum |h[r]|`` (float32) -- one launch instead of five array operations."""
+    cp = _cp()
+    h = cp.empty_like(u)
+    r, n = u.shape
+    if r:
+        k = get_kernel("ffn_forward", f"backup_gate_mul_l1<{ctype_of(u.dtype, 'u')}>")
+        k((grid_1d(r, 8, cap=2**31 - 1),), (256,), (g, u, i32(r), i32(n), rows, h, row_l1))
+    return h
 
 
 def gate_mul(g, u, *, relu: bool):

@@ -1,9 +1,11 @@
 """GPU training path: hybrid-routed gated FFN forward and backward (arguments validated by twell.ops).
 
-Host synchronisation: exactly one, in the forward, right after the per-row
-counts (4 int32: compact non-zeros, backup rows, and two workspace bounds for
-the backward) -- the hybrid format is sized by what the batch needs.  The
-backward never synchronises.
+Host synchronisation: exactly one, in the forward: the read-back of 6 int32
+(compact entries, backup rows, compact rows to refill, a work counter, and two
+workspace bounds for the backward) -- the hybrid format is sized by what the
+batch needs.  When the batch is small enough to presize the compact entries
+(PRESIZE_MAX_BYTES), the up/down kernel is queued before the wait, so the GPU
+does not idle during it.  The backward never synchronises.
 """
 
 from __future__ import annotations
@@ -29,16 +31,22 @@ def _cp():
 #: threshold has its CSR entries refilled from a recomputed dense gate row (exact, rare).
 FUSED_TILE_WIDTH, FUSED_COMPRESSION = 256, 8
 
-#: What ``gate_kernel="auto"`` runs in the training forward: "fused" (the device's fused gate GEMM where it
-#: can run, else cuBLAS + pack) or "cublas".  Chosen from same-process A/B runs (docs/perf-notes.md, v8).
-TRAINING_AUTO_GATE = "cublas"
+#: ``gate_kernel="auto"`` in the training forward: True resolves it as the inference path does (the Hopper
+#: fused gate GEMM where it can run, else cuBLAS + pack); False keeps cuBLAS + pack.  From same-process A/B
+#: runs on the H200 (docs/perf-notes.md, v8): the fused gate saves 0.05-0.1 ms per step.
+TRAINING_AUTO_FUSED = True
 
 
 def training_gate_kernel(requested: str, x, w_gate) -> str:
-    """Resolve the training forward's ``gate_kernel`` ("auto" follows :data:`TRAINING_AUTO_GATE`)."""
-    if requested == "auto":
-        requested = TRAINING_AUTO_GATE
+    """Resolve the training forward's ``gate_kernel`` (see :data:`TRAINING_AUTO_FUSED`)."""
+    if requested == "auto" and not TRAINING_AUTO_FUSED:
+        return "cublas"
     return gate_gemm.choose_gate_kernel(requested, x, w_gate)
+
+
+#: Largest transient buffer (bytes) for presizing the training forward's compact entries (see
+#: gated_ffn_forward): 16 MiB at M = 16,384 with the default threshold; larger batches size them first.
+PRESIZE_MAX_BYTES = 64 << 20
 
 
 def gated_ffn_forward(x, w_gate, w_up, w_down, l1_weight: float, threshold: int, gate_kernel: str = "auto"):
@@ -69,9 +77,22 @@ def gated_ffn_forward(x, w_gate, w_up, w_down, l1_weight: float, threshold: int,
         plan = pack.hybrid_plan(tw.row_nnz, eff, tw.row_route)
         neuron_counts = tw.neuron_counts
     bounds = ffn_backward.workspace_bounds(neuron_counts)
-    nnz, n_backup, n_redo, _, item_bound, partial_bound = HostReadback(plan.totals, bounds).wait()
-    col_indices = cp.empty(nnz, dtype=cp.int32)
-    values = cp.empty(nnz, dtype=x.dtype)
+    readback = HostReadback(plan.totals, bounds)
+    # Presized: the compact entries and the up/down kernel are queued before the read-back is waited for,
+    # into buffers of the largest possible size (M * min(eff, n) entries), copied to their exact size after
+    # it (the GPU is busy with the up/down kernel meanwhile); else they are sized first.
+    cap = m * min(eff, n)
+    presized = cap * (4 + 2 * x.dtype.itemsize) <= PRESIZE_MAX_BYTES
+    if presized:
+        n_entries = cap
+    else:
+        nnz, n_backup, n_redo, _, item_bound, partial_bound = readback.wait()
+        n_entries = nnz
+    col_indices = cp.empty(n_entries, dtype=cp.int32)
+    values = cp.empty(n_entries, dtype=x.dtype)
+    u_values = cp.empty(n_entries, dtype=x.dtype)
+    y = cp.empty((m, d), dtype=x.dtype)
+    row_l1 = cp.empty(m, dtype=cp.float32)      # compact rows: the up/down kernel; backup rows: after it
     wpb = pack.WARPS_PER_BLOCK
     if z is not None:
         vec = n % 8 == 0 and aligned(z, 8 * z.dtype.itemsize)
@@ -83,35 +104,43 @@ def gated_ffn_forward(x, w_gate, w_up, w_down, l1_weight: float, threshold: int,
         k((grid_1d(m, wpb, cap=2**31 - 1),), (32 * wpb,),
           (tw.counts, tw.indices, tw.values, i32(m), i32(tw.counts.shape[1]), i32(tw.indices.shape[2]),
            i32(FUSED_TILE_WIDTH), tw.row_route, plan.backup_slot, plan.row_ptr, col_indices, values))
-        if n_redo:                                                      # rare: exact, from recomputed rows
-            rows = plan.redo_rows_buf[:n_redo]
-            z_rows = cp.matmul(x[rows], w_gate.T)
-            vec = n % 8 == 0 and aligned(z_rows, 8 * z_rows.dtype.itemsize)
-            fill = get_kernel("pack", f"fill_hybrid_rows<{ct}, true, {cbool(vec)}>")
-            fill((grid_1d(n_redo, wpb, cap=2**31 - 1),), (32 * wpb,),
-                 (z_rows, i32(n_redo), i32(n), cp.ascontiguousarray(plan.row_ptr[rows]),
-                  cp.full(n_redo, -1, dtype=cp.int32), col_indices, values))
-        tw = None
+
+    def up_down(work_counter):
+        ffn_forward.csr_up_down(x, plan.row_ptr, col_indices, values, plan.backup_slot, w_up, w_down, y, u_values,
+                                row_l1, work_counter=work_counter)
+
+    if presized or not n_redo:
+        up_down(plan.totals[3:4])
+    if presized:
+        nnz, n_backup, n_redo, _, item_bound, partial_bound = readback.wait()
+    if n_redo:
+        # rare (fused gate only): compact rows whose TwELL tile overflowed its slots get their entries from a
+        # recomputed dense gate row, exactly; when presized, the up/down kernel then runs again (same values
+        # for every other row)
+        rows = plan.redo_rows_buf[:n_redo]
+        z_rows = cp.matmul(x[rows], w_gate.T)
+        vec = n % 8 == 0 and aligned(z_rows, 8 * z_rows.dtype.itemsize)
+        fill = get_kernel("pack", f"fill_hybrid_rows<{ct}, true, {cbool(vec)}>")
+        fill((grid_1d(n_redo, wpb, cap=2**31 - 1),), (32 * wpb,),
+             (z_rows, i32(n_redo), i32(n), cp.ascontiguousarray(plan.row_ptr[rows]),
+              cp.full(n_redo, -1, dtype=cp.int32), col_indices, values))
+        up_down(cp.zeros(1, dtype=cp.int32))
+    tw = None
     backup_rows = plan.backup_rows_buf[:n_backup]
-    z_backup = z[backup_rows] if (z is not None and n_backup) else None
-    z = None                                                            # the dense gate is not kept
-    y = cp.empty((m, d), dtype=x.dtype)
-    u_values = cp.empty(nnz, dtype=x.dtype)
-    row_l1 = cp.empty(m, dtype=cp.float32)      # compact rows: the kernel below; backup rows: after it
-    ffn_forward.csr_up_down(x, plan.row_ptr, col_indices, values, plan.backup_slot, w_up, w_down, y, u_values,
-                            row_l1, work_counter=plan.totals[3:4])
     if n_backup:
         x_b = x[backup_rows]
-        if z_backup is None:
-            z_backup = cp.matmul(x_b, w_gate.T)
+        z_backup = z[backup_rows] if z is not None else cp.matmul(x_b, w_gate.T)
+        z = None
         backup_values = pack.relu_keep_nan(z_backup)
         up_backup = cp.matmul(x_b, w_up.T)
-        h = ffn_forward.gate_mul(backup_values, up_backup, relu=False)
+        h = ffn_forward.backup_gate_mul_l1(backup_values, up_backup, backup_rows, row_l1)
         y[backup_rows] = cp.matmul(h, w_down)
-        row_l1[backup_rows] = cp.abs(h.astype(cp.float32)).sum(axis=1)
     else:
         backup_values = cp.empty((0, n), dtype=x.dtype)
         up_backup = cp.empty((0, n), dtype=x.dtype)
+    z = None                                                            # the dense gate is not kept
+    if presized:                                                        # exact sizes for the saved state
+        col_indices, values, u_values = col_indices[:nnz].copy(), values[:nnz].copy(), u_values[:nnz].copy()
     l1_l0 = ffn_forward.train_stats(row_l1, plan.nnz_all)
     gate = Hybrid(plan.row_ptr, col_indices, values, plan.backup_slot, backup_rows, backup_values, n, eff)
     stats = FFNStats(n_rows=m, n_cols=n, nnz=plan.nnz_all[0], l0=l1_l0[1], l1=l1_l0[0], neuron_counts=neuron_counts,
