@@ -24,7 +24,7 @@ for dtype in ("bfloat16", "float16", "float32"):
                                            xp=cp)
                 dy = bench.make_dy(p, 0)
                 y, saved, stats = twell.gated_ffn_forward(p.x, p.w_gate, p.w_up, p.w_down, l1_weight=1e-3,
-                                                          dense_row_threshold=60, gate_kernel=gate)
+                                                          dense_row_threshold=35, gate_kernel=gate)
                 grads = twell.gated_ffn_backward(saved, dy)
                 cp.cuda.Device().synchronize()
                 sums = " ".join(f"{float(g.astype(cp.float32).sum()):.4g}" for g in (y, *grads))
