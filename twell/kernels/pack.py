@@ -228,6 +228,9 @@ def pack_hybrid_async(dense, dense_row_threshold: int, *, relu: bool = False, ne
     """Count entries per row, route rows, scan offsets; no host sync."""
     cp = _cp()
     m, n = dense.shape
+    if m * min(dense_row_threshold, n) >= 2**31:
+        raise ValueError(f"dense with M = {m} rows of up to {min(dense_row_threshold, n)} compact entries each "
+                         "could overflow the Hybrid's int32 row offsets; split it")
     ct = ctype_of(dense.dtype, "dense")
     vec = n % 8 == 0 and aligned(dense, 8 * dense.dtype.itemsize)
     row_nnz = cp.empty(m, dtype=cp.int32)
