@@ -99,21 +99,3 @@ __device__ __forceinline__ int next_row(int* work_counter) {
     return __shfl_sync(0xffffffffu, row, 0);
 }
 
-// Next row in "heavy rows first" order (longest-first scheduling: a warp-per-row kernel's tail is the last
-// long row handed out).  Counter values [0, n_heavy) are heavy_rows[...] -- rows with more than
-// heavy_threshold entries, listed by the routing kernel in any order; then [n_heavy, n_heavy + M) are the
-// rows in order, the heavy ones skipped.  Each row is still computed by one warp with the same arithmetic,
-// so the results do not depend on the order.  Returns -1 when done, -2 for a counter value to skip.
-// heavy_rows == nullptr: plain row order.
-__device__ __forceinline__ int next_row_heavy_first(int* work_counter, int M, const int* __restrict__ heavy_rows,
-                                                    const int* __restrict__ heavy_count,
-                                                    const int* __restrict__ row_nnz, int heavy_threshold) {
-    const int c = next_row(work_counter);
-    if (heavy_rows == nullptr) return c < M ? c : -1;
-    const int nh = *heavy_count;
-    if (c < nh) return heavy_rows[c];
-    const int r = c - nh;
-    if (r >= M) return -1;
-    return row_nnz[r] > heavy_threshold ? -2 : r;
-}
-

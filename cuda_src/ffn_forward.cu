@@ -336,9 +336,7 @@ __global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) twell_up_down_warp(
     const T* __restrict__ x, const int* __restrict__ counts, const u8* __restrict__ indices,
     const T* __restrict__ values, const int* __restrict__ route, int compact,
     const T* __restrict__ w_up, const T* __restrict__ w_down,
-    int M, int n_tiles, int slots, int tile_width, T* __restrict__ y,
-    const int* __restrict__ heavy_rows, const int* __restrict__ heavy_count, const int* __restrict__ row_nnz,
-    int heavy_threshold, int* __restrict__ work_counter)
+    int M, int n_tiles, int slots, int tile_width, T* __restrict__ y, int* __restrict__ work_counter)
 {
     constexpr int D = NC * 256;
     __shared__ int s_col[WARP_KERNEL_WARPS][MAX_LIST];
@@ -347,9 +345,9 @@ __global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) twell_up_down_warp(
     int* lcol = s_col[warp];
     float* lval = s_val[warp];
     for (;;) {
-        const int row = next_row_heavy_first(work_counter, M, heavy_rows, heavy_count, row_nnz, heavy_threshold);
-        if (row == -1) break;
-        if (row < 0 || route[row] != compact) continue;
+        const int row = next_row(work_counter);
+        if (row >= M) break;
+        if (route[row] != compact) continue;
         // Active list (ascending column): warp prefix sum over tiles.
         int len = 0;
         for (int t0 = 0; t0 < n_tiles; t0 += 32) {

@@ -510,12 +510,9 @@ __global__ void __launch_bounds__(256) twell_rows_to_csr(
 
 // Route rows from TwELL counts (after the fused gate GEMM, which writes counts and slots but sees only
 // 256 columns of a row at a time).  One warp per row; same codes and totals as pack_twell.
-// heavy_rows (nullable): compact rows with more than heavy_threshold entries are also listed there (in any
-// order; totals[3] counts them) so that the up/down kernel can start them first (see next_row_heavy_first).
 __global__ void __launch_bounds__(256) route_twell_counts(
     const int* __restrict__ counts, int M, int n_tiles, int slots, int threshold,
-    int* __restrict__ row_nnz, int* __restrict__ row_route, int* __restrict__ totals,
-    int heavy_threshold, int* __restrict__ heavy_rows)
+    int* __restrict__ row_nnz, int* __restrict__ row_route, int* __restrict__ totals)
 {
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -536,7 +533,5 @@ __global__ void __launch_bounds__(256) route_twell_counts(
         row_route[row] = route;
         if (route != ROUTE_COMPACT) atomicAdd(totals, 1);
         if (overflow) atomicAdd(totals + 1, 1);
-        if (heavy_rows != nullptr && route == ROUTE_COMPACT && nnz > heavy_threshold)
-            heavy_rows[atomicAdd(totals + 3, 1)] = row;
     }
 }

@@ -274,26 +274,3 @@ def test_ops_run_on_the_current_stream(cp, m):
     np.testing.assert_array_equal(y_train.get().view(np.uint16), y_ref.get().view(np.uint16))
     for g, r in zip(grads, grads_ref):
         np.testing.assert_array_equal(g.get().view(np.uint16), r.view(np.uint16))
-
-
-def test_heavy_rows_first_lists_them_and_changes_nothing(cp, monkeypatch):
-    """The routing kernel lists exactly the compact rows over the heavy threshold (in any order), and the
-    up/down kernel's longest-first order gives bitwise the same y as row order."""
-    from twell import synthetic
-    from twell.kernels import ffn_forward, gate_gemm
-    p = synthetic.make_problem(3001, 512, 1000, mean_active=40.0, kind="token_skew", dtype="bfloat16", seed=3,
-                               xp=cp)
-    x, wg, wu, wd = p.arrays()
-    tw = gate_gemm.gate_twell_async(x, wg, 64, 4, 128, kernel=gate_gemm.fused_kernel_for_device(),
-                                    heavy_first=20)
-    nnz, route = cp.asnumpy(tw.row_nnz), cp.asnumpy(tw.row_route)
-    expected = np.flatnonzero((route == 0) & (nnz > 20))
-    count = int(tw.totals[3])
-    assert 0 < count == expected.size
-    np.testing.assert_array_equal(np.sort(cp.asnumpy(tw.heavy_rows[:count])), expected)
-    monkeypatch.setattr(ffn_forward, "HEAVY_FIRST_ENTRIES", None)
-    y_rows = twell.gated_ffn(x, wg, wu, wd)
-    for h in (0, 20, 60):
-        monkeypatch.setattr(ffn_forward, "HEAVY_FIRST_ENTRIES", h)
-        y = twell.gated_ffn(x, wg, wu, wd)
-        np.testing.assert_array_equal(cp.asnumpy(y.view(cp.uint16)), cp.asnumpy(y_rows.view(cp.uint16)))

@@ -100,13 +100,8 @@ def launch_warp_rows(kernel, m: int, list_bytes_per_warp: int, args: tuple, work
     kernel((blocks,), (threads,), tuple(args) + (work_counter,))
 
 
-#: Compact rows with more active entries than this are started first by the warp-per-row up/down kernel
-#: (longest-first order; the routing kernel lists them).  None: plain row order.  perf-notes.md, v10.
-HEAVY_FIRST_ENTRIES: int | None = 48
-
-
 def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: int, y, *, compact: int = -1,
-                  gated: bool = True, splits: int | None = None, work_counter=None, heavy=None):
+                  gated: bool = True, splits: int | None = None, work_counter=None):
     """Fused up/down for the compact rows of a TwELL gate (backup rows are left untouched).
 
     x (M, d); counts (M, NT) int32; indices (M, NT, S) uint8; values (M, NT, S);
@@ -115,9 +110,7 @@ def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: i
     compact = 0); w_up, w_down (n, d); y (M, d) written for compact rows.
     ``gated=False``: the TwELL values are h itself and ``w_up`` is unused.
     ``work_counter``: a zeroed int32 device scalar for the warp path's dynamic
-    row scheduler (allocated if not given).  ``heavy``: (heavy_rows, heavy_count,
-    row_nnz, heavy_threshold) from the routing kernel -- the warp path then
-    starts the listed rows first (:data:`HEAVY_FIRST_ENTRIES`); same results.
+    row scheduler (allocated if not given).
     """
     cp = _cp()
     m, d = x.shape
@@ -131,11 +124,9 @@ def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: i
     nc = warp_path_nc(x.dtype, d, x, w_up, w_down, y)
     if nc and splits == 1:
         k = get_kernel("ffn_forward", f"twell_up_down_warp<{ct}, {nc}, {cbool(gated)}>")
-        heavy_rows, heavy_count, row_nnz, heavy_threshold = heavy if heavy is not None else (NULL, NULL, NULL, 0)
         launch_warp_rows(k, m, MAX_LIST * 8,
                          (x, counts, indices, values, route, i32(compact), w_up, w_down, i32(m), i32(n_tiles),
-                          i32(slots), i32(tile_width), y, heavy_rows, heavy_count, row_nnz, i32(heavy_threshold)),
-                         work_counter)
+                          i32(slots), i32(tile_width), y), work_counter)
         return y
     vec = _vec_ok(x.dtype, d, x, w_up, w_down, y)
     k = get_kernel("ffn_forward", f"twell_up_down<{ct}, {cbool(vec)}, {cbool(gated)}>")

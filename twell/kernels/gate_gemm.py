@@ -345,15 +345,14 @@ def route_pending(p: TwellPending) -> TwellPending:
     totals = cp.zeros(3, dtype=cp.int32)
     route = get_kernel("pack", "route_twell_counts")
     route((grid_1d(m, _ROUTE_WARPS, cap=2**31 - 1),), (32 * _ROUTE_WARPS,),
-          (p.counts, i32(m), i32(n_tiles), i32(slots), i32(p.dense_row_threshold), p.row_nnz, p.row_route, totals,
-           i32(0), NULL))
+          (p.counts, i32(m), i32(n_tiles), i32(slots), i32(p.dense_row_threshold), p.row_nnz, p.row_route, totals))
     return TwellPending(p.counts, p.indices, p.values, p.row_nnz, p.row_route, totals, p.n_cols, p.tile_width,
                         p.dense_row_threshold, p.neuron_counts)
 
 
 def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_threshold: int, *,
                      kernel: str = "wgmma", neuron_counts: bool = False,
-                     cluster: int | None = None, heavy_first: int | None = None, _pack: bool = True) -> TwellPending:
+                     cluster: int | None = None, _pack: bool = True) -> TwellPending:
     """TwELL of ``relu(x w_gateᵀ)`` straight from the GEMM, plus the per-row routing; no host sync.
 
     Parameters
@@ -371,9 +370,6 @@ def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_thr
     cluster : {1, 2} or None
         Thread-block cluster size of the Hopper kernel (CTAs sharing each w tile by TMA multicast);
         None: the module default :data:`WGMMA_CLUSTER`.
-    heavy_first : int or None
-        Also list the compact rows with more entries than this (``heavy_rows``, ``totals[3]``) for the
-        up/down kernel's longest-first order; None: no list.
 
     Returns
     -------
@@ -413,12 +409,9 @@ def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_thr
         raise ValueError(f"kernel must be 'wgmma' or 'mma', got {kernel!r}")
     row_nnz = cp.empty(m, dtype=cp.int32)
     row_route = cp.empty(m, dtype=cp.int32)
-    totals = cp.zeros(4, dtype=cp.int32)
-    heavy = heavy_first is not None and heavy_first < dense_row_threshold
-    heavy_rows = cp.empty(max(m, 1), dtype=cp.int32) if heavy else None
+    totals = cp.zeros(3, dtype=cp.int32)
     route = get_kernel("pack", "route_twell_counts")
     route((grid_1d(m, _ROUTE_WARPS, cap=2**31 - 1),), (32 * _ROUTE_WARPS,),
-          (counts, i32(m), i32(n_tiles), i32(slots), i32(dense_row_threshold), row_nnz, row_route, totals,
-           i32(heavy_first if heavy else 0), NULL if heavy_rows is None else heavy_rows))
+          (counts, i32(m), i32(n_tiles), i32(slots), i32(dense_row_threshold), row_nnz, row_route, totals))
     return TwellPending(counts, indices, values, row_nnz, row_route, totals, n, tile_width, dense_row_threshold,
-                        ncounts, heavy_rows, heavy_first if heavy else 0)
+                        ncounts)

@@ -76,8 +76,7 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
                                                 neuron_counts=return_stats)
         else:
             p = gate_gemm.gate_twell_async(x, w_first, tile_width, compression, eff, kernel=kernel,
-                                           neuron_counts=return_stats,
-                                           heavy_first=ffn_forward.HEAVY_FIRST_ENTRIES)
+                                           neuron_counts=return_stats)
     if fused_forward:
         n_backup, n_overflow, _, n_deferred = HostReadback(p.totals).wait()
         if n_deferred:
@@ -90,9 +89,8 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
             n_backup, n_overflow = readback.wait()
     else:
         readback = HostReadback(p.totals[:2], overlap=True)      # the up/down kernel only touches totals[2]
-        heavy = (p.heavy_rows, p.totals[3:4], p.row_nnz, p.heavy_threshold) if p.heavy_rows is not None else None
         ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.row_route, w_up, w_down, tile_width, y,
-                                  compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3], heavy=heavy)
+                                  compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3])
         n_backup, n_overflow = readback.wait()
     if n_backup == m:
         # Every row is dense (a dense batch): plain cuBLAS on the whole batch, no gathers or scatters.

@@ -59,13 +59,11 @@ class TwellPending:
     values: object
     row_nnz: object
     row_route: object  # int32 (M,): 0 compact, 1 over the row threshold, 2 a tile overflowed
-    totals: object  # int32 (3,) or (4,) on the device: backup rows, overflowed rows, 0 (work counter), heavy rows
+    totals: object  # int32 (3,) on the device: backup rows, overflowed rows, 0 (work counter)
     n_cols: int
     tile_width: int
     dense_row_threshold: int
     neuron_counts: object = None
-    heavy_rows: object = None  # int32 (M,) or None: compact rows over heavy_threshold (totals[3] of them), any order
-    heavy_threshold: int = 0
 
 
 def pack_twell_async(dense, tile_width: int, compression: int, dense_row_threshold: int, *, relu: bool = False,
