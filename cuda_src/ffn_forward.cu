@@ -380,6 +380,282 @@ __global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) twell_up_down_warp(
     }
 }
 
+// ---------------------------------------------------------------- split path: up lists, then token-block down
+// The fused warp kernel above gathers 8 KiB of weight rows per (token, active neuron) pair from L2.  The
+// split path gathers only w_up per pair (twell_up_lists) and reads w_down once per block of B tokens
+// (down_token_blocks): a CTA owns B tokens and a D-column slice of y in registers and streams the
+// slice of every w_down row used by its tokens through shared memory, 256 rows (one window) at a time.
+// Every w_down row is then read once per block instead of once per pair: at 29 active of 5632 per token
+// and B = 256, 27 % of the rows are unused by a block (skipped) and each used row serves 1.8 tokens.
+// Same arithmetic as twell_up_down_warp (the dot chain, h = g * dot, y accumulated over the list in
+// ascending column order), so y is bitwise the fused kernel's.
+#define DOWN_WINDOW 256
+
+// One warp, one gated compact row: out[e] = (col_e, h_e = g_e * (x . w_up[col_e])).  DEPTH = 2: the next
+// row is in flight while this one is reduced (as warp_gated_row); DEPTH = 3: the next two.
+template <typename T, int NC, int DEPTH>
+__device__ __forceinline__ void warp_up_list(const uint4 (&xr)[NC], const int* lcol, const float* lval, int len,
+                                             const T* __restrict__ w_up, int2* __restrict__ out) {
+    constexpr int D = NC * 256;
+    const int lane = threadIdx.x & 31;
+    const T* tag = nullptr;
+    auto load = [&](uint4 (&b)[NC], int e) {
+        if (e < len) {
+            const uint4* wu = reinterpret_cast<const uint4*>(w_up + (long long)lcol[e] * D);
+#pragma unroll
+            for (int k = 0; k < NC; ++k) b[k] = __ldg(wu + k * 32 + lane);
+        }
+    };
+    auto dot_store = [&](const uint4 (&b)[NC], int e) {
+        float dot = 0.f;
+#pragma unroll
+        for (int k = 0; k < NC; ++k) {
+            float fu[8], fx[8];
+            unpack8(b[k], fu, tag);
+            unpack8(xr[k], fx, tag);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) dot = fmaf(fu[i], fx[i], dot);
+        }
+        dot = warp_sum(dot);
+        if (lane == 0) out[e] = make_int2(lcol[e], __float_as_int(lval[e] * dot));
+    };
+    if (DEPTH == 2) {
+        uint4 cur[NC], nxt[NC];
+        load(cur, 0);
+        for (int e = 0; e < len; ++e) {
+            load(nxt, e + 1);
+            dot_store(cur, e);
+#pragma unroll
+            for (int k = 0; k < NC; ++k) cur[k] = nxt[k];
+        }
+    } else {
+        uint4 b0[NC], b1[NC], b2[NC];
+        load(b0, 0);
+        load(b1, 1);
+        load(b2, 2);
+        for (int e = 0; e < len; e += 3) {
+            dot_store(b0, e);
+            load(b0, e + 3);
+            if (e + 1 < len) { dot_store(b1, e + 1); load(b1, e + 4); }
+            if (e + 2 < len) { dot_store(b2, e + 2); load(b2, e + 5); }
+        }
+    }
+}
+
+// Warp per row (dynamic scheduling).  For every row: win_off[row, w] = list position of the first entry
+// of window w (columns [256 w, 256 w + 256)), win_off[row, n_windows] = list length (all 0 for rows that
+// are not compact).  Compact rows: lists[row, e] = (column, h) (GATED) or (column, value) in ascending
+// column order.  cap = row stride of lists (>= every compact row's length).
+template <typename T, int NC, bool GATED, int DEPTH>
+__global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) twell_up_lists(
+    const T* __restrict__ x, const int* __restrict__ counts, const u8* __restrict__ indices,
+    const T* __restrict__ values, const int* __restrict__ route, int compact, const T* __restrict__ w_up,
+    int M, int n_tiles, int slots, int tile_width, int cap, int n_windows,
+    int2* __restrict__ lists, int* __restrict__ win_off, int* __restrict__ work_counter)
+{
+    constexpr int D = NC * 256;
+    __shared__ int s_col[WARP_KERNEL_WARPS][MAX_LIST];
+    __shared__ float s_val[WARP_KERNEL_WARPS][MAX_LIST];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int* lcol = s_col[warp];
+    float* lval = s_val[warp];
+    const int tiles_per_window = DOWN_WINDOW / tile_width;
+    for (;;) {
+        const int row = next_row(work_counter);
+        if (row >= M) break;
+        int* offs = win_off + (long long)row * (n_windows + 1);
+        if (route[row] != compact) {
+            for (int w = lane; w <= n_windows; w += 32) offs[w] = 0;
+            continue;
+        }
+        int len = 0;
+        for (int t0 = 0; t0 < n_tiles; t0 += 32) {
+            const int t = t0 + lane;
+            const int c = (t < n_tiles) ? min(counts[(long long)row * n_tiles + t], slots) : 0;
+            const int incl = warp_inclusive_scan(c);
+            const int pos = len + incl - c;
+            if (t < n_tiles && t % tiles_per_window == 0) offs[t / tiles_per_window] = min(pos, cap);
+            const long long base = ((long long)row * n_tiles + t) * slots;
+            for (int s = 0; s < c; ++s) {
+                if (pos + s < cap) {
+                    lcol[pos + s] = t * tile_width + indices[base + s];
+                    lval[pos + s] = to_f<T>(values[base + s]);
+                }
+            }
+            len += __shfl_sync(0xffffffffu, incl, 31);
+        }
+        len = min(len, cap);
+        if (lane == 0) offs[n_windows] = len;
+        __syncwarp();
+        int2* out = lists + (long long)row * cap;
+        if (GATED) {
+            uint4 xr[NC];
+            load_row_stream<T, NC>(x + (long long)row * D, xr);
+            warp_up_list<T, NC, DEPTH>(xr, lcol, lval, len, w_up, out);
+        } else {
+            for (int e = lane; e < len; e += 32) out[e] = make_int2(lcol[e], __float_as_int(lval[e]));
+        }
+        __syncwarp();
+    }
+}
+
+// LC consecutive 16-bit elements from shared memory as fp32.
+template <typename T, int LC> __device__ __forceinline__ void load_lc(const T* p, float (&f)[LC]) {
+    const T* tag = nullptr;
+    float g[8];
+    if (LC == 8) {
+        unpack8(*reinterpret_cast<const uint4*>(p), g, tag);
+    } else if (LC == 4) {
+        const uint2 v = *reinterpret_cast<const uint2*>(p);
+        unpack8(make_uint4(v.x, v.y, 0u, 0u), g, tag);
+    } else {
+        unpack8(make_uint4(*reinterpret_cast<const unsigned*>(p), 0u, 0u, 0u), g, tag);
+    }
+#pragma unroll
+    for (int i = 0; i < LC; ++i) f[i] = g[i];
+}
+
+template <typename T, int LC> __device__ __forceinline__ void store_lc(T* p, const float (&f)[LC]) {
+    T o[LC];
+#pragma unroll
+    for (int i = 0; i < LC; ++i) o[i] = from_f<T>(f[i]);
+    if (LC == 8) __stcs(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(o));
+    else if (LC == 4) __stcs(reinterpret_cast<uint2*>(p), *reinterpret_cast<const uint2*>(o));
+    else __stcs(reinterpret_cast<unsigned*>(p), *reinterpret_cast<const unsigned*>(o));
+}
+
+template <int N> __device__ __forceinline__ void cp_async_wait_pending() {
+    asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
+
+// Dynamic shared memory of down_token_blocks (bytes): STAGES windows of w_down slices, the block's window
+// offsets, the union bitmap of the block's columns.
+__host__ __device__ constexpr int down_smem_bytes(int stages, int lc, int elem, int block, int n_windows) {
+    return stages * DOWN_WINDOW * 32 * lc * elem + block * (n_windows + 1) * 4 + n_windows * 8 * 4;
+}
+
+// y[tok, slice] = sum over the token's list of h * w_down[col, slice], for the compact rows of a block of
+// B = TPW * WARPS tokens (blockIdx.x) and a slice of D = 32 * LC columns (blockIdx.y).  Warp w owns tokens
+// [w * TPW, (w + 1) * TPW) of the block; lane l owns columns [l * LC, (l + 1) * LC) of the slice of each.
+// Prologue: the block's window offsets to shared memory, and the union of its columns (shared atomics).
+// Then windows of 256 w_down rows: the rows in the union are copied to shared memory (cp.async, STAGES
+// windows in flight), the list entries of the next window are fetched into registers (PRE = 32 / TPW per
+// token; the rare others are read when needed).  d % D == 0, 16-byte aligned rows.
+template <typename T, int LC, int TPW, int WARPS, int STAGES>
+__global__ void __launch_bounds__(32 * WARPS) down_token_blocks(
+    const int2* __restrict__ lists, int cap, const int* __restrict__ win_off, int n_windows,
+    const int* __restrict__ route, int compact, const T* __restrict__ w_down, int M, int d, T* __restrict__ y)
+{
+    constexpr int D = 32 * LC;
+    constexpr int B = TPW * WARPS;
+    constexpr int PRE = 32 / TPW;
+    constexpr int CH = D / 8;                 // 16-byte chunks per row slice
+    constexpr int THREADS = 32 * WARPS;
+    constexpr unsigned FULL = 0xffffffffu;
+    extern __shared__ __align__(16) unsigned char down_smem[];
+    T* ws = reinterpret_cast<T*>(down_smem);  // [STAGES][DOWN_WINDOW][D]
+    const int stride = n_windows + 1;
+    int* s_off = reinterpret_cast<int*>(down_smem + STAGES * DOWN_WINDOW * D * sizeof(T));   // [B][stride]
+    unsigned* s_bits = reinterpret_cast<unsigned*>(s_off + B * stride);                     // [n_windows * 8]
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int blk0 = blockIdx.x * B;
+    const int n_tok = min(B, M - blk0);
+    const int tok0 = blk0 + warp * TPW;
+    const int my_i = lane % TPW, my_r = lane / TPW;
+    const int my_tl = warp * TPW + my_i;
+    const int2* my_list = lists + (long long)(blk0 + (my_tl < n_tok ? my_tl : 0)) * cap;
+    const T* wsrc = w_down + (long long)blockIdx.y * D;
+
+    {
+        const int* src = win_off + (long long)blk0 * stride;
+        for (int q = threadIdx.x; q < B * stride; q += THREADS) s_off[q] = q < n_tok * stride ? src[q] : 0;
+        for (int q = threadIdx.x; q < n_windows * 8; q += THREADS) s_bits[q] = 0u;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < TPW; ++i) {
+        const int tl = warp * TPW + i;
+        const int len = s_off[tl * stride + n_windows];
+        const int2* lst = lists + (long long)(blk0 + tl) * cap;
+        for (int e = lane; e < len; e += 32) {
+            const int j = lst[e].x;
+            atomicOr(&s_bits[j >> 5], 1u << (j & 31));
+        }
+    }
+    __syncthreads();
+
+    auto fill = [&](int w) {
+        if (w < n_windows) {
+            T* dst = ws + (w % STAGES) * DOWN_WINDOW * D;
+            const unsigned* wb = s_bits + w * 8;
+            for (int q = threadIdx.x; q < DOWN_WINDOW * CH; q += THREADS) {
+                const int r = q / CH, ch = q % CH;
+                if ((wb[r >> 5] >> (r & 31)) & 1u)
+                    cp_async16(dst + r * D + ch * 8, wsrc + (long long)(w * DOWN_WINDOW + r) * d + ch * 8, 16);
+            }
+        }
+        cp_async_commit();                     // one group per window (empty past the end)
+    };
+    auto fetch = [&](int w, int& o0, int& c, int2& ent) {
+        o0 = s_off[my_tl * stride + w];
+        c = s_off[my_tl * stride + w + 1] - o0;
+        ent = (my_r < c) ? my_list[o0 + my_r] : make_int2(0, 0);
+    };
+
+    float acc[TPW][LC];
+#pragma unroll
+    for (int i = 0; i < TPW; ++i)
+#pragma unroll
+        for (int k = 0; k < LC; ++k) acc[i][k] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) fill(s);
+    int o0 = 0, c = 0;
+    int2 ent = make_int2(0, 0);
+    if (n_windows > 0) fetch(0, o0, c, ent);
+    for (int w = 0; w < n_windows; ++w) {
+        cp_async_wait_pending<STAGES - 2>();
+        __syncthreads();                       // window w resident; every warp is done with window w - 1
+        fill(w + STAGES - 1);
+        int no0 = 0, nc = 0;
+        int2 nent = make_int2(0, 0);
+        if (w + 1 < n_windows) fetch(w + 1, no0, nc, nent);
+        const T* wst = ws + (w % STAGES) * DOWN_WINDOW * D + lane * LC;
+        const int jbase = w * DOWN_WINDOW;
+#pragma unroll
+        for (int i = 0; i < TPW; ++i) {
+            const int ci = __shfl_sync(FULL, c, i);
+            if (ci == 0) continue;
+            const int oi = __shfl_sync(FULL, o0, i);
+            for (int e = 0; e < ci; ++e) {
+                int j;
+                float hv;
+                if (e < PRE) {
+                    const int src = e * TPW + i;
+                    j = __shfl_sync(FULL, ent.x, src);
+                    hv = __int_as_float(__shfl_sync(FULL, ent.y, src));
+                } else {
+                    const int2 v = lists[(long long)(tok0 + i) * cap + oi + e];
+                    j = v.x;
+                    hv = __int_as_float(v.y);
+                }
+                float f[LC];
+                load_lc<T, LC>(wst + (j - jbase) * D, f);
+#pragma unroll
+                for (int k = 0; k < LC; ++k) acc[i][k] = fmaf(hv, f[k], acc[i][k]);
+            }
+        }
+        o0 = no0; c = nc; ent = nent;
+    }
+    const int my_route = (my_tl < n_tok) ? route[blk0 + my_tl] : compact + 1;
+    T* yb = y + (long long)blockIdx.y * D + lane * LC;
+#pragma unroll
+    for (int i = 0; i < TPW; ++i) {
+        const int r = __shfl_sync(FULL, my_route, i);
+        if (tok0 + i < M && r == compact) store_lc<T, LC>(yb + (long long)(tok0 + i) * d, acc[i]);
+    }
+}
+
 // ---------------------------------------------------------------- training forward (hybrid / CSR rows)
 // Fast path: one warp per compact row.  Also stores u_e at every entry (for the backward) and the
 // row's sum |h| (for the L1 statistic).  Backup rows (backup_slot >= 0) are skipped.

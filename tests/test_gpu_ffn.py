@@ -274,3 +274,49 @@ def test_ops_run_on_the_current_stream(cp, m):
     np.testing.assert_array_equal(y_train.get().view(np.uint16), y_ref.get().view(np.uint16))
     for g, r in zip(grads, grads_ref):
         np.testing.assert_array_equal(g.get().view(np.uint16), r.view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("m, d, n, tile_width, compression", [
+    (1, 256, 300, 64, 4), (300, 768, 1000, 32, 2), (1100, 2048, 5632, 256, 8), (2053, 512, 700, 128, 4),
+    (4100, 2048, 5632, 256, 8)])
+def test_split_up_down_bitwise_equals_fused_kernel(cp, dtype, gated, m, d, n, tile_width, compression):
+    """The split path (up lists + token-block down projection, every block configuration) computes the
+    fused warp kernel's y bit for bit; rows routed to the backup (over the threshold or overflowed), rows
+    with no entry and a partial last block and window are included; routed rows stay untouched."""
+    from twell.kernels import ffn_forward, pack
+    rng = np.random.default_rng(m + d)
+    x, wg, wu, wd = (cp.asarray(a) for a in make_ffn(rng, m, d, n, dtype, mean_active=min(30.0, n / 8),
+                                                     row_bias=rng.lognormal(0, 0.3, m)))
+    z = cp.matmul(x, wg.T)
+    z[: max(1, m // 50)] = -1                                     # rows with no entry
+    threshold = 64
+    p = pack.pack_twell_async(z, tile_width, compression, threshold, relu=True)
+    route = p.row_route.get()
+    if m > 100:
+        assert (route != pack.ROUTE_COMPACT).any() and (route == pack.ROUTE_COMPACT).any()
+    args = (x, p.counts, p.indices, p.values, p.row_route, wu, wd, tile_width)
+    poison = cp.full((m, d), np.nan, dtype=x.dtype)
+    ref = poison.copy()
+    ffn_forward.twell_up_down(*args, ref, compact=pack.ROUTE_COMPACT, gated=gated, split=False, splits=1)
+    ref = ref.get()
+    assert np.isnan(ref[route != pack.ROUTE_COMPACT]).all() and not np.isnan(ref[route == pack.ROUTE_COMPACT]).any()
+    for depth in (2, 3):
+        ffn_forward.UP_DEPTH = depth
+        try:
+            lists, win_off, n_windows = ffn_forward.up_lists(x, p.counts, p.indices, p.values, p.row_route,
+                                                             pack.ROUTE_COMPACT, wu, tile_width, gated, threshold)
+        finally:
+            ffn_forward.UP_DEPTH = 2
+        for config in ffn_forward.DOWN_BLOCK_CONFIGS:
+            for stages in (2, 3):
+                y = poison.copy()
+                ffn_forward.down_token_blocks(lists, win_off, n_windows, p.row_route, pack.ROUTE_COMPACT, wd, y,
+                                              config, stages)
+                np.testing.assert_array_equal(y.get().view(np.uint16), ref.view(np.uint16),
+                                              err_msg=f"{config} stages {stages} depth {depth}")
+    for max_list in (threshold, None):                             # through the launcher
+        y = poison.copy()
+        ffn_forward.twell_up_down(*args, y, compact=pack.ROUTE_COMPACT, gated=gated, split=True, max_list=max_list)
+        np.testing.assert_array_equal(y.get().view(np.uint16), ref.view(np.uint16))
