@@ -60,16 +60,6 @@ template <typename T, int N, bool VEC> struct Chunk {
     }
 };
 
-// ---------------------------------------------------------------- shared memory and cp.async (sm_80+)
-__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-
-// 16-byte global -> shared copy; src_bytes < 16 zero-fills the rest (0: all zeros, src not read).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
-
 // ---------------------------------------------------------------- warp helpers
 __device__ __forceinline__ int warp_inclusive_scan(int x) {
     const int lane = threadIdx.x & 31;

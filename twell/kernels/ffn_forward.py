@@ -24,18 +24,6 @@ THREADS = 128
 WARP_KERNEL_WARPS = 4
 WARP_KERNEL_MAX_NC = 8  # d <= 2048 on the warp-per-row path
 
-#: Split path (``twell_up_lists`` + ``down_token_blocks``): (columns per lane LC, tokens per warp TPW, warps)
-#: of the token-block down projection; the first is the default.  Block = TPW * warps tokens, slice = 32 * LC
-#: columns; 2 * 256 * 32 * LC * 2 bytes of shared memory.
-DOWN_BLOCK_CONFIGS = ((4, 16, 16), (2, 32, 16), (2, 16, 32), (4, 8, 32))
-DOWN_WINDOW = 256
-#: Batches with at least this many rows take the split path (smaller ones: too few token blocks to
-#: reuse w_down rows, and too few CTAs); ``USE_SPLIT = False`` turns it off.
-SPLIT_MIN_ROWS = 1024
-USE_SPLIT = True
-#: Largest list buffer (M * cap * 8 bytes) the split path allocates; larger batches take the fused kernel.
-SPLIT_MAX_LIST_BYTES = 1 << 30
-
 _names = []
 for _d in DEVICE_DTYPES:
     _t = ctype_of(_d, "dtype")
@@ -49,12 +37,6 @@ for _d in DEVICE_DTYPES:
             for _g in (True, False):
                 _names.append(f"twell_up_down_warp<{_t}, {_nc}, {cbool(_g)}>")
             _names.append(f"csr_up_down_warp<{_t}, {_nc}>")
-            for _g in (True, False):
-                for _depth in (2, 3):
-                    _names.append(f"twell_up_lists<{_t}, {_nc}, {cbool(_g)}, {_depth}>")
-        for _lc, _tpw, _w in DOWN_BLOCK_CONFIGS:
-            for _st in (2, 3):
-                _names.append(f"down_token_blocks<{_t}, {_lc}, {_tpw}, {_w}, {_st}>")
     _names.append(f"reduce_split_rows<{_t}>")
     _names.append(f"gate_mul<{_t}, true>")
     _names.append(f"gate_mul<{_t}, false>")
@@ -64,8 +46,7 @@ _names.append("train_stats")
 # Hot: the warp-per-row kernels and the 16-byte-load variants of the CTA kernels (the scalar-load
 # fallbacks for odd d may spill a few bytes).
 FAMILY = register_family(KernelFamily("ffn_forward", tuple(_names),
-                                      hot_kernels=(r"twell_up_down_warp<", r"csr_up_down_warp<", r"twell_up_lists<",
-                                                   r"down_token_blocks<",
+                                      hot_kernels=(r"twell_up_down_warp<", r"csr_up_down_warp<",
                                                    r"(twell_up_down|csr_up_down|dense_gate_up_down)<[^,]+, true")))
 
 
@@ -120,8 +101,7 @@ def launch_warp_rows(kernel, m: int, list_bytes_per_warp: int, args: tuple, work
 
 
 def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: int, y, *, compact: int = -1,
-                  gated: bool = True, splits: int | None = None, work_counter=None, max_list: int | None = None,
-                  split: bool | None = None, down_config: tuple | None = None):
+                  gated: bool = True, splits: int | None = None, work_counter=None):
     """Fused up/down for the compact rows of a TwELL gate (backup rows are left untouched).
 
     x (M, d); counts (M, NT) int32; indices (M, NT, S) uint8; values (M, NT, S);
@@ -130,11 +110,7 @@ def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: i
     compact = 0); w_up, w_down (n, d); y (M, d) written for compact rows.
     ``gated=False``: the TwELL values are h itself and ``w_up`` is unused.
     ``work_counter``: a zeroed int32 device scalar for the warp path's dynamic
-    row scheduler (allocated if not given).  ``max_list``: an upper bound on
-    the entries of a compact row (default and cap: MAX_LIST).  ``split``:
-    force (True) or forbid (False) the split path (``twell_up_lists`` +
-    ``down_token_blocks``; None: by batch size), which computes the same y
-    bitwise; ``down_config``: one of DOWN_BLOCK_CONFIGS (default: the first).
+    row scheduler (allocated if not given).
     """
     cp = _cp()
     m, d = x.shape
@@ -147,16 +123,6 @@ def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: i
         splits = choose_splits(m, sms)
     nc = warp_path_nc(x.dtype, d, x, w_up, w_down, y)
     if nc and splits == 1:
-        if max_list is None:
-            max_list = MAX_LIST
-        max_list = max(1, min(max_list, MAX_LIST, n_tiles * slots))
-        if split is None:
-            split = (USE_SPLIT and m >= SPLIT_MIN_ROWS and m * max_list * 8 <= SPLIT_MAX_LIST_BYTES
-                     and down_blocks_supported(x.dtype, -(-(n_tiles * tile_width) // DOWN_WINDOW), down_config))
-        if split:
-            _split_up_down(x, counts, indices, values, route, compact, w_up, w_down, tile_width, y, gated,
-                           max_list, work_counter, down_config)
-            return y
         k = get_kernel("ffn_forward", f"twell_up_down_warp<{ct}, {nc}, {cbool(gated)}>")
         launch_warp_rows(k, m, MAX_LIST * 8,
                          (x, counts, indices, values, route, i32(compact), w_up, w_down, i32(m), i32(n_tiles),
@@ -174,67 +140,6 @@ def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: i
     if splits > 1:
         _reduce(partial, route, compact, y, splits)
     return y
-
-
-def _down_smem(stages, lc, itemsize, block, n_windows):
-    return stages * DOWN_WINDOW * 32 * lc * itemsize + block * (n_windows + 1) * 4 + n_windows * 8 * 4
-
-
-#: Depth of the w_up pipeline of ``twell_up_lists`` (rows in flight + 1) and the windows in flight of
-#: ``down_token_blocks`` (3 when the shared memory allows, else 2).
-UP_DEPTH = 2
-DOWN_STAGES = 3
-SMEM_LIMIT = 227 * 1024
-
-
-def up_lists(x, counts, indices, values, route, compact, w_up, tile_width, gated, cap, work_counter=None):
-    """Launch ``twell_up_lists``: per compact row its (column, h) list (h = g * (x . w_up[column]), or the
-    TwELL value when not ``gated``) and the list offsets of each 256-column window.
-
-    Returns (lists (M, cap, 2) int32, win_off (M, n_windows + 1) int32, n_windows)."""
-    cp = _cp()
-    m, d = x.shape
-    n_tiles, slots = counts.shape[1], indices.shape[2]
-    ct = ctype_of(x.dtype, "x")
-    n_windows = -(-(n_tiles * tile_width) // DOWN_WINDOW)
-    lists = cp.empty((m, cap, 2), dtype=np.int32)
-    win_off = cp.empty((m, n_windows + 1), dtype=np.int32)
-    k1 = get_kernel("ffn_forward", f"twell_up_lists<{ct}, {d // 256}, {cbool(gated)}, {UP_DEPTH}>")
-    launch_warp_rows(k1, m, MAX_LIST * 8,
-                     (x, counts, indices, values, route, i32(compact), w_up, i32(m), i32(n_tiles), i32(slots),
-                      i32(tile_width), i32(cap), i32(n_windows), lists, win_off), work_counter)
-    return lists, win_off, n_windows
-
-
-def down_blocks_supported(dtype, n_windows, config=None) -> bool:
-    lc, tpw, warps = config or DOWN_BLOCK_CONFIGS[0]
-    return _down_smem(2, lc, np.dtype(dtype).itemsize, tpw * warps, n_windows) <= SMEM_LIMIT
-
-
-def down_token_blocks(lists, win_off, n_windows, route, compact, w_down, y, config=None, stages=None):
-    """Launch ``down_token_blocks``: y[row] = sum over the row's list of h * w_down[column] for the compact
-    rows (``route[row] == compact``), every used w_down row read once per block of tokens."""
-    m, d = y.shape
-    cap = lists.shape[1]
-    lc, tpw, warps = config or DOWN_BLOCK_CONFIGS[0]
-    block = tpw * warps
-    item = y.dtype.itemsize
-    if stages is None:
-        stages = DOWN_STAGES if _down_smem(DOWN_STAGES, lc, item, block, n_windows) <= SMEM_LIMIT else 2
-    smem = _down_smem(stages, lc, item, block, n_windows)
-    k2 = get_kernel("ffn_forward", f"down_token_blocks<{ctype_of(y.dtype, 'y')}, {lc}, {tpw}, {warps}, {stages}>")
-    _raise_smem_limit(k2, smem)
-    k2((-(-m // block), d // (32 * lc)), (32 * warps,),
-       (lists, i32(cap), win_off, i32(n_windows), route, i32(compact), w_down, i32(m), i32(d), y), shared_mem=smem)
-
-
-def _split_up_down(x, counts, indices, values, route, compact, w_up, w_down, tile_width, y, gated, cap,
-                   work_counter, down_config):
-    """Warp path in two kernels: up lists (gathers w_up per entry), then the token-block down projection
-    (reads each used w_down row once per block of tokens)."""
-    lists, win_off, n_windows = up_lists(x, counts, indices, values, route, compact, w_up, tile_width, gated, cap,
-                                         work_counter)
-    down_token_blocks(lists, win_off, n_windows, route, compact, w_down, y, down_config)
 
 
 def _raise_smem_limit(kernel, smem: int):

@@ -85,13 +85,12 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
             p = gate_gemm.route_pending(p)
             readback = HostReadback(p.totals[:2], overlap=True)
             ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.row_route, w_up, w_down, tile_width,
-                                      y, compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3],
-                                      max_list=eff)
+                                      y, compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3])
             n_backup, n_overflow = readback.wait()
     else:
         readback = HostReadback(p.totals[:2], overlap=True)      # the up/down kernel only touches totals[2]
         ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.row_route, w_up, w_down, tile_width, y,
-                                  compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3], max_list=eff)
+                                  compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3])
         n_backup, n_overflow = readback.wait()
     if n_backup == m:
         # Every row is dense (a dense batch): plain cuBLAS on the whole batch, no gathers or scatters.
