@@ -918,6 +918,137 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1)
 #endif
 }
 
+// ================================================================ Hopper, packing overlapped with the MMAs
+// gate_twell_wgmma_epi: the same GEMM and the same TwELL (bitwise), but the packing runs in warps 1-3 of the
+// producer warpgroup (idle in gate_twell_wgmma: one thread issues every TMA load) while the consumers
+// already run the next tile's MMAs.  After a tile's last k-step the two consumer warpgroups store their
+// accumulators, rounded to T, into a staged 128 x 256 tile in shared memory (row stride GG_LD:
+// conflict-free), signal it (named barrier GE_BAR_FULL) and go on; the three packing warps pack the staged
+// rows like the portable kernel (pack_staged_rows: lane-owned columns, warp prefix sums) and free the
+// buffer (GE_BAR_EMPTY).  A tile takes ~25 us of MMAs per SM at d = 2048, its packing a few: the packing is
+// hidden, only the staging stores are not.  Shared memory: 3 stages (not 4) + the 66 KB staged tile.
+// Registers (setmaxnreg): producer warpgroup 96, consumers 200.  The increase can only use what the decrease
+// released from the launch allocation (384 x 168): 96 + 2 x 200 <= 3 x 168, else setmaxnreg.inc waits
+// forever.  (A fourth warpgroup is not possible: 512 threads cap ptxas at 128 registers, below what wgmma
+// m64n256 needs.)
+#define GE_STAGES 3
+#define GE_STAGED_BYTES (GG_BM * GG_LD * 2)
+#define GE_SMEM_BYTES (1024 + GE_STAGES * GW_STAGE_BYTES + GE_STAGED_BYTES + 2 * GE_STAGES * 8)
+#define GE_BAR_FULL 1
+#define GE_BAR_EMPTY 2
+#define GE_BAR_COUNT "352"           // 256 consumer threads + 3 packing warps
+
+template <typename T, int TILE, int CLUSTER>
+__global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1) gate_twell_wgmma_epi(
+    const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
+    int M, int n, int K, int n_tiles, int slots,
+    int* __restrict__ counts, u8* __restrict__ indices, T* __restrict__ values, int* __restrict__ neuron_counts)
+{
+#ifdef TWELL_HAS_WGMMA
+    extern __shared__ unsigned char smem_raw[];
+    unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+    unsigned char* stage_a = smem;
+    unsigned char* stage_b = smem + GE_STAGES * GW_A_BYTES;
+    T* staged = reinterpret_cast<T*>(smem + GE_STAGES * GW_STAGE_BYTES);
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + GE_STAGES * GW_STAGE_BYTES + GE_STAGED_BYTES);
+    unsigned long long* empty = full + GE_STAGES;
+
+    const unsigned rank = CLUSTER > 1 ? cluster_ctarank() : 0u;
+    const int m_blocks = (M + GG_BM - 1) / GG_BM, n_blocks = (n + GG_BN - 1) / GG_BN;
+    const int n_work = (m_blocks + CLUSTER - 1) / CLUSTER * n_blocks;
+    const int cluster_id = blockIdx.x / CLUSTER, n_clusters = gridDim.x / CLUSTER;
+    const int k_iters = (K + GW_BK - 1) / GW_BK;
+    const int wg = threadIdx.x >> 7;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < GE_STAGES; ++s) {
+            mbar_init(full + s, 1);
+            mbar_init(empty + s, 8 * CLUSTER);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    if (CLUSTER > 1) cluster_sync(); else __syncthreads();
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 96;");
+        const int warp = threadIdx.x >> 5;
+        if (threadIdx.x == 0) {                                 // producer: one thread issues the TMA loads
+            int stage = 0;
+            unsigned phase = 0;
+            const unsigned long long policy = policy_evict_normal();
+            for (int w = cluster_id; w < n_work; w += n_clusters) {
+                const int m0 = ((w / n_blocks) * CLUSTER + (int)rank) * GG_BM, n0 = (w % n_blocks) * GG_BN;
+                for (int k = 0; k < k_iters; ++k) {
+                    mbar_wait(empty + stage, phase ^ 1u);
+                    mbar_expect_tx(full + stage, GW_STAGE_BYTES);
+                    tma_load_2d(stage_a + stage * GW_A_BYTES, &map_x, full + stage, k * GW_BK, m0, policy);
+                    if (CLUSTER == 1) {
+                        tma_load_2d(stage_b + stage * GW_B_BYTES, &map_w, full + stage, k * GW_BK, n0, policy);
+                    } else {
+                        constexpr int part = GW_B_BYTES / CLUSTER;
+                        tma_load_2d_multicast(stage_b + stage * GW_B_BYTES + rank * part, &map_w, full + stage,
+                                              k * GW_BK, n0 + (int)rank * (GG_BN / CLUSTER),
+                                              (unsigned short)((1u << CLUSTER) - 1u), policy);
+                    }
+                    if (++stage == GE_STAGES) { stage = 0; phase ^= 1u; }
+                }
+            }
+        } else if (warp >= 1) {                                 // packing warps 1-3
+            asm volatile("bar.arrive %0, " GE_BAR_COUNT ";" :: "n"(GE_BAR_EMPTY) : "memory");   // starts free
+            for (int w = cluster_id; w < n_work; w += n_clusters) {
+                const int m0 = ((w / n_blocks) * CLUSTER + (int)rank) * GG_BM, n0 = (w % n_blocks) * GG_BN;
+                asm volatile("bar.sync %0, " GE_BAR_COUNT ";" :: "n"(GE_BAR_FULL) : "memory");
+#pragma unroll 1
+                for (int g = warp - 1; g < GG_BM / 4; g += 3)  // row groups of 4
+                    pack_staged_rows<T, TILE, 4>(staged + 4 * g * GG_LD, m0 + 4 * g, n0, M, n, n_tiles, slots,
+                                                 counts, indices, values, neuron_counts);
+                if (w + n_clusters < n_work)
+                    asm volatile("bar.arrive %0, " GE_BAR_COUNT ";" :: "n"(GE_BAR_EMPTY) : "memory");
+            }
+        }
+    } else {                                                    // consumers: rows [64c, 64c + 64) of the tile
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 200;");
+        const int c = wg - 1;
+        const int lane = threadIdx.x & 31, warp_in_wg = (threadIdx.x >> 5) & 3;
+        int stage = 0;
+        unsigned phase = 0;
+        float acc[128];
+#pragma unroll
+        for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+        for (int w = cluster_id; w < n_work; w += n_clusters) {
+            int prev = -1;
+            for (int k = 0; k < k_iters; ++k) {
+                mbar_wait(full + stage, phase);
+                asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+                const unsigned long long da = smem_desc(stage_a + stage * GW_A_BYTES + c * 64 * 128);
+                const unsigned long long db = smem_desc(stage_b + stage * GW_B_BYTES);
+#pragma unroll
+                for (int kk = 0; kk < GW_BK / 16; ++kk)
+                    wgmma_m64n256k16<MmaType<T>::bf16>(acc, da + 2 * kk, db + 2 * kk, (k | kk) != 0);
+                asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+                asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+                if (prev >= 0 && lane == 0) release_stage<CLUSTER>(empty + prev);
+                prev = stage;
+                if (++stage == GE_STAGES) { stage = 0; phase ^= 1u; }
+            }
+            asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+            if (prev >= 0 && lane == 0) release_stage<CLUSTER>(empty + prev);
+            // stage the tile (fragment: rows lane/4 and lane/4 + 8 of the warp's 16, pair i = columns
+            // 8i + 2(lane % 4), +1), once the epilogue warpgroup is done with the previous one
+            asm volatile("bar.sync %0, " GE_BAR_COUNT ";" :: "n"(GE_BAR_EMPTY) : "memory");
+            const int r0 = c * 64 + warp_in_wg * 16 + (lane >> 2), q2 = 2 * (lane & 3);
+#pragma unroll
+            for (int i = 0; i < 32; ++i) {
+                stage_pair<T>(staged, r0, 8 * i + q2, acc[4 * i], acc[4 * i + 1]);
+                stage_pair<T>(staged, r0 + 8, 8 * i + q2, acc[4 * i + 2], acc[4 * i + 3]);
+            }
+            asm volatile("bar.arrive %0, " GE_BAR_COUNT ";" :: "n"(GE_BAR_FULL) : "memory");
+        }
+    }
+    if (CLUSTER > 1) cluster_sync();
+#endif
+}
+
 // ================================================================ portable: cp.async + mma.sync (sm_80+)
 #define GM_BK 32
 #define GM_LDS (GM_BK + 8)           // padded stage row (elements): conflict-free ldmatrix
