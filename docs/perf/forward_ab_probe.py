@@ -1,11 +1,9 @@
-"""A/B of the whole inference forward on the H200 (perf-notes.md, v5 and v12): thread-block cluster 1 vs 2
-of the fused gate GEMM and the inference row threshold under token skew (no argument), or the gate's
-packing in its own warps vs from the consumers' registers (argument ``epilogue``).  Eager (events around
-one call, host sync after it) and queued (20 calls back to back between two events) medians.
+"""A/B of the whole inference forward on the H200 (perf-notes.md, v5): thread-block cluster 1 vs 2 of the
+fused gate GEMM, and the inference row threshold under token skew.  Eager (events around one call, host
+sync after it) and queued (20 calls back to back between two events) medians.
 
-Run on the GPU from the repository root:  PYTHONPATH=. python docs/perf/forward_ab_probe.py [epilogue]
+Run on the GPU from the repository root:  PYTHONPATH=. python docs/perf/forward_ab_probe.py
 """
-import sys
 import json
 
 import cupy as cp
@@ -69,24 +67,7 @@ def case(m, kind):
     return res
 
 
-def epilogue_case(m, kind):
-    p = synthetic.make_problem(m, kind=kind, xp=cp)
-    x, wg, wu, wd = p.x, p.w_gate, p.w_up, p.w_down
-    res = {"M": m, "kind": kind}
-    for rep in range(3):
-        for epi in (True, False):
-            gate_gemm.WGMMA_EPILOGUE_WARPGROUP = epi
-            f = lambda: twell.gated_ffn(x, wg, wu, wd)  # noqa: E731
-            f()
-            f()
-            res[f"epi={epi} eager r{rep}"] = eager(f)
-            res[f"epi={epi} queued r{rep}"] = queued(f)
-    gate_gemm.WGMMA_EPILOGUE_WARPGROUP = True
-    return res
-
-
 if __name__ == "__main__":
-    fn = epilogue_case if sys.argv[1:] == ["epilogue"] else case
     for m, kind in ((16384, "uniform"), (16384, "token_skew"), (131072, "uniform")):
-        print(json.dumps(fn(m, kind)), flush=True)
+        print(json.dumps(case(m, kind)), flush=True)
         cp.get_default_memory_pool().free_all_blocks()

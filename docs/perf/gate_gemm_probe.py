@@ -1,6 +1,5 @@
-"""Timing probe of the fused gate GEMM (perf-notes.md, v3, v12): the kernel alone, with and without the TwELL
-packing, packing from registers or in the producer warpgroup's warps (gate_twell_wgmma_epi), into
-preallocated or fresh buffers, against cuBLAS (z stored) and cuBLAS + pack.
+"""Timing probe of the fused gate GEMM (perf-notes.md, v3): the kernel alone, with and without the TwELL
+packing, into preallocated or fresh buffers, against cuBLAS (z stored) and cuBLAS + pack.
 
 Run on the GPU from the repository root:  PYTHONPATH=. python docs/perf/gate_gemm_probe.py
 (Medians of CUDA-event timings through cupyx.profiler.benchmark.)
@@ -67,23 +66,8 @@ def main():
                 res[f"kernel cluster={cluster} pack={do_pack} preallocated"] = med(lambda: launch(pre))
                 if do_pack:
                     res[f"kernel cluster={cluster} pack=True fresh buffers"] = med(lambda: launch(buffers()))
-        for cluster in (1, 2):
-            k = get_kernel("gate_gemm", f"gate_twell_wgmma_epi<__nv_bfloat16, 256, {cluster}>")
-            k.max_dynamic_shared_size_bytes = gate_gemm.WGMMA_EPI_SMEM
-            mx, mw = gate_gemm.tensor_map(x, 128), gate_gemm.tensor_map(wg, 256 // cluster)
-            grid = 132 if cluster == 1 else 2 * gate_gemm.max_active_clusters(k, 384, gate_gemm.WGMMA_EPI_SMEM, 2)
-
-            def launch_epi(b, k=k, mx=mx, mw=mw, grid=grid):
-                k((grid,), (384,), (mx, mw, i32(m), i32(n), i32(d), i32(n_tiles), i32(slots), b[0], b[1], b[2], NULL),
-                  shared_mem=gate_gemm.WGMMA_EPI_SMEM)
-                return b
-
-            res[f"packing warps cluster={cluster} preallocated"] = med(lambda: launch_epi(pre))
-            res[f"packing warps cluster={cluster} fresh buffers"] = med(lambda: launch_epi(buffers()))
-        for epi in (False, True):
-            res[f"gate_twell_async (kernel + routing) cluster=2 packing warps={epi}"] = med(
-                lambda: gate_gemm.gate_twell_async(x, wg, 256, 8, 128, kernel="wgmma", cluster=2,
-                                                   epilogue_warpgroup=epi))
+        res["gate_twell_async (kernel + routing)"] = med(
+            lambda: gate_gemm.gate_twell_async(x, wg, 256, 8, 128, kernel="wgmma", cluster=1))
         print(json.dumps(res), flush=True)
         x = wg = pre = None  # free before the next size
         cp.get_default_memory_pool().free_all_blocks()

@@ -31,14 +31,6 @@ WGMMA_THREADS, WGMMA_STAGES, WGMMA_BK = 384, 4, 64
 MMA_THREADS, MMA_STAGES, MMA_BK = 256, 3, 32
 WGMMA_SMEM = 1024 + WGMMA_STAGES * (BLOCK_M + BLOCK_N) * WGMMA_BK * 2 + 256 * 128 + 2 * WGMMA_STAGES * 8
 WGMMA_GATHER_SMEM = WGMMA_SMEM + 3 * 128 * 4     # + the active lists of the producer warpgroup's warps 1-3
-#: ``gate_twell_wgmma_epi``: warps 1-3 of the producer warpgroup pack the staged tile while the consumers run the next
-#: tile's MMAs (3 stages + the 128 x 264 staged tile).
-WGMMA_EPI_THREADS, WGMMA_EPI_STAGES = 384, 3
-WGMMA_EPI_SMEM = 1024 + WGMMA_EPI_STAGES * (BLOCK_M + BLOCK_N) * WGMMA_BK * 2 + BLOCK_M * (BLOCK_N + 8) * 2 \
-    + 2 * WGMMA_EPI_STAGES * 8
-#: The TwELL packing of the Hopper kernel runs in its own warpgroup, overlapped with the next tile's MMAs
-#: (read at call time; False: the consumers pack from their registers between tiles -- for A/B runs).
-WGMMA_EPILOGUE_WARPGROUP = True
 MMA_SMEM = MMA_STAGES * (BLOCK_M + BLOCK_N) * (MMA_BK + 8) * 2
 
 #: Thread-block cluster sizes compiled for the Hopper kernel (the w tile is multicast across the cluster).
@@ -74,7 +66,6 @@ for _d in FUSED_DTYPES:
     for _w in TILE_WIDTHS:
         for _c in WGMMA_CLUSTERS:
             _names.append(f"gate_twell_wgmma<{_t}, {_w}, {_c}, true, 0, 0>")
-            _names.append(f"gate_twell_wgmma_epi<{_t}, {_w}, {_c}>")
         _names.append(f"gate_twell_mma<{_t}, {_w}>")
     for _c in WGMMA_CLUSTERS:
         for _g in (1, 2):
@@ -260,15 +251,14 @@ def max_active_clusters(kernel, threads: int, smem: int, cluster: int) -> int:
 # --------------------------------------------------------------------------- launch
 
 
-def _wgmma_grid(k, smem: int, m_blocks: int, n_blocks: int, cluster: int, device_id: int,
-                threads: int = WGMMA_THREADS) -> int:
+def _wgmma_grid(k, smem: int, m_blocks: int, n_blocks: int, cluster: int, device_id: int) -> int:
     """Persistent grid of the Hopper kernel: one CTA per SM (cluster 1) or as many clusters as the
     occupancy API says run at once, never more CTAs than work items.  Sets the kernel's shared memory."""
     _set_smem(k, smem)
     if cluster == 1:
         return min(m_blocks * n_blocks, _sm_count(device_id))
     groups = -(-m_blocks // cluster) * n_blocks           # work items of a cluster
-    resident = max_active_clusters(k, threads, smem, cluster)
+    resident = max_active_clusters(k, WGMMA_THREADS, smem, cluster)
     return cluster * (min(groups, resident) if resident > 0 else groups)
 
 
@@ -362,8 +352,7 @@ def route_pending(p: TwellPending) -> TwellPending:
 
 def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_threshold: int, *,
                      kernel: str = "wgmma", neuron_counts: bool = False,
-                     cluster: int | None = None, _pack: bool = True,
-                     epilogue_warpgroup: bool | None = None) -> TwellPending:
+                     cluster: int | None = None, _pack: bool = True) -> TwellPending:
     """TwELL of ``relu(x w_gateᵀ)`` straight from the GEMM, plus the per-row routing; no host sync.
 
     Parameters
@@ -381,10 +370,6 @@ def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_thr
     cluster : {1, 2} or None
         Thread-block cluster size of the Hopper kernel (CTAs sharing each w tile by TMA multicast);
         None: the module default :data:`WGMMA_CLUSTER`.
-    epilogue_warpgroup : bool or None
-        Hopper kernel only: pack in a fourth warpgroup, overlapped with the next tile's MMAs
-        (``gate_twell_wgmma_epi``), or from the consumers' registers between tiles; None: the module
-        default :data:`WGMMA_EPILOGUE_WARPGROUP`.  Both write the same TwELL, bitwise.
 
     Returns
     -------
@@ -412,17 +397,10 @@ def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_thr
             cluster = WGMMA_CLUSTER
         if cluster not in WGMMA_CLUSTERS:
             raise ValueError(f"cluster must be one of {WGMMA_CLUSTERS}, got {cluster}")
-        maps = (tensor_map(x, BLOCK_M), tensor_map(w_gate, BLOCK_N // cluster))
-        if _pack and (WGMMA_EPILOGUE_WARPGROUP if epilogue_warpgroup is None else epilogue_warpgroup):
-            k = get_kernel("gate_gemm", f"gate_twell_wgmma_epi<{ct}, {tile_width}, {cluster}>")
-            grid = _wgmma_grid(k, WGMMA_EPI_SMEM, m_blocks, n_blocks, cluster, x.device.id, WGMMA_EPI_THREADS)
-            k((grid,), (WGMMA_EPI_THREADS,), maps + tail, shared_mem=WGMMA_EPI_SMEM)
-        else:
-            k = get_kernel("gate_gemm",
-                           f"gate_twell_wgmma<{ct}, {tile_width}, {cluster}, {'true' if _pack else 'false'}, 0, 0>")
-            grid = _wgmma_grid(k, WGMMA_SMEM, m_blocks, n_blocks, cluster, x.device.id)
-            k((grid,), (WGMMA_THREADS,), maps + tail
-              + (NULL, NULL, NULL, NULL, i32(0), NULL, NULL, NULL, i32(0), i32(0)), shared_mem=WGMMA_SMEM)
+        k = get_kernel("gate_gemm", f"gate_twell_wgmma<{ct}, {tile_width}, {cluster}, {'true' if _pack else 'false'}, 0, 0>")
+        grid = _wgmma_grid(k, WGMMA_SMEM, m_blocks, n_blocks, cluster, x.device.id)
+        k((grid,), (WGMMA_THREADS,), (tensor_map(x, BLOCK_M), tensor_map(w_gate, BLOCK_N // cluster)) + tail
+          + (NULL, NULL, NULL, NULL, i32(0), NULL, NULL, NULL, i32(0), i32(0)), shared_mem=WGMMA_SMEM)
     elif kernel == "mma":
         k = get_kernel("gate_gemm", f"gate_twell_mma<{ct}, {tile_width}>")
         _set_smem(k, MMA_SMEM)
