@@ -192,6 +192,27 @@ __global__ void unpack_twell(const int* __restrict__ counts, const u8* __restric
     }
 }
 
+// TwELL -> dense for a list of rows: dense (R, n) row r is row rows[r] of the TwELL (rows == nullptr: row
+// r itself), zero-initialised by the caller.  Slots past a tile's capacity are not stored, so a row whose
+// tile overflowed comes out incomplete: the caller recomputes those rows.  One thread per (r, tile, slot).
+template <typename T>
+__global__ void unpack_twell_rows(const int* __restrict__ counts, const u8* __restrict__ indices,
+                                  const T* __restrict__ values, const int* __restrict__ rows, int R, int n,
+                                  int n_tiles, int slots, int tile_width, T* __restrict__ dense)
+{
+    const long long total = (long long)R * n_tiles * slots;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int s = (int)(i % slots);
+        const long long rt = i / slots;
+        const int r = (int)(rt / n_tiles);
+        const int t = (int)(rt % n_tiles);
+        const long long src = (long long)(rows != nullptr ? rows[r] : r) * n_tiles + t;
+        if (s < min(counts[src], slots))
+            dense[(long long)r * n + t * tile_width + indices[src * slots + s]] = values[src * slots + s];
+    }
+}
+
 // Hybrid pass 1: entries per row (one warp per row) and optional per-neuron counts.
 template <typename T, bool RELU, bool VEC>
 __global__ void __launch_bounds__(256) count_row_entries(

@@ -182,3 +182,68 @@ def test_training_forward_with_fused_gate_equals_cublas_gate(cp, dtype, presized
         out[kernel] = [cp.asnumpy(a.view(cp.uint16) if a.dtype.itemsize == 2 else a) for a in arrays]
     for i, (a, b) in enumerate(zip(out["cublas"], out[fused])):
         np.testing.assert_array_equal(a, b, err_msg=f"array {i}")
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("batch", ["mixed", "dense_no_overflow", "dense_with_overflow"])
+def test_backup_rows_gate_from_twell_equals_cublas_gate(cp, gated, batch):
+    """After the fused gate, backup rows routed by the row threshold take their gate row from the TwELL and
+    only rows whose tile overflowed recompute it: with exact integer gates y is bitwise the cuBLAS + pack
+    path's, for a batch of compact, threshold-routed and overflowed rows and for all-backup batches with and
+    without overflowed rows."""
+    m, d, n, threshold = 700, 256, 1000, 100
+    x, wg = integer_gate_problem(cp, m, d, n, "bfloat16", active_rate=0.1, seed=23)
+    if batch == "dense_no_overflow":
+        x, threshold = cp.ascontiguousarray(x[2:]), 0            # row 0 overflowed, row 1 was empty
+    elif batch == "dense_with_overflow":
+        x, threshold = cp.concatenate([x[:1], x[2:]]), 0
+    rng = np.random.default_rng(3)
+    wu = cp.asarray((rng.standard_normal((n, d)) / 16).astype(np.float32)).astype(x.dtype)
+    wd = cp.asarray((rng.standard_normal((n, d)) / 16).astype(np.float32)).astype(x.dtype)
+    fused = "wgmma" if cp.cuda.Device().compute_capability == "90" else "mma"
+    out = {}
+    for kernel in ("cublas", fused):
+        args = (x, wg, wu, wd) if gated else (x, wg, wd)
+        fn = twell.gated_ffn if gated else twell.ffn
+        y, stats = fn(*args, compression=4, dense_row_threshold=threshold, gate_kernel=kernel, return_stats=True)
+        out[kernel] = (cp.asnumpy(y.view(cp.uint16)), stats.n_backup_rows, stats.n_overflow_rows)
+    _, n_backup, n_overflow = out[fused]
+    if batch == "mixed":
+        assert 0 < n_overflow < n_backup < x.shape[0]
+    else:
+        assert n_backup == x.shape[0] and (n_overflow > 0) == (batch == "dense_with_overflow")
+    assert out[fused][1:] == out["cublas"][1:]
+    np.testing.assert_array_equal(out[fused][0], out["cublas"][0])
+
+
+def test_planned_wgmma_launch_fresh_outputs_and_streams(cp):
+    """The Hopper gate launch is memoized per operand address and shape (driver launch with a prebuilt
+    parameter buffer): each call must still write fresh output buffers, read the current operands' data,
+    honour neuron_counts, and run on the current stream."""
+    if cp.cuda.Device().compute_capability != "90":
+        pytest.skip("needs Hopper")
+    from twell.kernels import gate_gemm
+    x, w = integer_gate_problem(cp, 900, 256, 1000, "bfloat16", active_rate=0.03, seed=31)
+    x2, _ = integer_gate_problem(cp, 900, 256, 1000, "bfloat16", active_rate=0.03, seed=32)
+    for cluster in (1, 2):
+        first = gate_gemm.gate_twell_async(x, w, 256, 8, 60, cluster=cluster, neuron_counts=True)
+        second = gate_gemm.gate_twell_async(x2, w, 256, 8, 60, cluster=cluster, neuron_counts=True)
+        third = gate_gemm.gate_twell_async(x, w, 256, 8, 60, cluster=cluster, neuron_counts=True)  # plan reused
+        assert first.values.data.ptr != third.values.data.ptr
+        _assert_same(cp, first, _oracle(cp, x, w, 256, 8, 60))
+        _assert_same(cp, second, _oracle(cp, x2, w, 256, 8, 60))
+        _assert_same(cp, third, first)
+        # in place change of x's data: the same plan must read the new values
+        x_copy = x.copy()
+        x[...] = x2
+        fourth = gate_gemm.gate_twell_async(x, w, 256, 8, 60, cluster=cluster, neuron_counts=True)
+        _assert_same(cp, fourth, second)
+        x[...] = x_copy
+        # on a non-default stream, ordered after work queued on it
+        s = cp.cuda.Stream(non_blocking=True)
+        with s:
+            xs = cp.empty_like(x)
+            cp.cuda.runtime.memcpyAsync(xs.data.ptr, x2.data.ptr, x2.nbytes, cp.cuda.runtime.memcpyDeviceToDevice, s.ptr)
+            on_s = gate_gemm.gate_twell_async(xs, w, 256, 8, 60, cluster=cluster, neuron_counts=True)
+        s.synchronize()
+        _assert_same(cp, on_s, second)

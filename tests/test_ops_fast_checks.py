@@ -24,6 +24,7 @@ class FakeNdarray:
         self.dtype = np.dtype(dtype)
         self.flags = SimpleNamespace(c_contiguous=contiguous)
         self.device = SimpleNamespace(id=device)
+        self.data = SimpleNamespace(device_id=device)
 
 
 @pytest.fixture

@@ -28,22 +28,29 @@ DEFAULT_INFERENCE_ROW_THRESHOLD = 128
 _KERNEL_DTYPES = ("bfloat16", "float16", "float32")
 
 
+_kernel_dtypes: frozenset = frozenset()     # np.dtype objects of _KERNEL_DTYPES (filled on first use)
+
+
 def _valid_cupy_args(x, weights: dict):
     """The common GPU case in few operations (every op call pays this before its first launch): all
     CuPy arrays, C-contiguous, on x's device, a kernel dtype, consistent shapes.  Returns (cupy, n) or
     None, in which case :func:`_check_ffn_args` runs the full checks (and raises the precise error)."""
+    global _kernel_dtypes
     cp = B.cupy_or_none()
     if cp is None or type(x) is not cp.ndarray or x.ndim != 2:
         return None
     m, d = x.shape
     dt = x.dtype
-    if m < 1 or d < 1 or dt.name not in _KERNEL_DTYPES or not x.flags.c_contiguous:
+    if not _kernel_dtypes:
+        _kernel_dtypes = frozenset(np.dtype(B.bfloat16_dtype() if name == "bfloat16" else name)
+                                   for name in _KERNEL_DTYPES if name != "bfloat16" or B.bfloat16_dtype())
+    if m < 1 or d < 1 or dt not in _kernel_dtypes or not x.flags.c_contiguous:
         return None
-    dev = x.device.id
+    dev = x.data.device_id
     n = None
     for w in weights.values():
         if (type(w) is not cp.ndarray or w.ndim != 2 or w.dtype != dt or w.shape[1] != d
-                or (n is not None and w.shape[0] != n) or not w.flags.c_contiguous or w.device.id != dev):
+                or (n is not None and w.shape[0] != n) or not w.flags.c_contiguous or w.data.device_id != dev):
             return None
         n = w.shape[0]
     if n is None or n < 1:
@@ -96,9 +103,20 @@ def _check_ffn_args(x, weights: dict, *, gpu_contiguous=True):
     return xp, x, weights, n
 
 
+_thresholds: dict = {}
+
+
 def _inference_threshold(value, n, tile_width, compression):
-    threshold = check_dense_row_threshold(DEFAULT_INFERENCE_ROW_THRESHOLD if value == "auto" else value, n)
-    twell_layout(n, tile_width, compression)
+    key = (value, type(value), n, tile_width, type(tile_width), compression, type(compression))
+    try:
+        threshold = _thresholds.get(key)
+    except TypeError:                        # an unhashable argument: the checks below raise the error
+        threshold = None
+    if threshold is None:
+        threshold = check_dense_row_threshold(DEFAULT_INFERENCE_ROW_THRESHOLD if value == "auto" else value, n)
+        twell_layout(n, tile_width, compression)
+        if len(_thresholds) < 256:
+            _thresholds[key] = threshold
     return threshold
 
 

@@ -112,3 +112,64 @@ class HostReadback:
         self._event.synchronize()
         self._arrays = None
         return tuple(int(v) for v in self._host)
+
+
+# --------------------------------------------------------------------------- driver-API launch
+
+#: Placeholder of a pointer argument of a :class:`DriverLaunch` that is set at each launch.
+SLOT = object()
+
+
+class DriverLaunch:
+    """One kernel launch configuration whose parameter buffer is built once and relaunched through
+    ``cuLaunchKernel`` (ctypes, the driver library CuPy itself uses), changing only the pointer ``SLOT``
+    arguments.
+
+    For the first launch of an op, where the host time before the GPU starts is paid in full by an eager
+    caller: a CuPy ``RawKernel`` call of the 21-argument gate GEMM costs ~24 µs of host time on the
+    H200's host, this ~3 µs (docs/perf-notes.md, session 7).  ``args`` are what the CuPy call would get:
+    NumPy scalars (``np.int32``, ``np.uint64``), CuPy arrays (their pointer, fixed), 1-element NumPy
+    ``void`` arrays (by-value structs such as a ``CUtensorMap``) and ``SLOT``.  The kernel's dynamic
+    shared-memory limit must already be set (as for the CuPy call).
+    """
+
+    _fn = None
+
+    def __init__(self, kernel, grid: tuple, block: tuple, shared_mem: int, args: tuple):
+        import ctypes  # noqa: PLC0415
+        import threading  # noqa: PLC0415
+        if DriverLaunch._fn is None:
+            fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+            DriverLaunch._fn = fn
+        self._func = ctypes.c_void_p(kernel.kernel.ptr)
+        self._dims = tuple(int(v) for v in (tuple(grid) + (1, 1))[:3] + (tuple(block) + (1, 1))[:3])
+        self._smem = int(shared_mem)
+        self._storage, self._slots = [], []
+        for a in args:
+            if a is SLOT:
+                s = ctypes.c_uint64(0)
+                self._slots.append(s)
+            elif isinstance(a, np.ndarray):              # a by-value struct (CUtensorMap, ...)
+                s = ctypes.create_string_buffer(a.tobytes(), a.nbytes)
+            elif isinstance(a, np.int32):
+                s = ctypes.c_int32(int(a))
+            elif isinstance(a, np.uint64):
+                s = ctypes.c_uint64(int(a))
+            elif hasattr(a, "data") and hasattr(a.data, "ptr"):
+                s = ctypes.c_uint64(a.data.ptr)
+            else:
+                raise TypeError(f"DriverLaunch cannot pass an argument of type {type(a).__name__}")
+            self._storage.append(s)
+        self._params = (ctypes.c_void_p * len(self._storage))(*[ctypes.addressof(s) for s in self._storage])
+        self._lock = threading.Lock()
+
+    def __call__(self, stream_ptr: int, *pointers: int):
+        """Launch on stream ``stream_ptr`` with the ``SLOT`` arguments set to ``pointers`` (in order)."""
+        with self._lock:                               # the slots are shared by every caller of this plan
+            for s, p in zip(self._slots, pointers):
+                s.value = p
+            rc = DriverLaunch._fn(self._func, *self._dims, self._smem, stream_ptr, self._params, None)
+        if rc != 0:
+            raise RuntimeError(f"cuLaunchKernel failed with CUresult {rc}")

@@ -22,7 +22,7 @@ import numpy as np
 
 from .._kernels import KernelFamily, get_kernel, register_family
 from ..format import TILE_WIDTHS, twell_layout
-from ._launch import NULL, ctype_of, grid_1d, i32
+from ._launch import NULL, SLOT, DriverLaunch, ctype_of, grid_1d, i32
 from .pack import ROUTE_COMPACT, TwellPending  # noqa: F401  (re-exported for callers)
 
 #: Output tile of both kernels (rows x columns of z per CTA work item).
@@ -153,9 +153,16 @@ def _capability() -> int:
     return cc
 
 
+@functools.lru_cache(maxsize=1)
+def _fused_dtype_objects() -> frozenset:
+    from .._backend import bfloat16_dtype
+    return frozenset(np.dtype(bfloat16_dtype() if name == "bfloat16" else name)
+                     for name in FUSED_DTYPES if name != "bfloat16" or bfloat16_dtype() is not None)
+
+
 def fused_supported(x, w) -> str | None:
     """Why the fused gate kernels cannot take these operands, or None if they can."""
-    if x.dtype.name in FUSED_DTYPES and x.shape[1] % 8 == 0 and (x.data.ptr | w.data.ptr) % 16 == 0 \
+    if x.dtype in _fused_dtype_objects() and x.shape[1] % 8 == 0 and (x.data.ptr | w.data.ptr) % 16 == 0 \
             and x.flags.c_contiguous and w.flags.c_contiguous and _capability() >= 80:
         return None                                            # the common case in one test
     if x.dtype.name not in FUSED_DTYPES:
@@ -350,6 +357,57 @@ def route_pending(p: TwellPending) -> TwellPending:
                         p.dense_row_threshold, p.neuron_counts)
 
 
+class _WgmmaPlan:
+    """Everything of a Hopper gate launch that depends only on the operands' addresses and shapes: the
+    driver launch with its parameter buffer (tensor maps, sizes), and the output layout (one allocation:
+    counts, indices, values at 256-byte aligned offsets)."""
+
+    def __init__(self, x, w, tile_width: int, compression: int, cluster: int):
+        m, d = x.shape
+        n = w.shape[0]
+        self.n_tiles, self.slots = twell_layout(n, tile_width, compression)
+        k = get_kernel("gate_gemm", f"gate_twell_wgmma<{ctype_of(x.dtype, 'x')}, {tile_width}, {cluster}, true, 0, 0>")
+        m_blocks, n_blocks = -(-m // BLOCK_M), -(-n // BLOCK_N)
+        grid = _wgmma_grid(k, WGMMA_SMEM, m_blocks, n_blocks, cluster, x.device.id)
+        self.launch = DriverLaunch(k, (grid,), (WGMMA_THREADS,), WGMMA_SMEM,
+                                   (encode_tensor_map(x, BLOCK_M), encode_tensor_map(w, BLOCK_N // cluster),
+                                    i32(m), i32(n), i32(d), i32(self.n_tiles), i32(self.slots), SLOT, SLOT, SLOT,
+                                    SLOT, NULL, NULL, NULL, NULL, i32(0), NULL, NULL, NULL, i32(0), i32(0)))
+        cells = m * self.n_tiles
+        self.shapes = ((m, self.n_tiles), (m, self.n_tiles, self.slots))
+        self.offset_indices = -(-cells * 4 // 256) * 256
+        self.offset_values = self.offset_indices + -(-cells * self.slots // 256) * 256
+        self.nbytes = self.offset_values + cells * self.slots * x.dtype.itemsize
+
+
+_wgmma_plans: dict = {}
+
+
+def _launch_wgmma_planned(cp, x, w, tile_width: int, compression: int, neuron_counts: bool, cluster):
+    """Launch the Hopper gate GEMM → TwELL with as little host work as possible before the launch (the GPU
+    idles until it: docs/perf-notes.md, session 7); returns (counts, indices, values, neuron_counts)."""
+    if cluster is None:
+        cluster = WGMMA_CLUSTER
+    key = (x.data.ptr, x.shape, x.dtype, w.data.ptr, w.shape, tile_width, compression, cluster,
+           x.data.device_id)
+    plan = _wgmma_plans.get(key)
+    if plan is None:
+        if cluster not in WGMMA_CLUSTERS:
+            raise ValueError(f"cluster must be one of {WGMMA_CLUSTERS}, got {cluster}")
+        if len(_wgmma_plans) >= 64:
+            _wgmma_plans.clear()
+        plan = _wgmma_plans[key] = _WgmmaPlan(x, w, tile_width, compression, cluster)
+    ncounts = cp.zeros(w.shape[0], dtype=cp.int32) if neuron_counts else None
+    mem = cp.cuda.alloc(plan.nbytes)
+    base = mem.ptr
+    plan.launch(cp.cuda.get_current_stream().ptr, base, base + plan.offset_indices, base + plan.offset_values,
+                0 if ncounts is None else ncounts.data.ptr)
+    counts = cp.ndarray(plan.shapes[0], cp.int32, mem)
+    indices = cp.ndarray(plan.shapes[1], cp.uint8, mem + plan.offset_indices)
+    values = cp.ndarray(plan.shapes[1], x.dtype, mem + plan.offset_values)
+    return counts, indices, values, ncounts
+
+
 def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_threshold: int, *,
                      kernel: str = "wgmma", neuron_counts: bool = False,
                      cluster: int | None = None, _pack: bool = True) -> TwellPending:
@@ -380,38 +438,42 @@ def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_thr
     cp = _cp()
     m, d = x.shape
     n = w_gate.shape[0]
-    n_tiles, slots = twell_layout(n, tile_width, compression)
-    ct = ctype_of(x.dtype, "x")
-    # Only what the GEMM writes is allocated before its launch: the host work before the first launch
-    # of an op is GPU idle time; the routing buffers are allocated while the GEMM runs.
-    counts = cp.empty((m, n_tiles), dtype=cp.int32)
-    indices = cp.empty((m, n_tiles, slots), dtype=cp.uint8)
-    values = cp.empty((m, n_tiles, slots), dtype=x.dtype)
-    ncounts = cp.zeros(n, dtype=cp.int32) if neuron_counts else None
-    m_blocks, n_blocks = -(-m // BLOCK_M), -(-n // BLOCK_N)
-    work = m_blocks * n_blocks
-    tail = (i32(m), i32(n), i32(d), i32(n_tiles), i32(slots), counts, indices, values,
-            NULL if ncounts is None else ncounts)
-    if kernel == "wgmma":
-        if cluster is None:
-            cluster = WGMMA_CLUSTER
-        if cluster not in WGMMA_CLUSTERS:
-            raise ValueError(f"cluster must be one of {WGMMA_CLUSTERS}, got {cluster}")
-        k = get_kernel("gate_gemm", f"gate_twell_wgmma<{ct}, {tile_width}, {cluster}, {'true' if _pack else 'false'}, 0, 0>")
-        grid = _wgmma_grid(k, WGMMA_SMEM, m_blocks, n_blocks, cluster, x.device.id)
-        k((grid,), (WGMMA_THREADS,), (tensor_map(x, BLOCK_M), tensor_map(w_gate, BLOCK_N // cluster)) + tail
-          + (NULL, NULL, NULL, NULL, i32(0), NULL, NULL, NULL, i32(0), i32(0)), shared_mem=WGMMA_SMEM)
-    elif kernel == "mma":
-        k = get_kernel("gate_gemm", f"gate_twell_mma<{ct}, {tile_width}>")
-        _set_smem(k, MMA_SMEM)
-        k((work,), (MMA_THREADS,), (x, w_gate) + tail, shared_mem=MMA_SMEM)
+    if kernel == "wgmma" and _pack:
+        counts, indices, values, ncounts = _launch_wgmma_planned(cp, x, w_gate, tile_width, compression,
+                                                                 neuron_counts, cluster)
+        n_tiles = counts.shape[1]
     else:
-        raise ValueError(f"kernel must be 'wgmma' or 'mma', got {kernel!r}")
+        n_tiles, slots = twell_layout(n, tile_width, compression)
+        ct = ctype_of(x.dtype, "x")
+        counts = cp.empty((m, n_tiles), dtype=cp.int32)
+        indices = cp.empty((m, n_tiles, slots), dtype=cp.uint8)
+        values = cp.empty((m, n_tiles, slots), dtype=x.dtype)
+        ncounts = cp.zeros(n, dtype=cp.int32) if neuron_counts else None
+        m_blocks, n_blocks = -(-m // BLOCK_M), -(-n // BLOCK_N)
+        work = m_blocks * n_blocks
+        tail = (i32(m), i32(n), i32(d), i32(n_tiles), i32(slots), counts, indices, values,
+                NULL if ncounts is None else ncounts)
+        if kernel == "wgmma":
+            if cluster is None:
+                cluster = WGMMA_CLUSTER
+            if cluster not in WGMMA_CLUSTERS:
+                raise ValueError(f"cluster must be one of {WGMMA_CLUSTERS}, got {cluster}")
+            k = get_kernel("gate_gemm", f"gate_twell_wgmma<{ct}, {tile_width}, {cluster}, false, 0, 0>")
+            grid = _wgmma_grid(k, WGMMA_SMEM, m_blocks, n_blocks, cluster, x.device.id)
+            k((grid,), (WGMMA_THREADS,), (tensor_map(x, BLOCK_M), tensor_map(w_gate, BLOCK_N // cluster)) + tail
+              + (NULL, NULL, NULL, NULL, i32(0), NULL, NULL, NULL, i32(0), i32(0)), shared_mem=WGMMA_SMEM)
+        elif kernel == "mma":
+            k = get_kernel("gate_gemm", f"gate_twell_mma<{ct}, {tile_width}>")
+            _set_smem(k, MMA_SMEM)
+            k((work,), (MMA_THREADS,), (x, w_gate) + tail, shared_mem=MMA_SMEM)
+        else:
+            raise ValueError(f"kernel must be 'wgmma' or 'mma', got {kernel!r}")
     row_nnz = cp.empty(m, dtype=cp.int32)
     row_route = cp.empty(m, dtype=cp.int32)
     totals = cp.zeros(3, dtype=cp.int32)
     route = get_kernel("pack", "route_twell_counts")
     route((grid_1d(m, _ROUTE_WARPS, cap=2**31 - 1),), (32 * _ROUTE_WARPS,),
-          (counts, i32(m), i32(n_tiles), i32(slots), i32(dense_row_threshold), row_nnz, row_route, totals))
+          (counts, i32(m), i32(n_tiles), i32(indices.shape[2]), i32(dense_row_threshold), row_nnz, row_route,
+           totals))
     return TwellPending(counts, indices, values, row_nnz, row_route, totals, n, tile_width, dense_row_threshold,
                         ncounts)

@@ -19,9 +19,16 @@ def _cp():
     return cupy
 
 
+_effective_thresholds: dict = {}
+
+
 def _effective_threshold(threshold: int, n: int, tile_width: int, compression: int) -> int:
-    n_tiles, slots = twell_layout(n, tile_width, compression)
-    return min(threshold, ffn_forward.MAX_LIST, n_tiles * slots)
+    key = (threshold, n, tile_width, compression)
+    eff = _effective_thresholds.get(key)
+    if eff is None:
+        n_tiles, slots = twell_layout(n, tile_width, compression)
+        eff = _effective_thresholds[key] = min(threshold, ffn_forward.MAX_LIST, n_tiles * slots)
+    return eff
 
 
 def _output(out, m, d, dtype):
@@ -62,12 +69,19 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
     if m <= DECODE_MAX_ROWS:
         return _decode_forward(x, cp.matmul(x, w_first.T), w_up, w_down, return_stats, gated, out)
     kernel = gate_gemm.choose_gate_kernel(gate_kernel, x, w_first)
-    y = _output(out, m, d, x.dtype)
     fused_forward, n_deferred = False, 0
-    if kernel == "cublas":
+    if kernel == "wgmma" and not gate_gemm.FUSED_FORWARD:
+        # The common Hopper case: the GEMM is launched before anything else (the GPU idles until then).
+        z = None
+        p = gate_gemm.gate_twell_async(x, w_first, tile_width, compression, eff, kernel=kernel,
+                                       neuron_counts=return_stats)
+        y = _output(out, m, d, x.dtype)
+    elif kernel == "cublas":
+        y = _output(out, m, d, x.dtype)
         z = cp.matmul(x, w_first.T)                                    # (M, n)
         p = pack.pack_twell_async(z, tile_width, compression, eff, relu=True, neuron_counts=return_stats)
     else:
+        y = _output(out, m, d, x.dtype)
         z = None                                                       # never materialised
         fused_forward = (kernel == "wgmma" and gate_gemm.FUSED_FORWARD
                          and gate_gemm.fused_forward_supported(x, w_first, w_up, w_down, y, tile_width, eff))
@@ -92,20 +106,20 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
         ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.row_route, w_up, w_down, tile_width, y,
                                   compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3])
         n_backup, n_overflow = readback.wait()
-    if n_backup == m:
-        # Every row is dense (a dense batch): plain cuBLAS on the whole batch, no gathers or scatters.
-        # (With the fused gate the gate GEMM runs a second time here: z was never stored.)
-        if z is None:
-            z = cp.matmul(x, w_first.T)
-        h = ffn_forward.gate_mul(z, cp.matmul(x, w_up.T), relu=True) if gated else pack.relu_keep_nan(z)
-        cp.matmul(h, w_down, out=y)
-    elif n_backup:
-        _, backup_rows_buf, _ = pack.route_rows(p.row_route)
-        rows = backup_rows_buf[:n_backup]
-        xr = x[rows]
-        zr = cp.matmul(xr, w_first.T) if z is None else z[rows]
+    if n_backup:
+        if n_backup == m:
+            # Every row is dense (a dense batch): plain cuBLAS on the whole batch, no gathers or scatters.
+            rows, xr = None, x
+        else:
+            _, backup_rows_buf, _ = pack.route_rows(p.row_route)
+            rows = backup_rows_buf[:n_backup]
+            xr = x[rows]
+        zr = _backup_gate(p, z, xr, rows, w_first, n_backup, n_overflow)
         h = ffn_forward.gate_mul(zr, cp.matmul(xr, w_up.T), relu=True) if gated else pack.relu_keep_nan(zr)
-        y[rows] = cp.matmul(h, w_down)
+        if rows is None:
+            cp.matmul(h, w_down, out=y)
+        else:
+            y[rows] = cp.matmul(h, w_down)
     if not return_stats:
         return y
     nnz = p.row_nnz.sum(dtype=cp.int64)
@@ -113,6 +127,28 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
                      n_backup_rows=n_backup, n_overflow_rows=n_overflow, gate_kernel=kernel,
                      fused_forward=fused_forward, n_deferred_rows=n_deferred)
     return y, stats
+
+
+def _backup_gate(p, z, xr, rows, w_first, n_backup: int, n_overflow: int):
+    """Gate pre-activations (relu'd where they come from TwELL) of the backup rows, (R, n).
+
+    ``rows``: the ordered backup-row list (None: every row).  From the dense z when cuBLAS computed it.
+    After the fused gate z was never stored: a row routed by the row threshold has every entry in its TwELL
+    (no tile overflowed), so its gate row is unpacked from there (relu(z) exactly, NaN kept); only rows
+    whose tile overflowed recompute their gate row with cuBLAS.
+    """
+    cp = _cp()
+    if z is not None:
+        return z if rows is None else z[rows]
+    if n_overflow == n_backup:
+        return cp.matmul(xr, w_first.T)
+    zr = pack.unpack_twell_rows(p.counts, p.indices, p.values, rows, w_first.shape[0], p.tile_width)
+    if n_overflow:
+        overflowed = (p.row_route if rows is None else p.row_route[rows]) == pack.ROUTE_OVERFLOW
+        _, pos_buf, _ = pack.route_rows(overflowed.astype(cp.int32))   # their positions, in order
+        pos = pos_buf[:n_overflow]
+        zr[pos] = cp.matmul(xr[pos], w_first.T)
+    return zr
 
 
 def gated_ffn(x, w_gate, w_up, w_down, tile_width, compression, threshold, return_stats, out=None,

@@ -33,6 +33,7 @@ for _d in DEVICE_DTYPES:
             _names.append(f"count_row_entries<{_t}, {cbool(_r)}, {cbool(_v)}>")
             _names.append(f"fill_hybrid_rows<{_t}, {cbool(_r)}, {cbool(_v)}>")
     _names.append(f"unpack_twell<{_t}>")
+    _names.append(f"unpack_twell_rows<{_t}>")
     _names.append(f"unpack_hybrid_rows<{_t}>")
     _names.append(f"relu_keep_nan<{_t}>")
     _names.append(f"twell_rows_to_csr<{_t}>")
@@ -156,6 +157,26 @@ def unpack_twell(tw: TwELL):
            i32(tw.tile_width), dense))
     if tw.n_backup:
         dense[tw.backup_rows] = tw.backup_values
+    return dense
+
+
+def unpack_twell_rows(counts, indices, values, rows, n: int, tile_width: int):
+    """Dense (R, n) rows of TwELL arrays: row r is TwELL row ``rows[r]`` (``rows`` int32 (R,) on the device,
+    or None for every row in order).  Only the stored slots are written: a row with an overflowing tile
+    (count > slots) comes out incomplete and must be recomputed by the caller.
+
+    counts (M, NT) int32, indices (M, NT, S) uint8, values (M, NT, S); returns an array of values' dtype.
+    """
+    cp = _cp()
+    n_tiles, slots = counts.shape[1], indices.shape[2]
+    r = counts.shape[0] if rows is None else rows.shape[0]
+    dense = cp.zeros((r, n), dtype=values.dtype)
+    total = r * n_tiles * slots
+    if total:
+        k = get_kernel("pack", f"unpack_twell_rows<{ctype_of(values.dtype, 'values')}>")
+        k((grid_1d(total, 256),), (256,),
+          (counts, indices, values, NULL if rows is None else rows, i32(r), i32(n), i32(n_tiles), i32(slots),
+           i32(tile_width), dense))
     return dense
 
 
