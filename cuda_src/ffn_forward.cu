@@ -328,35 +328,19 @@ __device__ __forceinline__ void warp_down_row(const int* lcol, const float* lval
     }
 }
 
-// Whether this CTA leaves the SM to other work (see twell_up_down_warp).  Not inlined: inlined, it raised
-// the register count of the non-gated kernels (96 -> 148 at d = 2048).
-__device__ __noinline__ bool cta_yields_sm(const int* reserve_flag, int reserved_sms) {
-    unsigned sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    return blockIdx.x != 0 && (int)sm < reserved_sms && *reserve_flag > 0;
-}
-
 // ---------------------------------------------------------------- fast path: one warp per TwELL row
 // 16-bit T, d = 256 * NC.  x and y stay in registers; x and y use cache-streaming accesses so the
-// gathered weight rows keep L2.  Rows are handed out by work_counter, so any number of CTAs computes
-// every compact row: when *reserve_flag > 0 (the number of dense-backup rows) the CTAs that land on SMs
-// 0 .. reserved_sms - 1 leave at once (all but CTA 0, so some CTA always runs whatever the placement), so that the backup rows' cuBLAS work, queued on another stream,
-// runs on those SMs alongside this L2-bound kernel.  Results do not depend on it (each row is one warp's
-// independent computation).
+// gathered weight rows keep L2.
 template <typename T, int NC, bool GATED>
-// (min 3 CTAs per SM for the gated d = 2048 case: ptxas otherwise took 184 registers, one CTA less per SM;
-// 0 = no minimum elsewhere, as an explicit 1 let ptxas raise the non-gated counts by half)
-__global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS, GATED && NC == 8 ? 3 : 0) twell_up_down_warp(
+__global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS) twell_up_down_warp(
     const T* __restrict__ x, const int* __restrict__ counts, const u8* __restrict__ indices,
     const T* __restrict__ values, const int* __restrict__ route, int compact,
     const T* __restrict__ w_up, const T* __restrict__ w_down,
-    int M, int n_tiles, int slots, int tile_width, T* __restrict__ y,
-    const int* __restrict__ reserve_flag, int reserved_sms, int* __restrict__ work_counter)
+    int M, int n_tiles, int slots, int tile_width, T* __restrict__ y, int* __restrict__ work_counter)
 {
     constexpr int D = NC * 256;
     __shared__ int s_col[WARP_KERNEL_WARPS][MAX_LIST];
     __shared__ float s_val[WARP_KERNEL_WARPS][MAX_LIST];
-    if (reserve_flag != nullptr && cta_yields_sm(reserve_flag, reserved_sms)) return;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int* lcol = s_col[warp];
     float* lval = s_val[warp];

@@ -274,31 +274,3 @@ def test_ops_run_on_the_current_stream(cp, m):
     np.testing.assert_array_equal(y_train.get().view(np.uint16), y_ref.get().view(np.uint16))
     for g, r in zip(grads, grads_ref):
         np.testing.assert_array_equal(g.get().view(np.uint16), r.view(np.uint16))
-
-
-@pytest.mark.parametrize("gate_kernel", ["auto", "cublas"])
-@pytest.mark.parametrize("gated", [True, False])
-def test_backup_rows_on_side_stream_same_result(cp, monkeypatch, gate_kernel, gated):
-    """Backup rows computed on a side stream next to the up/down kernel (which leaves SMs to them) give
-    bitwise what the serial order gives, whatever the number of reserved SMs (including all of them: CTA
-    0 always stays), on the default and on a non-blocking current stream, run after run."""
-    from twell.kernels import ops as kops
-    rng = np.random.default_rng(8)
-    dev = [cp.asarray(a) for a in make_ffn(rng, 3000, 256, 1024, "bfloat16", mean_active=20)]
-    args = dev if gated else [dev[0], dev[2], dev[3]]
-    fn = twell.gated_ffn if gated else twell.ffn
-    monkeypatch.setattr(kops, "BACKUP_OVERLAP_SMS", 0)
-    want, stats = fn(*args, dense_row_threshold=22, gate_kernel=gate_kernel, return_stats=True)
-    assert 0 < stats.n_backup_rows < 3000
-    want = want.get().view(np.uint16)
-    for reserved in (16, 1 << 20):
-        monkeypatch.setattr(kops, "BACKUP_OVERLAP_SMS", reserved)
-        for _ in range(3):
-            np.testing.assert_array_equal(fn(*args, dense_row_threshold=22, gate_kernel=gate_kernel).get()
-                                          .view(np.uint16), want)
-        side = cp.cuda.Stream(non_blocking=True)
-        with side:
-            y = fn(*args, dense_row_threshold=22, gate_kernel=gate_kernel)
-            y2 = y * 1                   # queued after the op on the same stream: must see every row
-        side.synchronize()
-        np.testing.assert_array_equal(y2.get().view(np.uint16), want)

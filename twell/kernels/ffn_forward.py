@@ -101,8 +101,7 @@ def launch_warp_rows(kernel, m: int, list_bytes_per_warp: int, args: tuple, work
 
 
 def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: int, y, *, compact: int = -1,
-                  gated: bool = True, splits: int | None = None, work_counter=None, reserve_flag=None,
-                  reserved_sms: int = 0):
+                  gated: bool = True, splits: int | None = None, work_counter=None):
     """Fused up/down for the compact rows of a TwELL gate (backup rows are left untouched).
 
     x (M, d); counts (M, NT) int32; indices (M, NT, S) uint8; values (M, NT, S);
@@ -111,10 +110,7 @@ def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: i
     compact = 0); w_up, w_down (n, d); y (M, d) written for compact rows.
     ``gated=False``: the TwELL values are h itself and ``w_up`` is unused.
     ``work_counter``: a zeroed int32 device scalar for the warp path's dynamic
-    row scheduler (allocated if not given).  ``reserve_flag`` (int32 device
-    scalar) and ``reserved_sms``: on the warp path, if ``*reserve_flag > 0`` when
-    the kernel runs, no CTA works on SMs ``0 .. reserved_sms - 1`` (left to
-    concurrent work on another stream); results are the same either way.
+    row scheduler (allocated if not given).
     """
     cp = _cp()
     m, d = x.shape
@@ -130,8 +126,7 @@ def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: i
         k = get_kernel("ffn_forward", f"twell_up_down_warp<{ct}, {nc}, {cbool(gated)}>")
         launch_warp_rows(k, m, MAX_LIST * 8,
                          (x, counts, indices, values, route, i32(compact), w_up, w_down, i32(m), i32(n_tiles),
-                          i32(slots), i32(tile_width), y, NULL if reserve_flag is None else reserve_flag,
-                          i32(reserved_sms)), work_counter)
+                          i32(slots), i32(tile_width), y), work_counter)
         return y
     vec = _vec_ok(x.dtype, d, x, w_up, w_down, y)
     k = get_kernel("ffn_forward", f"twell_up_down<{ct}, {cbool(vec)}, {cbool(gated)}>")

@@ -38,21 +38,6 @@ def _output(out, m, d, dtype):
     return out
 
 
-#: SMs the inference up/down kernel leaves to the dense-backup rows' cuBLAS work, which then runs on a
-#: side stream concurrently with it (0: the backup rows run after the up/down kernel on the current
-#: stream).  docs/perf-notes.md, session 7.
-BACKUP_OVERLAP_SMS = 16
-_backup_streams: dict = {}
-
-
-def _backup_stream(cp):
-    dev = cp.cuda.runtime.getDevice()
-    s = _backup_streams.get(dev)
-    if s is None:
-        s = _backup_streams[dev] = cp.cuda.Stream(non_blocking=True)
-    return s
-
-
 #: Batches up to this many rows take the decode path (no TwELL, no routing, no host sync).
 #: (CUDA-graph capture of the whole op still fails: CuPy refuses cuBLAS calls during capture.)
 DECODE_MAX_ROWS = 64
@@ -118,34 +103,23 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
             n_backup, n_overflow = readback.wait()
     else:
         readback = HostReadback(p.totals[:2], overlap=True)      # the up/down kernel only touches totals[2]
-        stream = cp.cuda.get_current_stream()
-        routed = None
-        if BACKUP_OVERLAP_SMS > 0:
-            routed = cp.cuda.Event(block=False, disable_timing=True)
-            routed.record(stream)
         ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.row_route, w_up, w_down, tile_width, y,
-                                  compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3],
-                                  reserve_flag=p.totals[0:1] if routed is not None else None,
-                                  reserved_sms=BACKUP_OVERLAP_SMS)
+                                  compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3])
         n_backup, n_overflow = readback.wait()
-        if routed is not None and 0 < n_backup < m:
-            # The backup rows on a side stream, after the routing but concurrent with the up/down kernel,
-            # which left BACKUP_OVERLAP_SMS SMs free for them (it saw totals[0] > 0); the current stream
-            # waits for them before anything queued after this op.
-            side = _backup_stream(cp)
-            side.wait_event(routed)
-            with side:
-                _backup_rows(p, x, z, w_first, w_up, w_down, y, n_backup, n_overflow, gated)
-                done = cp.cuda.Event(block=False, disable_timing=True)
-                done.record(side)
-            stream.wait_event(done)
-            n_backup_left = 0
+    if n_backup:
+        if n_backup == m:
+            # Every row is dense (a dense batch): plain cuBLAS on the whole batch, no gathers or scatters.
+            rows, xr = None, x
         else:
-            n_backup_left = n_backup
-    if fused_forward:
-        n_backup_left = n_backup
-    if n_backup_left:
-        _backup_rows(p, x, z, w_first, w_up, w_down, y, n_backup, n_overflow, gated)
+            _, backup_rows_buf, _ = pack.route_rows(p.row_route)
+            rows = backup_rows_buf[:n_backup]
+            xr = x[rows]
+        zr = _backup_gate(p, z, xr, rows, w_first, n_backup, n_overflow)
+        h = ffn_forward.gate_mul(zr, cp.matmul(xr, w_up.T), relu=True) if gated else pack.relu_keep_nan(zr)
+        if rows is None:
+            cp.matmul(h, w_down, out=y)
+        else:
+            y[rows] = cp.matmul(h, w_down)
     if not return_stats:
         return y
     nnz = p.row_nnz.sum(dtype=cp.int64)
@@ -153,25 +127,6 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
                      n_backup_rows=n_backup, n_overflow_rows=n_overflow, gate_kernel=kernel,
                      fused_forward=fused_forward, n_deferred_rows=n_deferred)
     return y, stats
-
-
-def _backup_rows(p, x, z, w_first, w_up, w_down, y, n_backup: int, n_overflow: int, gated: bool):
-    """y rows of the dense-backup rows (cuBLAS), on the current stream."""
-    cp = _cp()
-    m = x.shape[0]
-    if n_backup == m:
-        # Every row is dense (a dense batch): plain cuBLAS on the whole batch, no gathers or scatters.
-        rows, xr = None, x
-    else:
-        _, backup_rows_buf, _ = pack.route_rows(p.row_route)
-        rows = backup_rows_buf[:n_backup]
-        xr = x[rows]
-    zr = _backup_gate(p, z, xr, rows, w_first, n_backup, n_overflow)
-    h = ffn_forward.gate_mul(zr, cp.matmul(xr, w_up.T), relu=True) if gated else pack.relu_keep_nan(zr)
-    if rows is None:
-        cp.matmul(h, w_down, out=y)
-    else:
-        y[rows] = cp.matmul(h, w_down)
 
 
 def _backup_gate(p, z, xr, rows, w_first, n_backup: int, n_overflow: int):
