@@ -1,4 +1,4 @@
-"""Where the eager-vs-queued gap of the inference forward comes from (perf-notes.md, session 7).
+"""Where the eager-vs-queued gap of the inference forward comes from (perf-notes.md, v13).
 
 Times pieces of ``twell.gated_ffn`` (M = 16,384 by default, fused gate) in the bench's two modes —
 eager (events around each call, host sync after it) and queued (calls back to back) — so that the gap

@@ -385,7 +385,7 @@ _wgmma_plans: dict = {}
 
 def _launch_wgmma_planned(cp, x, w, tile_width: int, compression: int, neuron_counts: bool, cluster):
     """Launch the Hopper gate GEMM → TwELL with as little host work as possible before the launch (the GPU
-    idles until it: docs/perf-notes.md, session 7); returns (counts, indices, values, neuron_counts)."""
+    idles until it: docs/perf-notes.md, v13); returns (counts, indices, values, neuron_counts)."""
     if cluster is None:
         cluster = WGMMA_CLUSTER
     key = (x.data.ptr, x.shape, x.dtype, w.data.ptr, w.shape, tile_width, compression, cluster,
