@@ -135,12 +135,14 @@ def _backup_gate(p, z, xr, rows, w_first, n_backup: int, n_overflow: int):
     ``rows``: the ordered backup-row list (None: every row).  From the dense z when cuBLAS computed it.
     After the fused gate z was never stored: a row routed by the row threshold has every entry in its TwELL
     (no tile overflowed), so its gate row is unpacked from there (relu(z) exactly, NaN kept); only rows
-    whose tile overflowed recompute their gate row with cuBLAS.
+    whose tile overflowed recompute their gate row with cuBLAS (all rows when most of them overflowed).
     """
     cp = _cp()
     if z is not None:
         return z if rows is None else z[rows]
-    if n_overflow == n_backup:
+    if 2 * n_overflow > n_backup:
+        # Mostly overflowed rows (very dense batches): one GEMM over all of them is cheaper than unpacking
+        # plus a GEMM over a gathered subset and its scatter.
         return cp.matmul(xr, w_first.T)
     zr = pack.unpack_twell_rows(p.counts, p.indices, p.values, rows, w_first.shape[0], p.tile_width)
     if n_overflow:
