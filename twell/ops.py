@@ -168,8 +168,9 @@ def gated_ffn(x, w_gate, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compres
     GPU path: gate GEMM with the ReLU → TwELL epilogue fused (or cuBLAS + the
     pack kernel) → fused up/down kernel for the compact rows, while the host
     reads the number of backup rows (one 8-byte read-back overlapped with the
-    up/down kernel) → cuBLAS for the backup rows (their gate row recomputed when
-    the fused gate ran).  Bitwise deterministic.
+    up/down kernel) → cuBLAS for the backup rows (after the fused gate their gate
+    row is unpacked from the TwELL, or recomputed when a tile overflowed).
+    Bitwise deterministic.
     """
     xp, x, w, n = _check_ffn_args(x, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down})
     threshold = _inference_threshold(dense_row_threshold, n, tile_width, compression)
