@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._kernels import KernelFamily, get_kernel, register_family
-from ._launch import NULL, SLOT, DriverLaunch, aligned, cbool, ctype_of, grid_1d, i32
+from ._launch import NULL, aligned, cbool, ctype_of, grid_1d, i32
 from .pack import DEVICE_DTYPES
 
 #: Longest active list of a compact row the kernels hold (cuda_src/ffn_forward.cu MAX_LIST); the FFN
@@ -167,42 +167,16 @@ def dense_gate_up_down(x, z, w_up, w_down, y, *, gated: bool = True, splits: int
         return y
     if splits is None:
         splits = choose_splits(m, _sm_count())
+    ct = ctype_of(x.dtype, "x")
     vec = _vec_ok(x.dtype, d, x, w_up, w_down) and n % 8 == 0 and aligned(z, 16)
-    # Decode is bound by host time (every launch's Python cost is latency), so both launches go through
-    # a plan memoized per shape (docs/perf-notes.md, v16): parameter buffers built once, pointers set
-    # per call, the partial rows one pool allocation zeroed by a memset.
-    key = (m, d, n, x.dtype, gated, splits, vec, x.data.device_id)
-    plan = _decode_plans.get(key)
-    if plan is None:
-        if len(_decode_plans) >= 64:
-            _decode_plans.clear()
-        plan = _decode_plans[key] = _DecodePlan(m, d, n, x.dtype, gated, splits, vec)
-    partial = cp.cuda.alloc(plan.partial_bytes)
-    partial.memset_async(0, plan.partial_bytes)
-    stream = cp.cuda.get_current_stream().ptr
-    plan.compute(stream, x.data.ptr, z.data.ptr, w_up.data.ptr, w_down.data.ptr, partial.ptr)
-    plan.reduce(stream, partial.ptr, y.data.ptr)
+    k = get_kernel("ffn_forward", f"dense_gate_up_down<{ct}, {cbool(vec)}, {cbool(gated)}>")
+    smem = d * x.dtype.itemsize if gated else 0
+    _raise_smem_limit(k, smem)
+    partial = cp.zeros((m, splits, d), dtype=cp.float32)
+    k((m * splits,), (THREADS,), (x, z, w_up, w_down, i32(m), i32(d), i32(n), i32(splits), partial),
+      shared_mem=smem)
+    _reduce(partial, None, 0, y, splits)
     return y
-
-
-class _DecodePlan:
-    """The two launches of :func:`dense_gate_up_down` for one shape: the (row, split) kernel and the split
-    reduction, as :class:`~twell.kernels._launch.DriverLaunch` objects with the array pointers as slots."""
-
-    def __init__(self, m: int, d: int, n: int, dtype, gated: bool, splits: int, vec: bool):
-        ct = ctype_of(dtype, "x")
-        k = get_kernel("ffn_forward", f"dense_gate_up_down<{ct}, {cbool(vec)}, {cbool(gated)}>")
-        smem = d * dtype.itemsize if gated else 0
-        _raise_smem_limit(k, smem)
-        self.compute = DriverLaunch(k, (m * splits,), (THREADS,), smem,
-                                    (SLOT, SLOT, SLOT, SLOT, i32(m), i32(d), i32(n), i32(splits), SLOT))
-        r = get_kernel("ffn_forward", f"reduce_split_rows<{ct}>")
-        self.reduce = DriverLaunch(r, (grid_1d(m * d, 256),), (256,), 0,
-                                   (SLOT, NULL, i32(0), i32(m), i32(d), i32(splits), SLOT))
-        self.partial_bytes = m * splits * d * 4
-
-
-_decode_plans: dict = {}
 
 
 def csr_up_down(x, row_ptr, col_indices, g_values, backup_slot, w_up, w_down, y, u_values, row_l1, *,
