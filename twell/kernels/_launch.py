@@ -120,6 +120,14 @@ class HostReadback:
 SLOT = object()
 
 
+def _cu_launch_kernel():
+    import ctypes  # noqa: PLC0415
+    fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+    return fn
+
+
 class DriverLaunch:
     """One kernel launch configuration whose parameter buffer is built once and relaunched through
     ``cuLaunchKernel`` (ctypes, the driver library CuPy itself uses), changing only the pointer ``SLOT``
@@ -139,11 +147,6 @@ class DriverLaunch:
     def __init__(self, kernel, grid: tuple, block: tuple, shared_mem: int, args: tuple):
         import ctypes  # noqa: PLC0415
         import threading  # noqa: PLC0415
-        if DriverLaunch._fn is None:
-            fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
-            DriverLaunch._fn = fn
         self._func = ctypes.c_void_p(kernel.kernel.ptr)
         self._dims = tuple(int(v) for v in (tuple(grid) + (1, 1))[:3] + (tuple(block) + (1, 1))[:3])
         self._smem = int(shared_mem)
@@ -166,11 +169,25 @@ class DriverLaunch:
         self._params = (ctypes.c_void_p * len(self._storage))(*[ctypes.addressof(s) for s in self._storage])
         self._lock = threading.Lock()
 
+    def _set_slots(self, pointers):
+        if len(pointers) != len(self._slots):
+            raise TypeError(f"DriverLaunch takes {len(self._slots)} slot pointers, got {len(pointers)}")
+        for s, p in zip(self._slots, pointers):
+            s.value = p
+
+    def parameter_bytes(self, *pointers: int) -> list:
+        """The bytes each kernel parameter would be launched with (for tests; no launch)."""
+        import ctypes  # noqa: PLC0415
+        with self._lock:
+            self._set_slots(pointers)
+            return [ctypes.string_at(self._params[i], ctypes.sizeof(s)) for i, s in enumerate(self._storage)]
+
     def __call__(self, stream_ptr: int, *pointers: int):
         """Launch on stream ``stream_ptr`` with the ``SLOT`` arguments set to ``pointers`` (in order)."""
+        if DriverLaunch._fn is None:
+            DriverLaunch._fn = _cu_launch_kernel()
         with self._lock:                               # the slots are shared by every caller of this plan
-            for s, p in zip(self._slots, pointers):
-                s.value = p
+            self._set_slots(pointers)
             rc = DriverLaunch._fn(self._func, *self._dims, self._smem, stream_ptr, self._params, None)
         if rc != 0:
             raise RuntimeError(f"cuLaunchKernel failed with CUresult {rc}")
