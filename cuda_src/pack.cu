@@ -92,10 +92,24 @@ __global__ void __launch_bounds__(256) pack_twell(
 // the sum of the earlier blocks' counts, then places its rows round by round with a block scan.
 // totals[0] = routed (backup) rows, totals[1] = rows routed by tile overflow, totals[2] = 0 (a work
 // counter for the kernels that follow).  (Was one CTA with a contiguous row range per thread:
-// uncoalesced, 24 us at M = 16,384.)
+// uncoalesced, 24 us at M = 16,384; then 8 rounds per block, ~18 us for the two kernels: each round is
+// a block scan with two barriers, so the latency grows with the rounds -- now one round per block and
+// the earlier blocks' counts summed by a warp.)
 #define ROUTE_THREADS 1024
-#define ROUTE_ROUNDS 8
+#define ROUTE_ROUNDS 1
 #define ROUTE_BLOCK_ROWS (ROUTE_THREADS * ROUTE_ROUNDS)
+
+// Sum of block_counts[stride * b + field] over b < n_blocks, by one warp (every lane gets the sum).
+template <typename V>
+__device__ __forceinline__ V warp_sum_blocks(const V* __restrict__ block_counts, int stride, int field,
+                                             int n_blocks)
+{
+    V s = 0;
+    for (int b = threadIdx.x & 31; b < n_blocks; b += 32) s += block_counts[(long long)stride * b + field];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    return s;
+}
 
 __global__ void __launch_bounds__(ROUTE_THREADS) route_rows_count(
     const int* __restrict__ row_route, int M, int* __restrict__ block_counts)
@@ -135,13 +149,13 @@ __global__ void __launch_bounds__(ROUTE_THREADS) route_rows_place(
     __shared__ int warp_sums[ROUTE_THREADS / 32];
     __shared__ int block_base;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    if (tid == 0) {
-        int before = 0;
-        for (int b = 0; b < (int)blockIdx.x; ++b) before += block_counts[2 * b];
-        block_base = before;
-        if (blockIdx.x == 0) {
-            int total = 0, total_ovf = 0;
-            for (int b = 0; b < (int)gridDim.x; ++b) { total += block_counts[2 * b]; total_ovf += block_counts[2 * b + 1]; }
+    if (warp == 0) {
+        const int before = warp_sum_blocks(block_counts, 2, 0, (int)blockIdx.x);
+        if (lane == 0) block_base = before;
+    } else if (warp == 1 && blockIdx.x == 0) {
+        const int total = warp_sum_blocks(block_counts, 2, 0, (int)gridDim.x);
+        const int total_ovf = warp_sum_blocks(block_counts, 2, 1, (int)gridDim.x);
+        if (lane == 0) {
             totals[0] = total;
             totals[1] = total_ovf;
             totals[2] = 0;
@@ -211,6 +225,68 @@ __global__ void unpack_twell_rows(const int* __restrict__ counts, const u8* __re
         if (s < min(counts[src], slots))
             dense[(long long)r * n + t * tile_width + indices[src * slots + s]] = values[src * slots + s];
     }
+}
+
+// Copies n_bytes from src to dst with the CTA's threads: 16-byte vectors when both are 16-byte aligned
+// and n_bytes % 16 == 0 (rows of a contiguous array with d * sizeof(T) % 16 == 0), else 2-byte units
+// (every T here has an even size).
+__device__ __forceinline__ void block_copy_bytes(unsigned char* __restrict__ dst,
+                                                 const unsigned char* __restrict__ src, long long n_bytes)
+{
+    if ((((unsigned long long)dst | (unsigned long long)src | (unsigned long long)n_bytes) & 15ull) == 0) {
+        for (long long i = threadIdx.x; i < n_bytes / 16; i += blockDim.x)
+            reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+    } else {
+        for (long long i = threadIdx.x; i < n_bytes / 2; i += blockDim.x)
+            reinterpret_cast<unsigned short*>(dst)[i] = reinterpret_cast<const unsigned short*>(src)[i];
+    }
+}
+
+// Zeroes n_bytes at dst (even) with the CTA's threads, 16-byte vectors where aligned.
+__device__ __forceinline__ void block_zero_bytes(unsigned char* __restrict__ dst, long long n_bytes)
+{
+    if ((((unsigned long long)dst | (unsigned long long)n_bytes) & 15ull) == 0) {
+        for (long long i = threadIdx.x; i < n_bytes / 16; i += blockDim.x)
+            reinterpret_cast<uint4*>(dst)[i] = make_uint4(0u, 0u, 0u, 0u);
+    } else {
+        for (long long i = threadIdx.x; i < n_bytes / 2; i += blockDim.x)
+            reinterpret_cast<unsigned short*>(dst)[i] = 0;
+    }
+}
+
+// The dense backup's inputs in one pass (inference, after the fused gate): for backup row r (TwELL row
+// rows[r]), xr[r] = x[rows[r]] (d values) and zr[r] = its relu'd gate row unpacked from the TwELL (zeros
+// elsewhere).  Slots past a tile's capacity are not stored, so a row with an overflowing tile comes out
+// incomplete: the caller recomputes those rows.  x, xr, zr C-contiguous.  One CTA per backup row.
+template <typename T>
+__global__ void __launch_bounds__(256) gather_backup_rows(
+    const T* __restrict__ x, int d, const int* __restrict__ counts, const u8* __restrict__ indices,
+    const T* __restrict__ values, const int* __restrict__ rows, int n, int n_tiles, int slots, int tile_width,
+    T* __restrict__ xr, T* __restrict__ zr)
+{
+    const long long r = blockIdx.x;
+    const long long src = rows[r];
+    block_copy_bytes(reinterpret_cast<unsigned char*>(xr + r * d),
+                     reinterpret_cast<const unsigned char*>(x + src * d), (long long)d * sizeof(T));
+    T* zrow = zr + r * n;
+    block_zero_bytes(reinterpret_cast<unsigned char*>(zrow), (long long)n * sizeof(T));
+    __syncthreads();                                  // zeros before the entries (same addresses)
+    const long long rt0 = src * n_tiles;
+    for (int i = threadIdx.x; i < n_tiles * slots; i += blockDim.x) {
+        const int t = i / slots, s = i - t * slots;
+        if (s < min(counts[rt0 + t], slots))
+            zrow[t * tile_width + indices[(rt0 + t) * slots + s]] = values[(rt0 + t) * slots + s];
+    }
+}
+
+// dst[rows[r]] = src[r] for r < R: rows of width d (C-contiguous).  One CTA per row.
+template <typename T>
+__global__ void __launch_bounds__(256) scatter_rows(const T* __restrict__ src, const int* __restrict__ rows,
+                                                    int d, T* __restrict__ dst)
+{
+    const long long r = blockIdx.x;
+    block_copy_bytes(reinterpret_cast<unsigned char*>(dst + (long long)rows[r] * d),
+                     reinterpret_cast<const unsigned char*>(src + r * d), (long long)d * sizeof(T));
 }
 
 // Hybrid pass 1: entries per row (one warp per row) and optional per-neuron counts.
@@ -434,23 +510,21 @@ __global__ void __launch_bounds__(ROUTE_THREADS) hybrid_plan_place(
 {
     __shared__ int ws[ROUTE_THREADS / 32];
     __shared__ int bases[PLAN_FIELDS];
-    const int tid = threadIdx.x;
-    if (tid < PLAN_FIELDS) {
-        int before = 0;
-        for (int b = 0; b < (int)blockIdx.x; ++b) before += block_counts[PLAN_FIELDS * b + tid];
-        bases[tid] = before;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (warp < PLAN_FIELDS) {                                  // warp f: field f's sums
+        const int before = warp_sum_blocks(block_counts, PLAN_FIELDS, warp, (int)blockIdx.x);
+        if (lane == 0) bases[warp] = before;
         if (blockIdx.x == 0) {
-            int total = 0;
-            for (int b = 0; b < (int)gridDim.x; ++b) total += block_counts[PLAN_FIELDS * b + tid];
-            const int slot = tid == 2 ? 0 : tid + 1;          // totals = {compact entries, backup, redo, 0}
-            totals[slot] = total;
-            if (tid == 2) { row_ptr[M] = total; totals[3] = 0; }
+            const int total = warp_sum_blocks(block_counts, PLAN_FIELDS, warp, (int)gridDim.x);
+            if (lane == 0) {
+                const int slot = warp == 2 ? 0 : warp + 1;    // totals = {compact entries, backup, redo, 0}
+                totals[slot] = total;
+                if (warp == 2) { row_ptr[M] = total; totals[3] = 0; }
+            }
         }
-    }
-    if (blockIdx.x == 0 && tid == 32) {
-        long long a = 0;
-        for (int b = 0; b < (int)gridDim.x; ++b) a += block_all[b];
-        *nnz_all = a;
+    } else if (warp == PLAN_FIELDS && blockIdx.x == 0) {
+        const long long a = warp_sum_blocks(block_all, 1, 0, (int)gridDim.x);
+        if (lane == 0) *nnz_all = a;
     }
     __syncthreads();
     int run_backup = bases[0], run_redo = bases[1], run_len = bases[2];

@@ -19,11 +19,16 @@ pytestmark = pytest.mark.gpu
 FUSED_DTYPES = ["bfloat16", "float16"]
 
 
+def gate_gemm_clusters():
+    from twell.kernels import gate_gemm
+    return gate_gemm.WGMMA_CLUSTERS
+
+
 def _kernels(cp):
     """(kernel, cluster) variants this device runs."""
     ks = [("mma", 1)]
     if cp.cuda.Device().compute_capability == "90":
-        ks = [("wgmma", 1), ("wgmma", 2)] + ks
+        ks = [("wgmma", c) for c in gate_gemm_clusters()] + ks
     return ks
 
 

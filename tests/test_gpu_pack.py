@@ -141,10 +141,10 @@ def test_gpu_pack_bad_input(cp):
         twell.pack_twell(cp.ones(5, cp.float32))
 
 
-@pytest.mark.parametrize("m", [0, 1, 1000, 8192, 8193, 50_000])
+@pytest.mark.parametrize("m", [0, 1, 1000, 1024, 1025, 8193, 50_000, 200_003])
 def test_route_rows_orders_the_routed_rows(cp, m):
     """backup_slot = rank among the routed rows (code != 0) in row order, backup_rows ascending, totals
-    (routed, overflowed, 0) -- across the kernels' 8,192-row blocks."""
+    (routed, overflowed, 0) -- across the kernels' 1,024-row blocks (and more than 32 of them)."""
     from twell.kernels import pack
     rng = np.random.default_rng(m)
     codes = rng.choice([0, 0, 0, 1, 2], size=m).astype(np.int32)
@@ -157,12 +157,51 @@ def test_route_rows_orders_the_routed_rows(cp, m):
     np.testing.assert_array_equal(cp.asnumpy(totals), [routed.size, int((codes == 2).sum()), 0])
 
 
-@pytest.mark.parametrize("m", [0, 1, 1000, 8192, 8193, 50_000])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, d, n, tile_width", [(300, 2048, 5632, 256), (97, 30, 300, 64), (50, 33, 129, 32)])
+def test_gather_backup_rows_and_scatter_rows(cp, dtype, m, d, n, tile_width):
+    """gather_backup_rows = (x[rows], unpack_twell_rows) exactly, every element written (poisoned
+    outputs), including rows whose tile overflowed (incomplete the same way); scatter_rows = dst[rows] = src.
+    d = 30 / 33 take the 2-byte copy path (rows not 16-byte multiples)."""
+    from twell.kernels import pack
+    rng = np.random.default_rng(d + n)
+    dense = _random_sparse(rng, m, n, 0.03, dtype, full_rows=(1,), empty_rows=(2,))
+    x = cp.asarray(rng.standard_normal((m, d)).astype(np.float32).astype(_np_dtype(dtype)))
+    p = pack.pack_twell_async(cp.asarray(dense), tile_width, 8, 64, relu=True)
+    rows = cp.asarray(np.sort(rng.choice(m, size=m // 3, replace=False)).astype(np.int32))
+    rows[0] = 1                                   # a row with overflowing tiles
+    r = int(rows.shape[0])
+    xr = cp.asarray(np.full((r, d), np.nan, np.float32).astype(_np_dtype(dtype)))  # poisoned: unwritten show
+    zr = cp.asarray(np.full((r, n), np.nan, np.float32).astype(_np_dtype(dtype)))
+    got_x, got_z = pack.gather_backup_rows(x, p.counts, p.indices, p.values, rows, n, tile_width, out=(xr, zr))
+    assert got_x is xr and got_z is zr
+    want_z = pack.unpack_twell_rows(p.counts, p.indices, p.values, rows, n, tile_width)
+    np.testing.assert_array_equal(cp.asnumpy(xr.view(f"u{x.dtype.itemsize}")),
+                                  cp.asnumpy(x[rows].view(f"u{x.dtype.itemsize}")))
+    np.testing.assert_array_equal(cp.asnumpy(zr.view(f"u{x.dtype.itemsize}")),
+                                  cp.asnumpy(want_z.view(f"u{x.dtype.itemsize}")))
+    fresh_x, fresh_z = pack.gather_backup_rows(x, p.counts, p.indices, p.values, rows, n, tile_width)
+    assert bool((fresh_x.view(f"u{x.dtype.itemsize}") == xr.view(f"u{x.dtype.itemsize}")).all())
+    assert bool((fresh_z.view(f"u{x.dtype.itemsize}") == zr.view(f"u{x.dtype.itemsize}")).all())
+    dst = cp.asarray(rng.standard_normal((m, d)).astype(np.float32).astype(x.dtype))
+    want = cp.asnumpy(dst).copy()
+    want[cp.asnumpy(rows)] = cp.asnumpy(xr)
+    pack.scatter_rows(xr, rows, dst)
+    np.testing.assert_array_equal(cp.asnumpy(dst).view(f"u{x.dtype.itemsize}"), want.view(f"u{x.dtype.itemsize}"))
+    with pytest.raises(ValueError, match="C-contiguous x"):
+        pack.gather_backup_rows(x[:, ::2], p.counts, p.indices, p.values, rows, n, tile_width)
+    with pytest.raises(ValueError, match="out must be"):
+        pack.gather_backup_rows(x, p.counts, p.indices, p.values, rows, n, tile_width, out=(zr, xr))
+    with pytest.raises(ValueError, match="scatter_rows takes"):
+        pack.scatter_rows(cp.zeros((r, d), cp.float64), rows, dst)
+
+
+@pytest.mark.parametrize("m", [0, 1, 1000, 1024, 1025, 8193, 50_000, 200_003])
 @pytest.mark.parametrize("with_route", [False, True])
 def test_hybrid_plan_matches_numpy(cp, m, with_route):
     """hybrid_plan: backup rows (nnz > threshold) and redo rows (compact rows with TwELL code 2) listed in
     row order, compact CSR offsets, totals (compact entries, backup, redo, 0) and the all-row entry count --
-    across the kernels' 8,192-row blocks."""
+    across the kernels' 1,024-row blocks (and more than 32 of them)."""
     from twell.kernels import pack
     rng = np.random.default_rng(m + with_route)
     thr = 40

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 _CUDA_DATATYPE = {"float16": 2, "bfloat16": 14, "float32": 0}   # cudaDataType_t
+#: dtype names :func:`gemm` takes.
+DTYPES = frozenset(_CUDA_DATATYPE)
 _CUBLAS_COMPUTE_32F = 68
 _CUBLAS_GEMM_DEFAULT = -1
 _OP_N, _OP_T = 0, 1
@@ -55,4 +57,4 @@ def gemm(a, b, out, *, trans_a: bool = False, trans_b: bool = False, beta: float
     return out
 
 
-__all__ = ["gemm"]
+__all__ = ["gemm", "DTYPES"]

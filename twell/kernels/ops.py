@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..format import TwELL, twell_layout
 from ..results import FFNStats
-from . import ffn_forward, gate_gemm, pack
+from . import blas, ffn_forward, gate_gemm, pack
 from ._launch import HostReadback
 
 
@@ -107,19 +107,7 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
                                   compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3])
         n_backup, n_overflow = readback.wait()
     if n_backup:
-        if n_backup == m:
-            # Every row is dense (a dense batch): plain cuBLAS on the whole batch, no gathers or scatters.
-            rows, xr = None, x
-        else:
-            _, backup_rows_buf, _ = pack.route_rows(p.row_route)
-            rows = backup_rows_buf[:n_backup]
-            xr = x[rows]
-        zr = _backup_gate(p, z, xr, rows, w_first, n_backup, n_overflow)
-        h = ffn_forward.gate_mul(zr, cp.matmul(xr, w_up.T), relu=True) if gated else pack.relu_keep_nan(zr)
-        if rows is None:
-            cp.matmul(h, w_down, out=y)
-        else:
-            y[rows] = cp.matmul(h, w_down)
+        _backup_forward(x, p, z, w_first, w_up, w_down, y, n_backup, n_overflow, gated)
     if not return_stats:
         return y
     nnz = p.row_nnz.sum(dtype=cp.int64)
@@ -127,6 +115,60 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
                      n_backup_rows=n_backup, n_overflow_rows=n_overflow, gate_kernel=kernel,
                      fused_forward=fused_forward, n_deferred_rows=n_deferred)
     return y, stats
+
+
+def _gemm(a, b, *, trans_b: bool = False, out=None):
+    """``op(a) @ op(b)`` into ``out`` (new if None): cuBLAS GemmEx directly for contiguous operands of one
+    dtype (a third of ``cupy.matmul``'s host time), else ``cupy.matmul``."""
+    cp = _cp()
+    if out is None:
+        out = cp.empty((a.shape[0], b.shape[0] if trans_b else b.shape[1]), dtype=a.dtype)
+    if (a.dtype == b.dtype == out.dtype and a.flags.c_contiguous and b.flags.c_contiguous
+            and out.flags.c_contiguous and a.dtype.name in blas.DTYPES):
+        return blas.gemm(a, b, out, trans_b=trans_b)
+    return cp.matmul(a, b.T if trans_b else b, out=out)
+
+
+def _backup_forward(x, p, z, w_first, w_up, w_down, y, n_backup: int, n_overflow: int, gated: bool):
+    """The backup rows' y with cuBLAS: u = x_b w_upᵀ, h = relu(z_b) ⊙ u (gated) or relu(z_b), y_b = h w_down.
+
+    The host queues this after the read-back, while the up/down kernel runs, so its host time counts only
+    where it outlasts that kernel (token skew, eager): few launches, cuBLAS called directly.  Every row a
+    backup row (a dense batch): plain GEMMs on the whole batch, no gathers or scatters.  Otherwise the
+    ordered backup-row list (:func:`pack.route_rows`); after the fused gate (``z`` None) the gathered x rows
+    and the gate rows unpacked from the TwELL come from one kernel (see :func:`_backup_gate`), and the y rows
+    are scattered by one kernel.
+    """
+    m = x.shape[0]
+    if n_backup == m:
+        rows, xr = None, x
+        zr = _backup_gate(p, z, xr, None, w_first, n_backup, n_overflow)
+    else:
+        rows = pack.route_rows(p.row_route)[1][:n_backup]
+        if z is None and 2 * n_overflow <= n_backup and x.flags.c_contiguous:
+            xr, zr = pack.gather_backup_rows(x, p.counts, p.indices, p.values, rows, w_first.shape[0],
+                                             p.tile_width)
+            if n_overflow:
+                _recompute_overflowed(p, zr, xr, rows, w_first, n_overflow)
+        else:
+            xr = x[rows]
+            zr = _backup_gate(p, z, xr, rows, w_first, n_backup, n_overflow)
+    h = ffn_forward.gate_mul(zr, _gemm(xr, w_up, trans_b=True), relu=True) if gated else pack.relu_keep_nan(zr)
+    if rows is None:
+        _gemm(h, w_down, out=y)
+    elif y.flags.c_contiguous:
+        pack.scatter_rows(_gemm(h, w_down), rows, y)
+    else:
+        y[rows] = _gemm(h, w_down)
+
+
+def _recompute_overflowed(p, zr, xr, rows, w_first, n_overflow: int):
+    """Gate rows (R, n) of the backup rows whose TwELL tile overflowed, recomputed with cuBLAS in place."""
+    cp = _cp()
+    overflowed = (p.row_route if rows is None else p.row_route[rows]) == pack.ROUTE_OVERFLOW
+    _, pos_buf, _ = pack.route_rows(overflowed.astype(cp.int32))   # their positions, in order
+    pos = pos_buf[:n_overflow]
+    zr[pos] = cp.matmul(xr[pos], w_first.T)
 
 
 def _backup_gate(p, z, xr, rows, w_first, n_backup: int, n_overflow: int):
@@ -146,10 +188,7 @@ def _backup_gate(p, z, xr, rows, w_first, n_backup: int, n_overflow: int):
         return cp.matmul(xr, w_first.T)
     zr = pack.unpack_twell_rows(p.counts, p.indices, p.values, rows, w_first.shape[0], p.tile_width)
     if n_overflow:
-        overflowed = (p.row_route if rows is None else p.row_route[rows]) == pack.ROUTE_OVERFLOW
-        _, pos_buf, _ = pack.route_rows(overflowed.astype(cp.int32))   # their positions, in order
-        pos = pos_buf[:n_overflow]
-        zr[pos] = cp.matmul(xr[pos], w_first.T)
+        _recompute_overflowed(p, zr, xr, rows, w_first, n_overflow)
     return zr
 
 

@@ -19,7 +19,7 @@ from ._launch import NULL, HostReadback, aligned, cbool, ctype_of, device_matrix
 DEVICE_DTYPES = ("bfloat16", "float16", "float32")
 ROUTE_COMPACT, ROUTE_THRESHOLD, ROUTE_OVERFLOW = 0, 1, 2
 ROUTE_THREADS = 1024
-ROUTE_BLOCK_ROWS = ROUTE_THREADS * 8  # cuda_src/pack.cu ROUTE_ROUNDS
+ROUTE_BLOCK_ROWS = ROUTE_THREADS * 1  # cuda_src/pack.cu ROUTE_ROUNDS
 
 _names = []
 for _d in DEVICE_DTYPES:
@@ -34,6 +34,8 @@ for _d in DEVICE_DTYPES:
             _names.append(f"fill_hybrid_rows<{_t}, {cbool(_r)}, {cbool(_v)}>")
     _names.append(f"unpack_twell<{_t}>")
     _names.append(f"unpack_twell_rows<{_t}>")
+    _names.append(f"gather_backup_rows<{_t}>")
+    _names.append(f"scatter_rows<{_t}>")
     _names.append(f"unpack_hybrid_rows<{_t}>")
     _names.append(f"relu_keep_nan<{_t}>")
     _names.append(f"twell_rows_to_csr<{_t}>")
@@ -178,6 +180,54 @@ def unpack_twell_rows(counts, indices, values, rows, n: int, tile_width: int):
           (counts, indices, values, NULL if rows is None else rows, i32(r), i32(n), i32(n_tiles), i32(slots),
            i32(tile_width), dense))
     return dense
+
+
+def gather_backup_rows(x, counts, indices, values, rows, n: int, tile_width: int, *, out=None):
+    """The dense backup's inputs in one kernel: ``xr = x[rows]`` and ``zr`` = the relu'd gate rows ``rows``
+    unpacked from TwELL arrays (zeros where no entry).  A row with an overflowing tile comes out incomplete
+    in ``zr`` (slots past capacity are not stored) and must be recomputed by the caller.
+
+    Parameters
+    ----------
+    x : cupy.ndarray (M, d), C-contiguous
+    counts, indices, values : TwELL arrays (M, NT) int32, (M, NT, S) uint8, (M, NT, S) of x's dtype
+    rows : cupy.ndarray (R,) int32, row indices < M
+    out : (xr, zr) or None
+        Preallocated outputs (C-contiguous, shapes and dtype as returned); every element is written.
+
+    Returns
+    -------
+    xr : cupy.ndarray (R, d), zr : cupy.ndarray (R, n); both C-contiguous, x's dtype
+    """
+    cp = _cp()
+    if not x.flags.c_contiguous:
+        raise ValueError("gather_backup_rows takes a C-contiguous x")
+    r, d = rows.shape[0], x.shape[1]
+    n_tiles, slots = counts.shape[1], indices.shape[2]
+    if out is None:
+        xr = cp.empty((r, d), dtype=x.dtype)
+        zr = cp.empty((r, n), dtype=values.dtype)
+    else:
+        xr, zr = out
+        if xr.shape != (r, d) or zr.shape != (r, n) or not (xr.flags.c_contiguous and zr.flags.c_contiguous):
+            raise ValueError(f"out must be C-contiguous arrays of shapes {(r, d)} and {(r, n)}")
+    if r:
+        k = get_kernel("pack", f"gather_backup_rows<{ctype_of(x.dtype, 'x')}>")
+        k((r,), (256,), (x, i32(d), counts, indices, values, rows, i32(n), i32(n_tiles), i32(slots),
+                         i32(tile_width), xr, zr))
+    return xr, zr
+
+
+def scatter_rows(src, rows, dst):
+    """``dst[rows] = src`` for distinct ``rows``: src (R, d), rows (R,) int32, dst (M, d); C-contiguous, one
+    dtype.  One kernel (16-byte vectors for aligned rows)."""
+    if not (src.flags.c_contiguous and dst.flags.c_contiguous) or src.dtype != dst.dtype:
+        raise ValueError("scatter_rows takes C-contiguous src and dst of one dtype")
+    r = rows.shape[0]
+    if r:
+        k = get_kernel("pack", f"scatter_rows<{ctype_of(dst.dtype, 'dst')}>")
+        k((r,), (256,), (src, rows, i32(dst.shape[1]), dst))
+    return dst
 
 
 # --------------------------------------------------------------------------- hybrid
