@@ -452,6 +452,184 @@ __global__ void __launch_bounds__(FFN_THREADS) csr_up_down(
     down_phase<T, VEC, 0>(list_col, list_val, 0, len, w_down, d, y + (long long)row * d, nullptr);
 }
 
+// ---------------------------------------------------------------- decode, fused: gate GEMV + up/down
+// Decode batches of at most DF_MAX_ROWS rows (16-bit T, d = 256 * NC), in two kernels and nothing on
+// the host in between.  decode_fused: CTA c owns neurons [c * 8 * npw, (c + 1) * 8 * npw), warp w of it
+// neurons j = c * 8 * npw + w + 8 * i (i < npw).  Per neuron the warp streams its w_gate row once (the
+// next one in flight) against the staged x rows: z = x_m . w_gate[j] in fp32, rounded to T like a
+// GEMM's output, and entries are !(z <= 0) (NaN included, as the dense relu keeps it).  Entries go to
+// the warp's list in (neuron, row) order; h = g * (x_m . w_up[j]) by the same warp (GATED; else h = g);
+// then every thread owns 16-byte column chunks and accumulates h * w_down[j] over the CTA's lists in
+// (warp, entry) order into fp32 registers per row, written as the CTA's partial (rows x d) with a flag
+// (a CTA without entries writes only flags[c] = 0).  decode_reduce sums the flagged partials of each
+// row in a fixed tree (warp w: CTAs w, w + 8, ...; then the 8 warp sums in order) and rounds once.
+// No atomics, no memset: deterministic, and a row's y depends only on its own x row.
+#define DF_WARPS 8
+#define DF_THREADS (32 * DF_WARPS)
+#define DF_MAX_ROWS 8
+#define DF_MAX_NPW 8                                        // neurons per warp (run-time npw <= this)
+#define DF_WARP_LIST (DF_MAX_NPW * DF_MAX_ROWS)
+
+template <typename T, int NC>
+__device__ __forceinline__ float dot_row_smem(const uint4 (&w)[NC], const T* xs_row) {
+    const int lane = threadIdx.x & 31;
+    const T* tag = nullptr;
+    const uint4* xr = reinterpret_cast<const uint4*>(xs_row);
+    float dot = 0.f;
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+        float fw[8], fx[8];
+        unpack8(w[k], fw, tag);
+        unpack8(xr[k * 32 + lane], fx, tag);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dot = fmaf(fw[i], fx[i], dot);
+    }
+    return warp_sum(dot);
+}
+
+template <typename T, int NC, bool GATED>
+__global__ void __launch_bounds__(DF_THREADS) decode_fused(
+    const T* __restrict__ x, const T* __restrict__ w_gate, const T* __restrict__ w_up,
+    const T* __restrict__ w_down, int M, int n, int npw, float* __restrict__ partial, int* __restrict__ flags)
+{
+    constexpr int D = NC * 256;
+    __shared__ __align__(16) T xs[DF_MAX_ROWS * D];
+    __shared__ int e_row[DF_WARPS][DF_WARP_LIST];
+    __shared__ int e_col[DF_WARPS][DF_WARP_LIST];
+    __shared__ float e_val[DF_WARPS][DF_WARP_LIST];
+    __shared__ int w_count[DF_WARPS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const T* tag = nullptr;
+    for (int c = threadIdx.x; c < M * D / 8; c += DF_THREADS)
+        reinterpret_cast<uint4*>(xs)[c] = __ldg(reinterpret_cast<const uint4*>(x) + c);
+    __syncthreads();
+
+    // gate: this warp's neurons, the next w_gate row in flight while the current one is reduced
+    const int j0 = blockIdx.x * DF_WARPS * npw + warp;
+    int cnt = 0;
+    uint4 cur[NC], nxt[NC];
+    if (j0 < n) {
+        const uint4* wr = reinterpret_cast<const uint4*>(w_gate + (long long)j0 * D);
+#pragma unroll
+        for (int k = 0; k < NC; ++k) cur[k] = __ldg(wr + k * 32 + lane);
+    }
+    for (int i = 0; i < npw; ++i) {
+        const int j = j0 + i * DF_WARPS;
+        if (j >= n) break;
+        const int jn = j + DF_WARPS;
+        if (i + 1 < npw && jn < n) {
+            const uint4* wr = reinterpret_cast<const uint4*>(w_gate + (long long)jn * D);
+#pragma unroll
+            for (int k = 0; k < NC; ++k) nxt[k] = __ldg(wr + k * 32 + lane);
+        }
+        for (int m = 0; m < M; ++m) {
+            const T zt = from_f<T>(dot_row_smem<T, NC>(cur, xs + m * D));
+            if (is_entry<true>(zt)) {
+                if (lane == 0) {
+                    e_row[warp][cnt] = m;
+                    e_col[warp][cnt] = j;
+                    e_val[warp][cnt] = to_f<T>(zt);
+                }
+                ++cnt;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < NC; ++k) cur[k] = nxt[k];
+    }
+    __syncwarp();
+    // up: h = g * (x_m . w_up[j]) for this warp's entries, the next w_up row in flight
+    if (GATED && cnt > 0) {
+        const uint4* wr = reinterpret_cast<const uint4*>(w_up + (long long)e_col[warp][0] * D);
+#pragma unroll
+        for (int k = 0; k < NC; ++k) cur[k] = __ldg(wr + k * 32 + lane);
+        for (int e = 0; e < cnt; ++e) {
+            if (e + 1 < cnt) {
+                const uint4* wn = reinterpret_cast<const uint4*>(w_up + (long long)e_col[warp][e + 1] * D);
+#pragma unroll
+                for (int k = 0; k < NC; ++k) nxt[k] = __ldg(wn + k * 32 + lane);
+            }
+            const float u = dot_row_smem<T, NC>(cur, xs + e_row[warp][e] * D);
+            __syncwarp();
+            if (lane == 0) e_val[warp][e] *= u;
+#pragma unroll
+            for (int k = 0; k < NC; ++k) cur[k] = nxt[k];
+        }
+    }
+    if (lane == 0) w_count[warp] = cnt;
+    __syncthreads();
+
+    // down: thread t owns the 16-byte column chunks t, t + DF_THREADS, ... of every row
+    int total = 0;
+#pragma unroll
+    for (int w = 0; w < DF_WARPS; ++w) total += w_count[w];
+    if (threadIdx.x == 0) flags[blockIdx.x] = total > 0;
+    if (total == 0) return;
+    for (int c = threadIdx.x; c < D / 8; c += DF_THREADS) {
+        float acc[DF_MAX_ROWS][8];
+#pragma unroll
+        for (int m = 0; m < DF_MAX_ROWS; ++m)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[m][i] = 0.f;
+        for (int w = 0; w < DF_WARPS; ++w) {
+            for (int e = 0; e < w_count[w]; ++e) {
+                float fd[8];
+                unpack8(__ldg(reinterpret_cast<const uint4*>(w_down + (long long)e_col[w][e] * D) + c), fd, tag);
+                const float h = e_val[w][e];
+                const int row = e_row[w][e];
+#pragma unroll
+                for (int m = 0; m < DF_MAX_ROWS; ++m) {
+                    if (m == row) {
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) acc[m][i] = fmaf(h, fd[i], acc[m][i]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < DF_MAX_ROWS; ++m) {
+            if (m < M) {
+                float4* dst = reinterpret_cast<float4*>(partial + ((long long)blockIdx.x * M + m) * D) + 2 * c;
+                dst[0] = make_float4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
+                dst[1] = make_float4(acc[m][4], acc[m][5], acc[m][6], acc[m][7]);
+            }
+        }
+    }
+}
+
+// y[m, cols] = sum of the flagged CTAs' partials (see decode_fused); CTA (column group of 256, row m).
+template <typename T>
+__global__ void __launch_bounds__(DF_THREADS) decode_reduce(const float* __restrict__ partial,
+                                                            const int* __restrict__ flags, int G, int M, int d,
+                                                            T* __restrict__ y)
+{
+    __shared__ float4 sums[DF_WARPS][32][2];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int m = blockIdx.y, col = blockIdx.x * 256 + lane * 8;
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
+#pragma unroll 4
+    for (int g = warp; g < G; g += DF_WARPS) {
+        if (flags[g]) {
+            const float4* p = reinterpret_cast<const float4*>(partial + ((long long)g * M + m) * d + col);
+            const float4 p0 = p[0], p1 = p[1];
+            a.x += p0.x; a.y += p0.y; a.z += p0.z; a.w += p0.w;
+            b.x += p1.x; b.y += p1.y; b.z += p1.z; b.w += p1.w;
+        }
+    }
+    sums[warp][lane][0] = a;
+    sums[warp][lane][1] = b;
+    __syncthreads();
+    if (warp == 0) {
+        float t[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int w = 0; w < DF_WARPS; ++w) {
+            const float4 s0 = sums[w][lane][0], s1 = sums[w][lane][1];
+            t[0] += s0.x; t[1] += s0.y; t[2] += s0.z; t[3] += s0.w;
+            t[4] += s1.x; t[5] += s1.y; t[6] += s1.z; t[7] += s1.w;
+        }
+        *reinterpret_cast<uint4*>(y + (long long)m * d + col) = pack8<T>(t);
+    }
+}
+
 // y[row, :] = sum over splits (in order) of partial[row, split, :], for compact rows only.
 template <typename T>
 __global__ void reduce_split_rows(const float* __restrict__ partial, const int* __restrict__ route, int compact,

@@ -124,6 +124,72 @@ def test_decode_path_exact_for_any_row_activity(cp, dtype, m):
     assert int(stats.nnz) == pytest.approx(int((z > 0).sum()), rel=0.01, abs=3)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("m, d, n", [(1, 2048, 5632), (3, 256, 1500), (8, 768, 37), (5, 1024, 1), (8, 512, 4000)])
+@pytest.mark.parametrize("gated", [True, False])
+def test_decode_fused_exact_deterministic_batch_invariant(cp, dtype, m, d, n, gated):
+    """M <= 8 rows of a 16-bit dtype with d = 256 k run the fused decode kernels (gate GEMV + up/down +
+    reduction): exact against float64 for empty, all-active, heavy and ordinary rows, every output element
+    written (poisoned out), bitwise repeatable, and each row's y bitwise the same when computed alone."""
+    from twell.kernels import ffn_forward
+    rng = np.random.default_rng(1000 * m + n + d)
+    bias = np.ones(m, np.float32)
+    bias[0] = -100.0                  # all n active
+    if m > 2:
+        bias[1] = 100.0               # nothing active
+        bias[2] = -2.0                # heavy
+    arrays = make_ffn(rng, m, d, n, dtype, mean_active=min(30.0, n), row_bias=bias)
+    dev = [cp.asarray(a) for a in arrays]
+    assert ffn_forward.decode_fused_supported(dev[0], dev[1], dev[2], dev[3], cp.empty_like(dev[0]))
+
+    def run(x):
+        out = cp.full((x.shape[0], d), np.nan, dtype=x.dtype)      # poisoned: every element must be written
+        if gated:
+            return twell.gated_ffn(x, dev[1], dev[2], dev[3], out=out)
+        return twell.ffn(x, dev[1], dev[3], out=out)
+
+    y = run(dev[0])
+    if gated:
+        _check(cp, y, arrays, dtype)
+    else:
+        ref = reference.ffn_dense(*[a.astype(np.float64) for a in (arrays[0], arrays[1], arrays[3])])
+        z = cp.matmul(dev[0], dev[1].T)
+        dense = cp.matmul(cp.where(z > 0, z, cp.zeros((), z.dtype)), dev[3])
+        assert rel_error(y, ref) <= 2.0 * rel_error(dense, ref) + HALF_ULP[dtype]
+    bits = y.view(cp.uint16).get()
+    for _ in range(4):
+        np.testing.assert_array_equal(run(dev[0]).view(cp.uint16).get(), bits)
+    for i in range(m):
+        np.testing.assert_array_equal(run(dev[0][i:i + 1]).view(cp.uint16).get()[0], bits[i])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_decode_fused_nan_inf_propagate_like_dense(cp, dtype):
+    rng = np.random.default_rng(3)
+    arrays = make_ffn(rng, 8, 256, 500, dtype, mean_active=10)
+    arrays[0][3, 5] = np.nan
+    arrays[0][5, 9] = np.inf
+    dev = [cp.asarray(a) for a in arrays]
+    y = twell.gated_ffn(*dev).get().astype(np.float32)
+    dense = dense_same_precision(cp, *dev).get().astype(np.float32)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(dense))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(dense))
+    ok = np.isfinite(dense)
+    assert rel_error(y[ok], dense[ok]) < FLOOR[dtype] * 5
+
+
+def test_decode_fused_rejects_unsupported_operands(cp):
+    from twell.kernels import ffn_forward
+    rng = np.random.default_rng(4)
+    dev = [cp.asarray(a) for a in make_ffn(rng, 9, 256, 100, "float16")]
+    y = cp.empty_like(dev[0])
+    assert not ffn_forward.decode_fused_supported(*dev, y)              # 9 rows
+    with pytest.raises(ValueError, match="decode_fused takes"):
+        ffn_forward.decode_fused(*dev, y)
+    small = [cp.asarray(a) for a in make_ffn(rng, 4, 100, 100, "float16")]
+    assert not ffn_forward.decode_fused_supported(*small, cp.empty_like(small[0]))   # d not 256 k
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gated", [True, False])
 def test_every_row_dense(cp, dtype, gated):

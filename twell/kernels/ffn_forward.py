@@ -6,6 +6,8 @@
   kernel (any dtype and d; also the split-row decode variant).
 * :func:`dense_gate_up_down` -- decode path straight from the dense gate z (no
   TwELL, no routing, no host synchronisation; exact at any activity).
+* :func:`decode_fused` -- decode batches of at most :data:`DECODE_FUSED_MAX_ROWS` rows (16-bit, d a
+  multiple of 256 up to 2048): gate GEMV, entries, up and down in one kernel plus a reduction.
 * :func:`gate_mul` -- h = (relu) g * u for the dense backup rows.
 """
 
@@ -23,6 +25,9 @@ MAX_LIST = 512
 THREADS = 128
 WARP_KERNEL_WARPS = 4
 WARP_KERNEL_MAX_NC = 8  # d <= 2048 on the warp-per-row path
+#: Largest batch of the fused decode kernel (cuda_src/ffn_forward.cu DF_MAX_ROWS), and its CTA shape.
+DECODE_FUSED_MAX_ROWS = 8
+_DF_WARPS, _DF_MAX_NPW = 8, 8
 
 _names = []
 for _d in DEVICE_DTYPES:
@@ -37,6 +42,9 @@ for _d in DEVICE_DTYPES:
             for _g in (True, False):
                 _names.append(f"twell_up_down_warp<{_t}, {_nc}, {cbool(_g)}>")
             _names.append(f"csr_up_down_warp<{_t}, {_nc}>")
+            for _g in (True, False):
+                _names.append(f"decode_fused<{_t}, {_nc}, {cbool(_g)}>")
+        _names.append(f"decode_reduce<{_t}>")
     _names.append(f"reduce_split_rows<{_t}>")
     _names.append(f"gate_mul<{_t}, true>")
     _names.append(f"gate_mul<{_t}, false>")
@@ -46,7 +54,7 @@ _names.append("train_stats")
 # Hot: the warp-per-row kernels and the 16-byte-load variants of the CTA kernels (the scalar-load
 # fallbacks for odd d may spill a few bytes).
 FAMILY = register_family(KernelFamily("ffn_forward", tuple(_names),
-                                      hot_kernels=(r"twell_up_down_warp<", r"csr_up_down_warp<",
+                                      hot_kernels=(r"twell_up_down_warp<", r"csr_up_down_warp<", r"decode_",
                                                    r"(twell_up_down|csr_up_down|dense_gate_up_down)<[^,]+, true")))
 
 
@@ -176,6 +184,51 @@ def dense_gate_up_down(x, z, w_up, w_down, y, *, gated: bool = True, splits: int
     k((m * splits,), (THREADS,), (x, z, w_up, w_down, i32(m), i32(d), i32(n), i32(splits), partial),
       shared_mem=smem)
     _reduce(partial, None, 0, y, splits)
+    return y
+
+
+def decode_fused_supported(x, w_first, w_up, w_down, y) -> bool:
+    """Whether :func:`decode_fused` takes these operands: at most DECODE_FUSED_MAX_ROWS rows, a 16-bit
+    dtype, d = 256 * NC with NC <= 8, C-contiguous 16-byte-aligned arrays of one dtype."""
+    m, d = x.shape
+    arrays = (x, w_first, w_up, w_down, y)
+    return (1 <= m <= DECODE_FUSED_MAX_ROWS and x.dtype.itemsize == 2 and d % 256 == 0
+            and 1 <= d // 256 <= WARP_KERNEL_MAX_NC
+            and all(a.dtype == x.dtype and a.flags.c_contiguous and aligned(a, 16) for a in arrays))
+
+
+def decode_fused(x, w_first, w_up, w_down, y, *, gated: bool = True):
+    """y = (relu(x w_firstᵀ) ⊙ (x w_upᵀ)) w_down (``gated``; else relu(x w_firstᵀ) w_down) for a decode
+    batch, without materialising the gate: one kernel streams w_first once, keeps the entries and gathers
+    their w_up / w_down rows into per-CTA fp32 partials; a second sums the partials in a fixed order.
+
+    Parameters
+    ----------
+    x : cupy.ndarray (M, d), M <= DECODE_FUSED_MAX_ROWS, bfloat16 / float16, d = 256 * NC (NC <= 8)
+    w_first, w_up, w_down : cupy.ndarray (n, d), x's dtype, neuron-major (``w_up`` unused if not gated)
+    y : cupy.ndarray (M, d), x's dtype; every element is written
+
+    All C-contiguous and 16-byte aligned (:func:`decode_fused_supported`).  Deterministic; a row's result
+    depends only on its own x row.
+    """
+    cp = _cp()
+    m, d = x.shape
+    n = w_first.shape[0]
+    if not decode_fused_supported(x, w_first, w_up, w_down, y):
+        raise ValueError("decode_fused takes at most 8 rows of a 16-bit dtype, d = 256 * k (k <= 8), and "
+                         "C-contiguous 16-byte-aligned arrays of one dtype")
+    nc = d // 256
+    # two CTAs per SM (96 registers, 39 KB of shared memory each) where n allows: one wave, 16 warps per
+    # SM with a w_gate row in flight each
+    npw = min(_DF_MAX_NPW, max(1, -(-n // (_DF_WARPS * 2 * _sm_count()))))
+    ctas = -(-n // (_DF_WARPS * npw))
+    partial = cp.empty((ctas, m, d), dtype=cp.float32)                 # only flagged CTAs write theirs
+    flags = cp.empty(ctas, dtype=cp.int32)
+    ct = ctype_of(x.dtype, "x")
+    k = get_kernel("ffn_forward", f"decode_fused<{ct}, {nc}, {cbool(gated)}>")
+    k((ctas,), (32 * _DF_WARPS,), (x, w_first, w_up, w_down, i32(m), i32(n), i32(npw), partial, flags))
+    r = get_kernel("ffn_forward", f"decode_reduce<{ct}>")
+    r((nc, m), (32 * _DF_WARPS,), (partial, flags, i32(ctas), i32(m), i32(d), y))
     return y
 
 

@@ -38,7 +38,8 @@ def _output(out, m, d, dtype):
     return out
 
 
-#: Batches up to this many rows take the decode path (no TwELL, no routing, no host sync).
+#: Batches up to this many rows take the decode path (no TwELL, no routing, no host sync); up to
+#: ffn_forward.DECODE_FUSED_MAX_ROWS rows of the common shapes the fused decode kernel (without stats).
 #: (CUDA-graph capture of the whole op still fails: CuPy refuses cuBLAS calls during capture.)
 DECODE_MAX_ROWS = 64
 
@@ -67,6 +68,11 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
     n = w_down.shape[0]
     eff = _effective_threshold(threshold, n, tile_width, compression)
     if m <= DECODE_MAX_ROWS:
+        if not return_stats:
+            y = _output(out, m, d, x.dtype)
+            if ffn_forward.decode_fused_supported(x, w_first, w_up, w_down, y):
+                # gate GEMV, entries, up and down in one kernel (+ a reduction): w_gate read once
+                return ffn_forward.decode_fused(x, w_first, w_up, w_down, y, gated=gated)
         return _decode_forward(x, cp.matmul(x, w_first.T), w_up, w_down, return_stats, gated, out)
     kernel = gate_gemm.choose_gate_kernel(gate_kernel, x, w_first)
     fused_forward, n_deferred = False, 0
