@@ -522,15 +522,43 @@ __global__ void __launch_bounds__(DF_THREADS) decode_fused(
 #pragma unroll
             for (int k = 0; k < NC; ++k) nxt[k] = __ldg(wr + k * 32 + lane);
         }
-        for (int m = 0; m < M; ++m) {
-            const T zt = from_f<T>(dot_row_smem<T, NC>(cur, xs + m * D));
-            if (is_entry<true>(zt)) {
-                if (lane == 0) {
-                    e_row[warp][cnt] = m;
-                    e_col[warp][cnt] = j;
-                    e_val[warp][cnt] = to_f<T>(zt);
+        // every row's partial dot first (the w_gate row unpacked once), then the row reductions
+        // interleaved so that their shuffle latencies overlap
+        float fw[NC][8];
+#pragma unroll
+        for (int k = 0; k < NC; ++k) unpack8(cur[k], fw[k], tag);
+        float dots[DF_MAX_ROWS];
+#pragma unroll
+        for (int m = 0; m < DF_MAX_ROWS; ++m) {
+            dots[m] = 0.f;
+            if (m < M) {
+                const uint4* xr = reinterpret_cast<const uint4*>(xs + m * D);
+#pragma unroll
+                for (int k = 0; k < NC; ++k) {
+                    float fx[8];
+                    unpack8(xr[k * 32 + lane], fx, tag);
+#pragma unroll
+                    for (int q = 0; q < 8; ++q) dots[m] = fmaf(fw[k][q], fx[q], dots[m]);
                 }
-                ++cnt;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int m = 0; m < DF_MAX_ROWS; ++m)
+                if (m < M) dots[m] += __shfl_xor_sync(0xffffffffu, dots[m], o);
+#pragma unroll
+        for (int m = 0; m < DF_MAX_ROWS; ++m) {
+            if (m < M) {
+                const T zt = from_f<T>(dots[m]);
+                if (is_entry<true>(zt)) {
+                    if (lane == 0) {
+                        e_row[warp][cnt] = m;
+                        e_col[warp][cnt] = j;
+                        e_val[warp][cnt] = to_f<T>(zt);
+                    }
+                    ++cnt;
+                }
             }
         }
 #pragma unroll

@@ -38,10 +38,13 @@ def _output(out, m, d, dtype):
     return out
 
 
-#: Batches up to this many rows take the decode path (no TwELL, no routing, no host sync); up to
-#: ffn_forward.DECODE_FUSED_MAX_ROWS rows of the common shapes the fused decode kernel (without stats).
+#: Batches up to this many rows take the decode path (no TwELL, no routing, no host sync).
 #: (CUDA-graph capture of the whole op still fails: CuPy refuses cuBLAS calls during capture.)
 DECODE_MAX_ROWS = 64
+#: ... and up to this many (<= ffn_forward.DECODE_FUSED_MAX_ROWS), where the operands allow and no stats
+#: are asked for, the fused decode kernels: their gate GEMV runs on CUDA cores, so its cost grows with
+#: the rows, while the split path's cuBLAS gate does not (docs/perf-notes.md, v20).
+DECODE_FUSED_ROWS = 4
 
 
 def _decode_forward(x, z, w_up, w_down, return_stats, gated, out):
@@ -68,7 +71,7 @@ def _sparse_forward(x, w_first, w_up, w_down, tile_width, compression, threshold
     n = w_down.shape[0]
     eff = _effective_threshold(threshold, n, tile_width, compression)
     if m <= DECODE_MAX_ROWS:
-        if not return_stats:
+        if not return_stats and m <= DECODE_FUSED_ROWS:
             y = _output(out, m, d, x.dtype)
             if ffn_forward.decode_fused_supported(x, w_first, w_up, w_down, y):
                 # gate GEMV, entries, up and down in one kernel (+ a reduction): w_gate read once
