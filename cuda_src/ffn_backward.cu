@@ -332,6 +332,14 @@ __global__ void __launch_bounds__(WG_THREADS) dw_up_gate(
 {
     constexpr int CW = Vec<T, VEC>::N;
     typedef Chunk<T, CW, VEC> C;
+    // Gathered x rows in flight per thread.  WG_GROUP (8) for every instantiation but the vectorized
+    // fp32 one, which takes 4: with 8 rows ptxas 12.x (NVRTC of the cuda12 extra) squeezes that kernel
+    // into 32 registers and spills 4 bytes to local memory (ptxas 13.x: 44 registers, no spill); with 4
+    // rows (16 load registers + 8 accumulators) it fits in 32 registers without a spill under both.
+    // The 16-bit kernels (the hot path) and fp32 scalar one keep 8 rows: their code is unchanged.  G must
+    // divide WG_CHUNK: s_du / s_dz[i + r] are read for every r < G, past w.len too.
+    constexpr int G = (VEC && sizeof(T) == 4) ? 4 : WG_GROUP;
+    static_assert(WG_CHUNK % G == 0, "the row groups must tile WG_CHUNK");
     __shared__ int s_row[WG_CHUNK];
     __shared__ float s_du[WG_CHUNK], s_dz[WG_CHUNK];
     WgItem w;
@@ -356,15 +364,15 @@ __global__ void __launch_bounds__(WG_THREADS) dw_up_gate(
         float au[CW], ag[CW];
 #pragma unroll
         for (int q = 0; q < CW; ++q) au[q] = ag[q] = 0.f;
-        for (int i = 0; i < w.len; i += WG_GROUP) {
-            C xv[WG_GROUP];
+        for (int i = 0; i < w.len; i += G) {
+            C xv[G];
 #pragma unroll
-            for (int r = 0; r < WG_GROUP; ++r) {
+            for (int r = 0; r < G; ++r) {
                 if (i + r < w.len) xv[r].load(x + (long long)s_row[i + r] * d + c * CW);
                 else xv[r].load_partial(x, 0);
             }
 #pragma unroll
-            for (int r = 0; r < WG_GROUP; ++r) {
+            for (int r = 0; r < G; ++r) {
                 const float cu = s_du[i + r], cz = s_dz[i + r];
 #pragma unroll
                 for (int q = 0; q < CW; ++q) {
@@ -404,7 +412,8 @@ __global__ void reduce_weight_partials(const int* __restrict__ item_ptr, const i
     }
 }
 
-// Dense backup rows: from dh = dy_b w_down^T (R, n), g_b, u_b: du, dz (with the L1 term) and h, rounded.
+// Dense rows (backup rows, or every row on the dense path): from dh = dy_b w_down^T (R, n), g_b, u_b: du, dz
+// (with the L1 term) and h, each rounded once.
 template <typename T>
 __global__ void backup_row_grads(const T* __restrict__ dh, const T* __restrict__ g, const T* __restrict__ u,
                                  long long total, float l1_scale, T* __restrict__ du, T* __restrict__ dz,
@@ -412,12 +421,14 @@ __global__ void backup_row_grads(const T* __restrict__ dh, const T* __restrict__
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
+        // g is relu'd: 0 for an inactive neuron, which contributes exactly 0 (select, not multiply: dh or
+        // u may be non-finite there); NaN gates are entries, as on the compact rows and in the reference.
         const float gv = to_f<T>(g[i]), uv = to_f<T>(u[i]);
-        const float hv = gv * uv;
-        const float active = gv > 0.f ? 1.f : 0.f;
+        const bool entry = gv != 0.f;
+        const float hv = entry ? gv * uv : 0.f;
         const float dhv = to_f<T>(dh[i]) + l1_scale * sign_of(hv);
-        du[i] = from_f<T>(dhv * gv);
-        dz[i] = from_f<T>(dhv * uv * active);
+        du[i] = from_f<T>(entry ? dhv * gv : 0.f);
+        dz[i] = from_f<T>(entry ? dhv * uv : 0.f);
         h[i] = from_f<T>(hv);
     }
 }

@@ -168,11 +168,12 @@ __global__ void __launch_bounds__(FFN_THREADS) twell_up_down(
 // CTA per (row, split); no TwELL, no routing, no host sync: every row is exact whatever its activity.
 // The split takes ranks [lo, hi) of the row's entries (ascending column), in rounds of MAX_LIST,
 // and accumulates into a zero-initialised fp32 partial row (reduced by reduce_split_rows).  VEC: 16-byte loads of x / weights and
-// n % 8 == 0 for the z row.
+// n % 8 == 0 for the z row.  row_nnz (nullable): split 0 stores the row's entry count.  (Min. 4 CTAs per SM
+// in the launch bounds: without it ptxas spilled a few bytes in some instantiations.)
 template <typename T, bool VEC, bool GATED>
-__global__ void __launch_bounds__(FFN_THREADS) dense_gate_up_down(
+__global__ void __launch_bounds__(FFN_THREADS, 4) dense_gate_up_down(
     const T* __restrict__ x, const T* __restrict__ z, const T* __restrict__ w_up, const T* __restrict__ w_down,
-    int M, int d, int n, int splits, float* __restrict__ partial)
+    int M, int d, int n, int splits, float* __restrict__ partial, int* __restrict__ row_nnz)
 {
     constexpr int E = 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -198,6 +199,7 @@ __global__ void __launch_bounds__(FFN_THREADS) dense_gate_up_down(
     }
     int total;
     block_exclusive_scan(cnt, warp_totals, total);
+    if (row_nnz != nullptr && split == 0 && tid == 0) row_nnz[row] = total;
     const int per = (total + splits - 1) / splits;
     const int lo_all = min(split * per, total), hi_all = min(lo_all + per, total);
     int round = 0;
@@ -676,37 +678,111 @@ __global__ void reduce_split_rows(const float* __restrict__ partial, const int* 
     }
 }
 
-// h = g * u in fp32, rounded once (dense backup rows).  RELU: g is relu'd first, keeping NaN like the
-// dense relu (0 * NaN stays NaN, as in the dense computation).
-template <typename T, bool RELU>
-__global__ void gate_mul(const T* __restrict__ g, const T* __restrict__ u, long long total, T* __restrict__ h)
+// ---------------------------------------------------------------- dense rows
+// The dense path and the dense backup rows: from the gate pre-activations z (or relu'd gate values: the
+// same entries) of R rows, h = relu(z) * u (GATED; else h = relu(z)), the fp32 product rounded once.  An
+// inactive neuron (z <= 0) gives h = 0 exactly, whatever u holds: an inactive neuron contributes nothing,
+// on every path (docs/design.md, "NaN and Inf"); NaN gates are entries, as the dense relu keeps them.
+// RELU = false: z holds gate values given by the user (a TwELL's): every non-zero is an entry, negative
+// ones included, and g = z.
+// Optional outputs (nullptr: skipped): g_out = relu(z) (NaN kept); for row r, stored at index
+// rows[r] (rows nullptr: r) of row_nnz (entries) and row_l1 (sum |h| of the rounded h, fp32, fixed
+// order); neuron_counts (+1 per entry; per-CTA counts in shared memory when smem_counts, flushed with one
+// integer atomic per column); nnz_total (+= entries, 64-bit).  One CTA of DG_THREADS per DG_ROWS rows;
+// each thread owns chunks of 8 columns (16-byte loads when VEC: n % 8 == 0 and aligned arrays).
+#define DG_THREADS 256
+#define DG_ROWS 32
+template <typename T, bool GATED, bool RELU, bool VEC>
+__global__ void __launch_bounds__(DG_THREADS) dense_gate_mul(
+    const T* __restrict__ z, const T* __restrict__ u, int R, int n, const int* __restrict__ rows,
+    T* __restrict__ h, T* __restrict__ g_out, int* __restrict__ row_nnz, float* __restrict__ row_l1,
+    int* __restrict__ neuron_counts, int smem_counts, unsigned long long* __restrict__ nnz_total)
 {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        float gv = to_f<T>(g[i]);
-        if (RELU) gv = !(gv <= 0.f) ? gv : 0.f;
-        h[i] = from_f<T>(gv * to_f<T>(u[i]));
+    constexpr int E = 8;
+    extern __shared__ int col_counts[];                           // n ints when smem_counts
+    __shared__ float wsum_f[DG_THREADS / 32];
+    __shared__ int wsum_i[DG_THREADS / 32];
+    const int tid = threadIdx.x;
+    const bool counting = neuron_counts != nullptr;
+    if (counting && smem_counts)
+        for (int c = tid; c < n; c += DG_THREADS) col_counts[c] = 0;
+    __syncthreads();
+    long long cta_entries = 0;
+    const int r0 = blockIdx.x * DG_ROWS;
+    for (int r = r0; r < min(r0 + DG_ROWS, R); ++r) {
+        const long long base = (long long)r * n;
+        int cnt = 0;
+        float l1 = 0.f;
+        for (int c0 = tid * E; c0 < n; c0 += DG_THREADS * E) {
+            Chunk<T, E, VEC> zc, uc;
+            if (VEC) { zc.load(z + base + c0); if (GATED) uc.load(u + base + c0); }
+            else { zc.load_partial(z + base + c0, n - c0); if (GATED) uc.load_partial(u + base + c0, n - c0); }
+            T hv[E], gv[E];
+#pragma unroll
+            for (int k = 0; k < E; ++k) {
+                const bool entry = c0 + k < n && is_entry<RELU>(zc.v[k]);
+                const float g = entry ? to_f<T>(zc.v[k]) : 0.f;
+                const float hf = entry ? (GATED ? g * to_f<T>(uc.v[k]) : g) : 0.f;
+                hv[k] = from_f<T>(hf);
+                gv[k] = from_f<T>(g);
+                cnt += entry;
+                l1 += fabsf(to_f<T>(hv[k]));
+                if (entry && counting) {
+                    if (smem_counts) atomicAdd(col_counts + c0 + k, 1);
+                    else atomicAdd(neuron_counts + c0 + k, 1);
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < E; ++k) {
+                if (c0 + k < n) {
+                    h[base + c0 + k] = hv[k];
+                    if (g_out) g_out[base + c0 + k] = gv[k];
+                }
+            }
+        }
+        const int row_cnt = block_sum_n<DG_THREADS>(cnt, wsum_i);
+        const float row_sum = block_sum_n<DG_THREADS>(l1, wsum_f);
+        if (tid == 0) {
+            const int out = rows != nullptr ? rows[r] : r;
+            if (row_nnz) row_nnz[out] = row_cnt;
+            if (row_l1) row_l1[out] = row_sum;
+        }
+        cta_entries += row_cnt;
+    }
+    if (tid == 0 && nnz_total) atomicAdd(nnz_total, (unsigned long long)cta_entries);
+    if (counting && smem_counts) {
+        __syncthreads();
+        for (int c = tid; c < n; c += DG_THREADS)
+            if (col_counts[c]) atomicAdd(neuron_counts + c, col_counts[c]);
     }
 }
 
-// Dense-backup rows of the training forward: h = g * u (fp32, rounded once) for R rows of n, and each row's
-// sum |h| (of the rounded h, fp32, fixed order) stored at row_l1[rows[r]].  One warp per row.
-template <typename T>
-__global__ void backup_gate_mul_l1(const T* __restrict__ g, const T* __restrict__ u, int R, int n,
-                                   const int* __restrict__ rows, T* __restrict__ h, float* __restrict__ row_l1)
+// Rows written by a dense GEMM over coefficients that are exactly 0 for inactive neurons (y = h w_down
+// of the dense forward and the backup rows; dx = du w_up + dz w_gate of the dense backward): a GEMM turns
+// 0 * Inf into NaN, so every non-finite out[r, c] is recomputed as the sum over the row's active neurons j
+// (is_entry<RELU>(gate[r, j])) of a1[r, j] w1[j, c] (+ a2[r, j] w2[j, c]), in fp32 and neuron order.  Finite
+// outputs are left alone (the common case costs one read of the rows); NaN / Inf that come from active
+// neurons or from x stay.  Row r of the coefficients is row out_rows[r] of out (out_rows nullptr: r).
+// One CTA per row.
+template <typename T, bool RELU>
+__global__ void __launch_bounds__(DG_THREADS) fix_nonfinite_rows(
+    T* __restrict__ out, const int* __restrict__ out_rows, int R, int d, int n, const T* __restrict__ gate,
+    const T* __restrict__ a1, const T* __restrict__ w1, const T* __restrict__ a2, const T* __restrict__ w2)
 {
-    const int lane = threadIdx.x & 31;
-    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int r = blockIdx.x;
     if (r >= R) return;
+    T* o = out + (long long)(out_rows != nullptr ? out_rows[r] : r) * d;
     const long long base = (long long)r * n;
-    float s = 0.f;
-    for (int c = lane; c < n; c += 32) {
-        const T hv = from_f<T>(to_f<T>(g[base + c]) * to_f<T>(u[base + c]));
-        h[base + c] = hv;
-        s += fabsf(to_f<T>(hv));
+    for (int c = threadIdx.x; c < d; c += DG_THREADS) {
+        if (isfinite(to_f<T>(o[c]))) continue;
+        float s = 0.f;
+        for (int j = 0; j < n; ++j) {
+            if (!is_entry<RELU>(gate[base + j])) continue;
+            s = fmaf(to_f<T>(a1[base + j]), to_f<T>(w1[(long long)j * d + c]), s);
+            if (a2 != nullptr) s = fmaf(to_f<T>(a2[base + j]), to_f<T>(w2[(long long)j * d + c]), s);
+        }
+        o[c] = from_f<T>(s);
     }
-    s = warp_sum(s);
-    if (lane == 0) row_l1[rows[r]] = s;
 }
 
 // Training statistics in one launch (one CTA of 1024 threads): out[0] = sum(row_l1) / M (float64

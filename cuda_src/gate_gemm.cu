@@ -2,8 +2,7 @@
 // activations never reach device memory.  Layout of the output: docs/format.md; design: docs/design.md
 // ("The fused gate GEMM").
 //
-// Two kernels with the same output, bitwise (the Hopper one also in a fully fused forward variant, GATHER,
-// that routes the rows and runs their up/down in the same persistent kernel -- see "fused forward"):
+// Two kernels with the same output, bitwise:
 //   gate_twell_wgmma  Hopper (sm_90a): TMA loads into 128-byte-swizzled shared memory, a 4-stage mbarrier
 //                     ring, one producer warp + two consumer warpgroups (wgmma m64n256k16, fp32
 //                     accumulators), persistent grid; the producer runs ahead into the next tile while the
@@ -399,375 +398,6 @@ __device__ __forceinline__ void wgmma_m64n256k16(float d[128], unsigned long lon
 }
 #endif  // TWELL_HAS_WGMMA
 
-// ---------------------------------------------------------------- fused forward: gather warps
-// GATHER != 0 turns the Hopper kernel into the whole sparse forward: besides the GEMM -> TwELL tiles it
-// routes every row and runs the gated up/down (GATHER 1) or the down projection (GATHER 2) of the
-// compact rows, bitwise like route_twell_counts + twell_up_down_warp.  Warps 1-3 of the producer
-// warpgroup gather from the start (their MMA-side work is nil), holding weight rows in registers; the
-// consumer warps join when the GEMM work runs out, staging weight rows by bulk copies in the idle stage
-// buffers.  Measured no faster than the separate kernels on the H200 (docs/perf-notes.md, v6): the ops
-// run it only when twell.kernels.gate_gemm.FUSED_FORWARD is set.  A row can be gathered once its 16-row group has been packed by all n_blocks column
-// blocks: every consumer warp counts its 16 rows of a tile in ready[] after the stores (fence, then a
-// relaxed add); a gather warp polls with an acquire load and reads TwELL data through L2 (ld.cg).
-// Rows are handed out in order from a counter; the work items run row-block-major, so the early row
-// groups are complete after the first wave of tiles.  A gather warp never waits forever: past wait_us
-// (or once any row was deferred) it marks the row ROUTE_DEFERRED and moves on; the host then reruns the
-// route and the up/down over all rows (only if the whole grid was not resident -- never in a normal run).
-#define FG_LIST 128                  // longest active list of a compact row (launcher: threshold <= FG_LIST)
-#define FG_LIST_BYTES (FG_LIST * 4)  // per gather warp: u16 column + 16-bit value per entry
-#define FG_MAX_NC 8                  // d <= 2048
-// Registers per thread with GATHER != 0 (setmaxnreg; 128 x producer + 256 x consumer <= 65,536): the
-// producer warpgroup's gather warps need more than the TMA warp's 40, the consumers give up some of 232.
-#ifndef FG_PRODUCER_REGS
-#define FG_PRODUCER_REGS "152"
-#define FG_CONSUMER_REGS "176"
-#endif
-#ifndef FG_RING1
-#define FG_RING1 2                   // half rows of w_up in flight per gather warp (even)
-#endif
-#ifndef FG_RING
-#define FG_RING 3                    // row parts of w_down in flight per producer-warp gather
-#endif
-#define FG_HEAD 4                    // sync[0] backup rows, [1] overflowed rows, [2] next row, [3] deferred rows
-#define FG_ROUTE_DEFERRED 3
-
-__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
-    int v;
-    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ unsigned long long global_timer_ns() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
-// Shared arguments of the gather warps.
-template <typename T>
-struct GatherArgs {
-    const T* __restrict__ x; const int* counts; const u8* indices; const T* values;
-    const T* __restrict__ w_up; const T* __restrict__ w_down; T* __restrict__ y;
-    int M, n_tiles, slots, tile_width, threshold, n_blocks;
-    int* __restrict__ row_nnz; int* __restrict__ row_route; int* sync; int wait_us;
-};
-
-// One warp: take rows from the row counter until it finds a compact row whose tiles are packed; route
-// every row it takes (as route_twell_counts), defer those whose tiles are late (see above), and build the
-// compact row's active list (ascending column, as twell_up_down_warp) in lcol / lval.  Returns the row
-// (len: its list length, <= threshold <= FG_LIST), or M when the rows are exhausted.
-template <typename T>
-__device__ __forceinline__ int gather_next_row(const GatherArgs<T>& a, unsigned short* lcol, T* lval, int& len)
-{
-    const int lane = threadIdx.x & 31;
-    const int* ready = a.sync + FG_HEAD;
-    const unsigned short* values_u16 = reinterpret_cast<const unsigned short*>(a.values);
-    for (;;) {
-        const int row = next_row(a.sync + 2);
-        if (row >= a.M) return a.M;
-        int ok = 1;
-        if (lane == 0) {
-            const int* flag = ready + (row >> 4);
-            if (ld_acquire_gpu(flag) < a.n_blocks) {
-                const unsigned long long t0 = global_timer_ns();
-                for (;;) {
-                    __nanosleep(256);
-                    if (ld_acquire_gpu(flag) >= a.n_blocks) break;
-                    if (ld_acquire_gpu(a.sync + 3) > 0 ||
-                        global_timer_ns() - t0 > 1000ull * (unsigned long long)a.wait_us) { ok = 0; break; }
-                }
-            }
-            if (!ok) {
-                a.row_route[row] = FG_ROUTE_DEFERRED;
-                atomicAdd(a.sync + 3, 1);
-            }
-        }
-        if (!__shfl_sync(0xffffffffu, ok, 0)) continue;
-        __syncwarp();                               // the other lanes' TwELL loads follow lane 0's acquire
-        const int* crow = a.counts + (long long)row * a.n_tiles;
-        int nnz = 0;
-        bool overflow = false;
-        for (int t = lane; t < a.n_tiles; t += 32) {
-            const int c = __ldcg(crow + t);
-            nnz += c;
-            overflow |= c > a.slots;
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) nnz += __shfl_xor_sync(0xffffffffu, nnz, o);
-        overflow = __any_sync(0xffffffffu, overflow);
-        const int route = overflow ? 2 : (nnz > a.threshold ? 1 : 0);
-        if (lane == 0) {
-            a.row_nnz[row] = nnz;
-            a.row_route[row] = route;
-            if (route) atomicAdd(a.sync, 1);
-            if (overflow) atomicAdd(a.sync + 1, 1);
-        }
-        if (route) continue;
-        len = 0;
-        for (int t0 = 0; t0 < a.n_tiles; t0 += 32) {
-            const int t = t0 + lane;
-            const int c = (t < a.n_tiles) ? __ldcg(crow + t) : 0;
-            const int incl = warp_inclusive_scan(c);
-            const int pos = len + incl - c;
-            const long long base = ((long long)row * a.n_tiles + t) * a.slots;
-            for (int s = 0; s < c; ++s) {
-                lcol[pos + s] = (unsigned short)(t * a.tile_width + __ldcg(a.indices + base + s));
-                const unsigned short raw = __ldcg(values_u16 + base + s);
-                lval[pos + s] = *reinterpret_cast<const T*>(&raw);
-            }
-            len += __shfl_sync(0xffffffffu, incl, 31);
-        }
-        __syncwarp();
-        return row;
-    }
-}
-
-// One warp, rows' weight rows gathered into registers (the producer warpgroup's warps 1-3, which have no
-// shared memory to stage them: FG_PRODUCER_REGS registers).  NC = d / 256: lane l holds 16-byte chunks
-// l, l + 32, ... of a row (a compile-time NC: with a run-time one the loop needs more registers).
-template <typename T, bool GATED, int NC>
-__device__ __forceinline__ void fused_gather_rows(const GatherArgs<T>& a, unsigned short* lcol, T* lval)
-{
-    const int lane = threadIdx.x & 31;
-    constexpr int nc = NC;
-    constexpr long long d = 256LL * NC;
-    const T* tag = nullptr;
-    const T* __restrict__ x = a.x;
-    const T* __restrict__ w_up = a.w_up;
-    const T* __restrict__ w_down = a.w_down;
-    T* __restrict__ y = a.y;
-    for (;;) {
-        int len = 0;
-        const int row = gather_next_row<T>(a, lcol, lval, len);
-        if (row >= a.M) break;
-        // pass 1 (gated): h_e = g_e * (x . w_up[j_e]); lane e % 32 keeps h_e in h<e / 32> (four named
-        // registers: an array indexed by e / 32 is put in local memory by the compiler).
-        static_assert(FG_LIST == 128, "h0..h3 hold FG_LIST / 32 entries per lane");
-        float h0 = 0.f, h1 = 0.f, h2 = 0.f, h3 = 0.f;
-        if (GATED) {
-            // A stream of half rows (entry e = s / 2, chunks 4 (s % 2) .. 4 (s % 2) + 3), FG_RING1 of them in
-            // flight; the dot product of an entry runs over its two halves in chunk order, as in
-            // twell_up_down_warp.
-            constexpr int HC = (NC + 1) / 2;
-            uint4 xr[2 * HC], buf[FG_RING1][HC];
-            const uint4* xrow = reinterpret_cast<const uint4*>(x + row * d);
-#pragma unroll
-            for (int k = 0; k < NC; ++k) xr[k] = __ldcs(xrow + k * 32 + lane);
-            const int n_half = 2 * len;
-#pragma unroll
-            for (int r = 0; r < FG_RING1; ++r) {
-                if (r < n_half) {
-                    const uint4* wu = reinterpret_cast<const uint4*>(w_up + (long long)lcol[r >> 1] * d) + (r & 1) * HC * 32;
-#pragma unroll
-                    for (int k = 0; k < HC; ++k) if ((r & 1) * HC + k < nc) buf[r][k] = __ldg(wu + k * 32 + lane);
-                }
-            }
-            float dot = 0.f;
-            for (int s0 = 0; s0 < n_half; s0 += FG_RING1) {
-#pragma unroll
-                for (int r = 0; r < FG_RING1; ++r) {
-                    const int sidx = s0 + r, e = sidx >> 1;
-                    if (sidx < n_half) {
-                        const int kb = (r & 1) * HC;           // FG_RING1 is even: the half is static
-#pragma unroll
-                        for (int k = 0; k < HC; ++k)
-                            asm volatile("" : "+r"(xr[kb + k].x), "+r"(xr[kb + k].y), "+r"(xr[kb + k].z), "+r"(xr[kb + k].w));
-#pragma unroll
-                        for (int k = 0; k < HC; ++k) {
-                            if (kb + k < nc) {
-                                float fu[8], fx[8];
-                                unpack8(buf[r][k], fu, tag);
-                                unpack8(xr[kb + k], fx, tag);
-#pragma unroll
-                                for (int i = 0; i < 8; ++i) dot = fmaf(fu[i], fx[i], dot);
-                            }
-                        }
-                        if (r & 1) {
-                            const float total = warp_sum(dot);
-                            dot = 0.f;
-                            const float h = to_f<T>(lval[e]) * total;
-                            const int q = lane == (e & 31) ? (e >> 5) : -1;
-                            h0 = q == 0 ? h : h0;
-                            h1 = q == 1 ? h : h1;
-                            h2 = q == 2 ? h : h2;
-                            h3 = q == 3 ? h : h3;
-                        }
-                        const int nxt = sidx + FG_RING1;
-                        if (nxt < n_half) {
-                            const uint4* wu = reinterpret_cast<const uint4*>(w_up + (long long)lcol[nxt >> 1] * d) + kb * 32;
-#pragma unroll
-                            for (int k = 0; k < HC; ++k) if (kb + k < nc) buf[r][k] = __ldg(wu + k * 32 + lane);
-                        }
-                    }
-                }
-            }
-        }
-        // pass 2: y = sum_e h_e * w_down[j_e] in list order, FG_PART chunks of the row at a time (8 FG_PART
-        // accumulators, FG_RING parts of rows in flight: with whole rows the kernel spills).
-        constexpr int FG_PART = NC >= 2 ? NC / 2 : 1;
-        asm volatile("" ::: "memory");
-        uint4* yrow = reinterpret_cast<uint4*>(y + row * d);
-#pragma unroll 1
-        for (int kb = 0; kb < nc; kb += FG_PART) {
-            constexpr int H = FG_PART;
-            float acc[H][8];
-#pragma unroll
-            for (int k = 0; k < H; ++k)
-#pragma unroll
-                for (int i = 0; i < 8; ++i) acc[k][i] = 0.f;
-            uint4 buf[FG_RING][H];
-#pragma unroll
-            for (int r = 0; r < FG_RING; ++r) {
-                if (r < len) {
-                    const uint4* wd = reinterpret_cast<const uint4*>(w_down + (long long)lcol[r] * d) + kb * 32;
-#pragma unroll
-                    for (int k = 0; k < H; ++k) if (kb + k < nc) buf[r][k] = __ldg(wd + k * 32 + lane);
-                }
-            }
-            for (int e0 = 0; e0 < len; e0 += FG_RING) {
-#pragma unroll
-                for (int r = 0; r < FG_RING; ++r) {
-                    const int e = e0 + r;
-                    if (e < len) {
-                        float h;
-                        if (GATED) {
-                            const int q = e >> 5;
-                            const float mine = q == 0 ? h0 : q == 1 ? h1 : q == 2 ? h2 : h3;
-                            h = __shfl_sync(0xffffffffu, mine, e & 31);
-                        } else {
-                            h = to_f<T>(lval[e]);
-                        }
-#pragma unroll
-                        for (int k = 0; k < H; ++k) {
-                            if (kb + k < nc) {
-                                float fd[8];
-                                unpack8(buf[r][k], fd, tag);
-#pragma unroll
-                                for (int i = 0; i < 8; ++i) acc[k][i] = fmaf(h, fd[i], acc[k][i]);
-                            }
-                        }
-                        if (e + FG_RING < len) {
-                            const uint4* wd = reinterpret_cast<const uint4*>(w_down + (long long)lcol[e + FG_RING] * d) + kb * 32;
-#pragma unroll
-                            for (int k = 0; k < H; ++k) if (kb + k < nc) buf[r][k] = __ldg(wd + k * 32 + lane);
-                        }
-                    }
-                }
-            }
-#pragma unroll
-            for (int k = 0; k < H; ++k) if (kb + k < nc) __stcs(yrow + (kb + k) * 32 + lane, pack8<T>(acc[k]));
-        }
-        __syncwarp();                               // the list is rewritten by the next row
-    }
-}
-
-#ifdef TWELL_HAS_WGMMA
-#define FG_RING_BYTES (GW_STAGES * GW_STAGE_BYTES / 8)   // a consumer warp's share of the freed stages
-
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
-}
-
-// One consumer warp after the GEMM: the weight rows of its rows stream through a ring of whole rows in its
-// 24 KB of the (now idle) stage buffers, filled by bulk copies (cp.async.bulk, one mbarrier per slot), so
-// that six 4 KB rows are in flight without holding registers.  The stream of a gated row is w_up[j_0..]
-// then w_down[j_0..]; the arithmetic (chunk order, fp32 fma chains, warp_sum) is twell_up_down_warp's.
-template <typename T, bool GATED, int NC>
-__device__ __forceinline__ void fused_gather_rows_bulk(const GatherArgs<T>& a, unsigned short* lcol, T* lval,
-                                                       unsigned char* ring, unsigned long long* bars)
-{
-    constexpr int ROW_BYTES = NC * 512;
-    constexpr int S = FG_RING_BYTES / ROW_BYTES;
-    constexpr long long d = 256LL * NC;
-    static_assert(FG_LIST == 128, "h0..h3 hold FG_LIST / 32 entries per lane");
-    const int lane = threadIdx.x & 31;
-    const T* tag = nullptr;
-    if (lane == 0) {
-        for (int i = 0; i < S; ++i) mbar_init(bars + i, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncwarp();
-    unsigned base = 0;                              // ring position of the row's first item
-    for (;;) {
-        int len = 0;
-        const int row = gather_next_row<T>(a, lcol, lval, len);
-        if (row >= a.M) break;
-        const int items = GATED ? 2 * len : len;
-        if (lane == 0) {
-            for (int i = 0; i < items && i < S; ++i) {
-                const unsigned slot = (base + i) % S;
-                const bool up = GATED && i < len;
-                const T* src = (up ? a.w_up : a.w_down) + (long long)lcol[up || !GATED ? i : i - len] * d;
-                mbar_expect_tx(bars + slot, ROW_BYTES);
-                bulk_load(ring + slot * ROW_BYTES, src, ROW_BYTES, bars + slot);
-            }
-        }
-        uint4 xr[NC];
-        if (GATED) {
-            const uint4* xrow = reinterpret_cast<const uint4*>(a.x + row * d);
-#pragma unroll
-            for (int k = 0; k < NC; ++k) xr[k] = __ldcs(xrow + k * 32 + lane);
-        }
-        float h0 = 0.f, h1 = 0.f, h2 = 0.f, h3 = 0.f;
-        float acc[NC][8];
-#pragma unroll
-        for (int k = 0; k < NC; ++k)
-#pragma unroll
-            for (int i = 0; i < 8; ++i) acc[k][i] = 0.f;
-        for (int i = 0; i < items; ++i) {
-            const unsigned gi = base + i, slot = gi % S;
-            mbar_wait(bars + slot, (gi / S) & 1u);
-            const uint4* wrow = reinterpret_cast<const uint4*>(ring + slot * ROW_BYTES);
-            if (GATED && i < len) {
-                float dot = 0.f;
-#pragma unroll
-                for (int k = 0; k < NC; ++k) {
-                    float fu[8], fx[8];
-                    unpack8(wrow[k * 32 + lane], fu, tag);
-                    unpack8(xr[k], fx, tag);
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) dot = fmaf(fu[j], fx[j], dot);
-                }
-                const float h = to_f<T>(lval[i]) * warp_sum(dot);
-                const int q = lane == (i & 31) ? (i >> 5) : -1;
-                h0 = q == 0 ? h : h0;
-                h1 = q == 1 ? h : h1;
-                h2 = q == 2 ? h : h2;
-                h3 = q == 3 ? h : h3;
-            } else {
-                const int e = GATED ? i - len : i;
-                float h;
-                if (GATED) {
-                    const int q = e >> 5;
-                    h = __shfl_sync(0xffffffffu, q == 0 ? h0 : q == 1 ? h1 : q == 2 ? h2 : h3, e & 31);
-                } else {
-                    h = to_f<T>(lval[e]);
-                }
-#pragma unroll
-                for (int k = 0; k < NC; ++k) {
-                    float fd[8];
-                    unpack8(wrow[k * 32 + lane], fd, tag);
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[k][j] = fmaf(h, fd[j], acc[k][j]);
-                }
-            }
-            __syncwarp();                           // every lane has read the slot: refill it
-            const int nxt = i + S;
-            if (lane == 0 && nxt < items) {
-                const bool up = GATED && nxt < len;
-                const T* src = (up ? a.w_up : a.w_down) + (long long)lcol[up || !GATED ? nxt : nxt - len] * d;
-                mbar_expect_tx(bars + slot, ROW_BYTES);
-                bulk_load(ring + slot * ROW_BYTES, src, ROW_BYTES, bars + slot);
-            }
-        }
-        base += items;
-        uint4* yrow = reinterpret_cast<uint4*>(a.y + row * d);
-#pragma unroll
-        for (int k = 0; k < NC; ++k) __stcs(yrow + k * 32 + lane, pack8<T>(acc[k]));
-        __syncwarp();                               // the list is rewritten by the next row
-    }
-}
-#endif  // TWELL_HAS_WGMMA
 
 // x (M, K) and w (n, K) row-major 16-bit, K % 8 == 0, 16-byte aligned (the tensor maps' rule); boxes
 // {64, 128} for x and {64, 256 / CLUSTER} for w, 128-byte swizzle, out-of-bounds elements read as zero.
@@ -777,18 +407,12 @@ __device__ __forceinline__ void fused_gather_rows_bulk(const GatherArgs<T>& a, u
 // 48 KB per 4.2 MFLOP k-step at ~740 TFLOP/s is 8.7 TB/s).  A stage is refilled only when the consumers
 // of every CTA in the cluster have released it.  Work: (row-block group, column block) items taken in a
 // static stride by a persistent grid whose size the launcher reads from the occupancy API.
-// PACK = false skips the epilogue (benchmark of the GEMM mainloop alone; never used by the ops).
-// GATHER (0: GEMM -> TwELL only; 1: + gated up/down; 2: + down projection; NC = K / 256): see "fused
-// forward" above; the trailing arguments are read only when GATHER != 0, and then the setmaxnreg split is
-// FG_PRODUCER_REGS / FG_CONSUMER_REGS (the producer warpgroup's warps 1-3 gather) instead of 40 / 232.
-template <typename T, int TILE, int CLUSTER, bool PACK, int GATHER, int NC>
+// PACK = false skips the epilogue (the GEMM mainloop alone, for the benchmark probes; never used by the ops).
+template <typename T, int TILE, int CLUSTER, bool PACK>
 __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1) gate_twell_wgmma(
     const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
     int M, int n, int K, int n_tiles, int slots,
-    int* __restrict__ counts, u8* __restrict__ indices, T* __restrict__ values, int* __restrict__ neuron_counts,
-    const T* __restrict__ x, const T* __restrict__ w_up, const T* __restrict__ w_down, T* __restrict__ y,
-    int threshold, int* __restrict__ row_nnz, int* __restrict__ row_route, int* sync, int wait_us,
-    int producer_gathers)
+    int* __restrict__ counts, u8* __restrict__ indices, T* __restrict__ values, int* __restrict__ neuron_counts)
 {
 #ifdef TWELL_HAS_WGMMA
     extern __shared__ unsigned char smem_raw[];
@@ -817,12 +441,8 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1)
     }
     if (CLUSTER > 1) cluster_sync(); else __syncthreads();
 
-    unsigned char* gather_list = nullptr;          // this warp's active list, if it gathers (GATHER != 0)
     if (wg == 0) {
-        if (GATHER == 0) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-        else asm volatile("setmaxnreg.dec.sync.aligned.u32 " FG_PRODUCER_REGS ";");
-        if (GATHER != 0 && producer_gathers && threadIdx.x >= 32)
-            gather_list = smem + GW_SMEM_BYTES - 1024 + ((threadIdx.x >> 5) - 1) * FG_LIST_BYTES;
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
         if (threadIdx.x == 0) {
             int stage = 0;
             unsigned phase = 0;
@@ -846,8 +466,7 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1)
             }
         }
     } else {
-        if (GATHER == 0) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
-        else asm volatile("setmaxnreg.inc.sync.aligned.u32 " FG_CONSUMER_REGS ";");
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
         const int c = wg - 1;                                   // consumer: rows [64c, 64c + 64)
         const int lane = threadIdx.x & 31, warp_in_wg = (threadIdx.x >> 5) & 3;
         int stage = 0;
@@ -881,36 +500,10 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1)
                 const int row0 = m0 + c * 64 + warp_in_wg * 16;
                 pack_fragment_rows<T, TILE>(acc, epi + (threadIdx.x - 128) * (GW_EPI_BYTES_PER_THREAD / 16),
                                             row0, n0, M, n_tiles, slots, counts, indices, values, neuron_counts);
-                if (GATHER != 0) {                              // publish: rows [row0, row0 + 16) of this tile
-                    __threadfence();
-                    __syncwarp();
-                    if (lane == 0 && row0 < M) atomicAdd(sync + FG_HEAD + (row0 >> 4), 1);
-                }
             } else if (M < 0) {                                 // never: keeps the accumulators (and the MMAs) live
 #pragma unroll
                 for (int i = 0; i < 128; ++i) values[128 * threadIdx.x + i] = from_f<T>(acc[i]);
             }
-        }
-        if constexpr (GATHER != 0) {
-            // The consumer warps gather now: the list and the ring's mbarriers go in the warp's 4 KB of
-            // epilogue pairs, the ring in its share of the stage buffers -- once both warpgroups' last
-            // MMAs have read them (no TMA can write them any more: every load was consumed).
-            asm volatile("bar.sync 1, 256;" ::: "memory");
-            const int cw = (threadIdx.x - 128) >> 5;
-            unsigned char* mine = reinterpret_cast<unsigned char*>(epi + cw * 32 * (GW_EPI_BYTES_PER_THREAD / 16));
-            unsigned short* lcol = reinterpret_cast<unsigned short*>(mine);
-            const GatherArgs<T> ga{x, counts, indices, values, w_up, w_down, y, M, n_tiles, slots, TILE, threshold,
-                                   n_blocks, row_nnz, row_route, sync, wait_us};
-            fused_gather_rows_bulk<T, GATHER == 1, NC>(ga, lcol, reinterpret_cast<T*>(lcol + FG_LIST), smem + cw * FG_RING_BYTES,
-                                                       reinterpret_cast<unsigned long long*>(mine + FG_LIST_BYTES));
-        }
-    }
-    if constexpr (GATHER != 0) {
-        if (gather_list != nullptr) {                           // warps 1-3 of the producer warpgroup
-            unsigned short* lcol = reinterpret_cast<unsigned short*>(gather_list);
-            const GatherArgs<T> ga{x, counts, indices, values, w_up, w_down, y, M, n_tiles, slots, TILE, threshold,
-                                   n_blocks, row_nnz, row_route, sync, wait_us};
-            fused_gather_rows<T, GATHER == 1, NC>(ga, lcol, reinterpret_cast<T*>(lcol + FG_LIST));
         }
     }
     // No CTA may leave while a peer can still multicast into its shared memory or arrive on its barriers.

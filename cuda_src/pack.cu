@@ -79,8 +79,10 @@ __global__ void __launch_bounds__(256) pack_twell(
         const int route = overflow ? ROUTE_OVERFLOW : (nnz > threshold ? ROUTE_THRESHOLD : ROUTE_COMPACT);
         row_nnz[row] = nnz;
         row_route[row] = route;
-        // Integer counts of routed rows (order-independent): totals[0] backup rows, totals[1] overflowed.
+        // Integer counts (order-independent): totals[0] backup rows, totals[1] overflowed rows, totals[3]
+        // entries of the compact rows (totals[2] is left to the kernels that follow: a work counter).
         if (route != ROUTE_COMPACT) atomicAdd(totals, 1);
+        else atomicAdd(totals + 3, nnz);
         if (overflow) atomicAdd(totals + 1, 1);
     }
 }
@@ -626,7 +628,89 @@ __global__ void __launch_bounds__(256) route_twell_counts(
         const int route = overflow ? ROUTE_OVERFLOW : (nnz > threshold ? ROUTE_THRESHOLD : ROUTE_COMPACT);
         row_nnz[row] = nnz;
         row_route[row] = route;
-        if (route != ROUTE_COMPACT) atomicAdd(totals, 1);
+        if (route != ROUTE_COMPACT) atomicAdd(totals, 1);       // totals as pack_twell's
+        else atomicAdd(totals + 3, nnz);
         if (overflow) atomicAdd(totals + 1, 1);
+    }
+}
+
+// ---------------------------------------------------------------- container validation
+// Checks a container coming from a user before any other kernel reads it (docs/format.md, "invariants").
+// A violated rule is reported as the smallest (index << 4 | code) through one 64-bit atomicMin into err
+// (initialised to ~0 by the caller): the host raises naming the rule and the first bad row.  Every read
+// is bounds-checked against the array sizes given, so a corrupted container cannot make this kernel read
+// out of bounds either.
+#define VALID_OK 0xffffffffffffffffull
+#define BAD_SLOT 1          // backup_slot[r] not in [-1, R) or backup_rows[backup_slot[r]] != r
+#define BAD_BACKUP_ROWS 2   // backup_rows not strictly ascending in [0, M), or backup_slot[backup_rows[s]] != s
+#define BAD_COUNT 3         // a count < 0, or a compact row's tile count > slots
+#define BAD_INDEX 4         // a stored tile-local index >= tile_width or its column >= n
+#define BAD_ORDER 5         // stored indices / columns not strictly ascending
+#define BAD_ROW_PTR 6       // row_ptr[0] != 0, decreasing, row_ptr[M] != nnz, or a backup row's range not empty
+#define BAD_ROW_LEN 7       // a compact row longer than max_len
+
+__device__ __forceinline__ void report_bad(unsigned long long* err, long long index, int code) {
+    atomicMin(err, ((unsigned long long)index << 4) | (unsigned long long)code);
+}
+
+// Rows and backup slots (shared by TwELL and Hybrid): one thread per row r < M and per slot s < R.
+__global__ void validate_routing(const int* __restrict__ backup_slot, const int* __restrict__ backup_rows,
+                                 int M, int R, unsigned long long* __restrict__ err)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)M + R;
+         i += (long long)gridDim.x * blockDim.x) {
+        if (i < M) {
+            const int r = (int)i, s = backup_slot[r];
+            if (s < -1 || s >= R || (s >= 0 && backup_rows[s] != r)) report_bad(err, r, BAD_SLOT);
+        } else {
+            const int s = (int)(i - M), r = backup_rows[s];
+            if (r < 0 || r >= M || (s > 0 && backup_rows[s - 1] >= r) || backup_slot[r] != s)
+                report_bad(err, (r >= 0 && r < M) ? r : s, BAD_BACKUP_ROWS);
+        }
+    }
+}
+
+// TwELL tiles: one warp per (row, tile); lane l checks slots l, l + 32, ... of the stored ones.
+__global__ void validate_twell_tiles(const int* __restrict__ counts, const u8* __restrict__ indices,
+                                     const int* __restrict__ backup_slot, int M, int n_tiles, int slots,
+                                     int tile_width, int n, unsigned long long* __restrict__ err)
+{
+    const int lane = threadIdx.x & 31;
+    const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
+    for (long long rt = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5); rt < (long long)M * n_tiles;
+         rt += warps) {
+        const int row = (int)(rt / n_tiles), t = (int)(rt % n_tiles);
+        const int c = counts[rt];
+        if (c < 0 || (c > slots && backup_slot[row] < 0)) { if (lane == 0) report_bad(err, row, BAD_COUNT); continue; }
+        const int stored = min(c, slots);
+        const int width = min(tile_width, n - t * tile_width);          // the last tile may be partial
+        for (int s = lane; s < stored; s += 32) {
+            const int idx = indices[rt * slots + s];
+            if (idx >= width) report_bad(err, row, BAD_INDEX);
+            else if (s > 0 && indices[rt * slots + s - 1] >= idx) report_bad(err, row, BAD_ORDER);
+        }
+    }
+}
+
+// Hybrid rows: one warp per row.  nnz = col_indices.size; max_len bounds a compact row's length.
+__global__ void validate_hybrid_rows(const int* __restrict__ row_ptr, const int* __restrict__ col_indices,
+                                     const int* __restrict__ backup_slot, int M, int nnz, int n, int max_len,
+                                     unsigned long long* __restrict__ err)
+{
+    const int lane = threadIdx.x & 31;
+    const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
+    for (long long r = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5); r < M; r += warps) {
+        const int row = (int)r, lo = row_ptr[row], hi = row_ptr[row + 1];
+        if (lo < 0 || hi < lo || hi > nnz || (row == 0 && lo != 0) || (row == M - 1 && hi != nnz)
+            || (backup_slot[row] >= 0 && hi != lo)) {
+            if (lane == 0) report_bad(err, row, BAD_ROW_PTR);
+            continue;
+        }
+        if (hi - lo > max_len) { if (lane == 0) report_bad(err, row, BAD_ROW_LEN); continue; }
+        for (int p = lo + lane; p < hi; p += 32) {
+            const int c = col_indices[p];
+            if (c < 0 || c >= n) report_bad(err, row, BAD_INDEX);
+            else if (p > lo && col_indices[p - 1] >= c) report_bad(err, row, BAD_ORDER);
+        }
     }
 }

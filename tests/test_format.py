@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import twell
-from twell import format as F
+from twell import conversions as F
 from twell import reference as R
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -273,7 +273,7 @@ def test_pack_twell_layout_and_round_trip(p):
     tw = F.pack_twell(dense, p["tile_width"], p["compression"], thr)
     check_twell_layout(tw, dense, p["tile_width"], p["compression"], thr)
     assert same_values(F.unpack_twell(tw), dense)
-    assert same_values(tw.to_dense(), dense)
+    assert same_values(F.unpack_twell(tw), dense)
     np.testing.assert_array_equal(tw.row_nnz(), (dense != 0).sum(axis=1))
     direct = R.pack_twell(dense, p["tile_width"], p["compression"], thr)
     assert_same_twell(direct, tw)
@@ -285,7 +285,7 @@ def test_twell_scipy_round_trip(p):
     rng = np.random.default_rng(p["seed"] + 1)
     tw = F.pack_twell(dense, p["tile_width"], p["compression"], thr)
     check_csr(F.twell_to_scipy(tw), dense)
-    check_csr(tw.to_scipy(), dense)
+    check_csr(F.twell_to_scipy(tw), dense)
     ref = expected_csr(dense)
     for matrix in (ref, sp.csr_matrix(ref), ref.tocsc(), duplicated_coo(dense, rng), noncanonical_csr(dense, rng)):
         back = F.twell_from_scipy(matrix, p["tile_width"], p["compression"], thr, dtype=dense.dtype)
@@ -298,13 +298,13 @@ def test_twell_from_scipy_dtype_default_and_cast():
     rng = np.random.default_rng(3)
     dense = sparse_dense(rng, 9, 70, 32, 4, 0.1, np.float32)
     tw = F.twell_from_scipy(sp.csr_array(dense), 32, 8)
-    assert tw.dtype == np.float32 and same_values(tw.to_dense(), dense)
+    assert tw.dtype == np.float32 and same_values(F.unpack_twell(tw), dense)
     # values that round to zero in the target dtype are dropped (not stored as zeros)
     m = sp.csr_array(np.array([[1e-30, 2.0, 0.0, 3.0]]))
     tw16 = F.twell_from_scipy(m, 32, 8, dtype="float16")
     np.testing.assert_array_equal(tw16.counts, [[2]])
     np.testing.assert_array_equal(tw16.indices[0, 0, :2], [1, 3])
-    assert tw16.to_dense().dtype == np.float16
+    assert F.unpack_twell(tw16).dtype == np.float16
 
 
 def test_twell_capacity_edges_exact():
@@ -321,7 +321,7 @@ def test_twell_capacity_edges_exact():
     np.testing.assert_array_equal(tw.indices[2, 2], [0, 1, 2, 3])
     # the backup row's slots hold its first 4 entries of the overflowing tile
     np.testing.assert_array_equal(tw.indices[1, 1], [1, 2, 8, 18])
-    assert np.array_equal(tw.to_dense(), dense)
+    assert np.array_equal(F.unpack_twell(tw), dense)
     # threshold: row 0 has 4 non-zeros -> threshold 4 keeps it compact, 3 routes it
     np.testing.assert_array_equal(F.pack_twell(dense, t, c, 4).backup_rows, [1])
     np.testing.assert_array_equal(F.pack_twell(dense, t, c, 3).backup_rows, [0, 1, 2])
@@ -334,8 +334,8 @@ def test_twell_all_zero_and_empty():
         assert tw.shape == (m, n) and tw.n_backup == 0
         assert tw.counts.shape == (m, -(-n // 64)) and not tw.counts.any()
         assert not tw.indices.any() and not tw.values.any()
-        assert same_values(tw.to_dense(), dense)
-        c = tw.to_scipy()
+        assert same_values(F.unpack_twell(tw), dense)
+        c = F.twell_to_scipy(tw)
         assert c.shape == (m, n) and c.nnz == 0
         assert_same_twell(F.twell_from_scipy(sp.csr_array((m, n)), 64, 4, 0, dtype=np.float64), tw)
 
@@ -347,7 +347,7 @@ def test_twell_nan_counts_as_nonzero():
     tw = F.pack_twell(dense, 32, 8)
     np.testing.assert_array_equal(tw.counts, [[1, 0], [0, 0]])
     assert np.isnan(tw.values[0, 0, 0]) and tw.indices[0, 0, 0] == 3
-    c = tw.to_scipy()
+    c = F.twell_to_scipy(tw)
     assert c.nnz == 1 and np.isnan(c.data[0])
 
 
@@ -381,7 +381,7 @@ def test_pack_hybrid_layout_and_round_trip(p, transpose):
     hy = F.pack_hybrid(dense, thr, transpose)
     check_hybrid_layout(hy, dense, thr, transpose)
     assert same_values(F.unpack_hybrid(hy), dense)
-    assert same_values(hy.to_dense(), dense)
+    assert same_values(F.unpack_hybrid(hy), dense)
     if not transpose:
         # transpose_pattern on its own (public dispatcher) matches the scipy conversion too
         tp = F.transpose_pattern(hy)
@@ -395,7 +395,7 @@ def test_hybrid_scipy_round_trip(p):
     rng = np.random.default_rng(p["seed"] + 2)
     hy = F.pack_hybrid(dense, thr)
     check_csr(F.hybrid_to_scipy(hy), dense)
-    check_csr(hy.to_scipy(), dense)
+    check_csr(F.hybrid_to_scipy(hy), dense)
     ref = expected_csr(dense)
     for matrix in (ref, sp.csr_matrix(ref), duplicated_coo(dense, rng), noncanonical_csr(dense, rng)):
         back = F.hybrid_from_scipy(matrix, thr, True, dtype=dense.dtype)
@@ -412,7 +412,7 @@ def test_hybrid_threshold_edges_and_default():
     np.testing.assert_array_equal(hy.backup_rows, [1])
     np.testing.assert_array_equal(hy.row_ptr, [0, 128, 128, 128, 129])
     np.testing.assert_array_equal(hy.transposed.col_ptr[[0, 1, 128, 129, 299, 300]], [0, 1, 128, 128, 128, 129])
-    assert np.array_equal(hy.to_dense(), dense)
+    assert np.array_equal(F.unpack_hybrid(hy), dense)
     np.testing.assert_array_equal(F.pack_hybrid(dense, 0).backup_rows, [0, 1, 3])
 
 
@@ -421,8 +421,8 @@ def test_hybrid_all_zero_and_empty():
         hy = F.pack_hybrid(np.zeros((m, n)), 0)
         assert hy.nnz == 0 and hy.n_backup == 0 and hy.shape == (m, n)
         np.testing.assert_array_equal(hy.transposed.col_ptr, np.zeros(n + 1))
-        assert same_values(hy.to_dense(), np.zeros((m, n)))
-        assert hy.to_scipy().nnz == 0
+        assert same_values(F.unpack_hybrid(hy), np.zeros((m, n)))
+        assert F.hybrid_to_scipy(hy).nnz == 0
 
 
 def test_hybrid_from_scipy_does_not_densify():
@@ -481,7 +481,7 @@ GOOD = np.ones((3, 40), np.float32)
     (lambda f: f.hybrid_from_scipy(sp.csr_array(GOOD), 4.0), TypeError, "dense_row_threshold must be an integer"),
     (lambda f: f.transpose_pattern(F.pack_twell(GOOD)), TypeError, "hy must be a Hybrid"),
 ], ids=lambda v: v if isinstance(v, str) else None)
-@pytest.mark.parametrize("module", [F, R], ids=["format", "reference"])
+@pytest.mark.parametrize("module", [F, R], ids=["conversions", "reference"])
 def test_bad_input(module, call, exc, match):
     with pytest.raises(exc, match=match):
         call(module)

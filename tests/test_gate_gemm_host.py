@@ -112,64 +112,15 @@ def test_tensor_map_encoding_failure_is_reported(monkeypatch):
         gate_gemm.encode_tensor_map(FakeDeviceArray((64, 64)), 128)
 
 
-def test_tensor_maps_are_memoized(monkeypatch):
-    calls = []
-    monkeypatch.setattr(gate_gemm, "_driver", lambda: _fake_encoder(calls))
-    monkeypatch.setattr(gate_gemm, "_tensor_maps", {})
-    a = FakeDeviceArray((64, 64), ptr=0x1000)
-    first = gate_gemm.tensor_map(a, 128)
-    assert gate_gemm.tensor_map(a, 128) is first and len(calls) == 1
-    gate_gemm.tensor_map(a, 256)                                    # another box: another map
-    gate_gemm.tensor_map(FakeDeviceArray((64, 64), ptr=0x2000), 128)
-    assert len(calls) == 3
-
-
 def test_shared_memory_budget_fits_the_h200():
     assert gate_gemm.WGMMA_SMEM <= 232448                           # 227 KiB opt-in per block on sm_90
     assert gate_gemm.MMA_SMEM >= gate_gemm.BLOCK_M * (gate_gemm.BLOCK_N + 8) * 2   # the staged tile fits
 
 
-def _ffn_operands(m=4096, d=2048, n=5632, y_ptr=1 << 20):
-    x = FakeDeviceArray((m, d))
-    w = FakeDeviceArray((n, d))
-    return x, w, w, w, FakeDeviceArray((m, d), ptr=y_ptr)
-
-
-def test_fully_fused_forward_applies_only_to_its_shapes(hopper):
-    """The fully fused forward (gather warps in the GEMM kernel) is compiled for tile width 256, d = 1024 /
-    2048, lists of at most 128 entries, n < 65,536, aligned contiguous operands, Hopper."""
-    ok = gate_gemm.fused_forward_supported
-    assert ok(*_ffn_operands(), 256, 128)
-    assert ok(*_ffn_operands(d=1024), 256, 40)
-    assert not ok(*_ffn_operands(), 64, 128)                    # other tile widths
-    assert not ok(*_ffn_operands(d=1536), 256, 128)             # d / 256 not compiled
-    assert not ok(*_ffn_operands(d=4096), 256, 128)
-    assert not ok(*_ffn_operands(), 256, 129)                   # list longer than FG_LIST
-    assert not ok(*_ffn_operands(n=70000), 256, 128)            # columns beyond the u16 list
-    assert not ok(*_ffn_operands(y_ptr=(1 << 20) + 2), 256, 128)
-
-
-def test_fully_fused_forward_off_hopper(monkeypatch):
-    monkeypatch.setattr(gate_gemm, "_capability", lambda: 89)
-    assert not gate_gemm.fused_forward_supported(*_ffn_operands(), 256, 128)
-
-
-def test_fully_fused_forward_is_off_by_default():
-    """Measured no faster than the separate kernels (docs/perf-notes.md, v6)."""
-    assert gate_gemm.FUSED_FORWARD is False
-
-
-@pytest.mark.parametrize("d, threshold, match", [(2048, 129, "dense_row_threshold"), (1536, 128, "takes d in")])
-def test_fully_fused_forward_launcher_refuses_what_it_was_not_built_for(d, threshold, match):
-    x, wg, wu, wd, y = _ffn_operands(d=d)
-    with pytest.raises(ValueError, match=match):
-        gate_gemm.ffn_twell_fused_async(x, wg, wu, wd, y, 8, threshold)
-
-
-def test_fully_fused_forward_kernels_are_compiled_for_every_combination():
-    names = set(gate_gemm.FAMILY.name_expressions)
-    for ct in ("__nv_bfloat16", "__half"):
-        for cluster in gate_gemm.WGMMA_CLUSTERS:
-            for gather in (1, 2):
-                for nc in gate_gemm.FUSED_FORWARD_NCS:
-                    assert f"gate_twell_wgmma<{ct}, 256, {cluster}, true, {gather}, {nc}>" in names
+def test_no_fully_fused_forward_variants():
+    """The fully fused forward (gather warps inside the GEMM kernel) measured no faster and was removed
+    (docs/performance-history.md, v6 and v21): every Hopper variant is the GEMM -> TwELL kernel alone."""
+    names = gate_gemm.FAMILY.name_expressions
+    assert len(names) == 26
+    assert all(n.count(",") == 3 for n in names if n.startswith("gate_twell_wgmma<"))
+    assert not hasattr(gate_gemm, "FUSED_FORWARD")

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("cupy")
 
-from twell.kernels import ffn_forward  # noqa: E402
+from twell.kernels import common  # noqa: E402
 
 
 class FakeKernel:
@@ -24,35 +24,35 @@ class FakeKernel:
     (168, 10, 3),            # never more warps than rows
 ])
 def test_launch_warp_rows_grid(monkeypatch, regs, m, want_blocks):
-    monkeypatch.setattr(ffn_forward, "_sm_count", lambda: 132)
+    monkeypatch.setattr(common, "sm_count", lambda: 132)
     k = FakeKernel(regs)
     counter = object()
-    ffn_forward.launch_warp_rows(k, m, ffn_forward.MAX_LIST * 8, ("a", "b"), counter)
+    common.launch_warp_rows(k, m, common.MAX_LIST * 8, ("a", "b"), counter)
     (grid, block, args), = k.calls
-    assert block == (32 * ffn_forward.WARP_KERNEL_WARPS,)
+    assert block == (32 * common.WARP_KERNEL_WARPS,)
     assert args == ("a", "b", counter)
     assert grid == (want_blocks,)
 
 
 def test_choose_splits():
-    assert ffn_forward.choose_splits(20000, 132) == 1
-    assert ffn_forward.choose_splits(1, 132) == 32
-    assert ffn_forward.choose_splits(64, 132) == 17
+    assert common.choose_splits(20000, 132) == 1
+    assert common.choose_splits(1, 132) == 32
+    assert common.choose_splits(64, 132) == 17
 
 
 def test_warp_path_only_for_16bit_multiples_of_256():
     import numpy as np
-    assert ffn_forward.warp_path_nc(np.dtype("float32"), 2048) == 0
-    assert ffn_forward.warp_path_nc(np.dtype("float16"), 2048) == 8
-    assert ffn_forward.warp_path_nc(np.dtype("float16"), 2304) == 0
-    assert ffn_forward.warp_path_nc(np.dtype("float16"), 200) == 0
+    assert common.warp_path_nc(np.dtype("float32"), 2048) == 0
+    assert common.warp_path_nc(np.dtype("float16"), 2048) == 8
+    assert common.warp_path_nc(np.dtype("float16"), 2304) == 0
+    assert common.warp_path_nc(np.dtype("float16"), 200) == 0
 
 
 def _driver_launch_example():
     import numpy as np
     from types import SimpleNamespace
 
-    from twell.kernels._launch import NULL, SLOT, DriverLaunch, i32
+    from twell.runtime.launch import NULL, SLOT, DriverLaunch, i32
     struct = np.frombuffer(bytes(range(128)), dtype=np.dtype((np.void, 128)))   # a by-value CUtensorMap
     fixed = SimpleNamespace(data=SimpleNamespace(ptr=0x7000_0000_1000))          # a device array
     kernel = SimpleNamespace(kernel=SimpleNamespace(ptr=0x1234))
@@ -78,7 +78,7 @@ def test_driver_launch_parameter_buffer():
         launch.parameter_bytes(1)
     from types import SimpleNamespace
 
-    from twell.kernels._launch import DriverLaunch
+    from twell.runtime.launch import DriverLaunch
     with pytest.raises(TypeError, match="cannot pass an argument of type float"):
         DriverLaunch(SimpleNamespace(kernel=SimpleNamespace(ptr=1)), (1,), (32,), 0, (1.5,))
 
@@ -88,7 +88,7 @@ def test_driver_launch_call(monkeypatch):
     cuLaunchKernel, and a non-zero CUresult raises."""
     import ctypes
 
-    from twell.kernels._launch import DriverLaunch
+    from twell.runtime.launch import DriverLaunch
     launch = _driver_launch_example()
     calls = []
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from twell import _kernels
+from twell.kernels import gate_gemm
+from twell.runtime import loader
 
 pytest.importorskip("cupy", reason="the compile check needs CuPy and the NVRTC wheel (pip install .[cuda13])")
 
@@ -17,9 +18,9 @@ pytest.importorskip("cupy", reason="the compile check needs CuPy and the NVRTC w
 def test_gate_gemm_sass_uses_tensor_cores_without_local_memory():
     """Disassembly check of the fused gate GEMM: the Hopper kernel issues wgmma (HGMMA) with TMA loads
     (UTMALDG), the portable one mma.sync (HMMA); neither touches local memory (LDL/STL)."""
-    if _kernels.find_nvdisasm() is None:
+    if loader.find_nvdisasm() is None:
         pytest.skip("nvdisasm not found (pip install 'cuda-toolkit[nvdisasm]', part of the cuda13 extra)")
-    sass = _kernels.disassemble("gate_gemm", arch="sm_90a")
+    sass = loader.disassemble(gate_gemm.FAMILY, arch="sm_90a")
     assert sass, "no kernel disassembled"
     for expr, text in sass.items():
         assert "LDL" not in text and "STL" not in text, f"{expr}: local memory in SASS"

@@ -21,6 +21,9 @@ __all__ = [
     "check_same_module",
     "check_float_dtype",
     "check_int",
+    "check_bool",
+    "check_on_current_device",
+    "device_ranges_overlap",
     "bfloat16_dtype",
     "FLOAT_DTYPE_NAMES",
 ]
@@ -181,3 +184,40 @@ def check_int(value, name: str, *, minimum: int | None = None, maximum: int | No
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+def check_bool(value, name: str) -> bool:
+    """Validate a flag (a bool, not merely truthy) and return it."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_on_current_device(arrays: dict):
+    """Raise ``ValueError`` unless every CuPy array of ``{name: array}`` lives on the current device (the
+    kernels, launch plans and cuBLAS handles used are the current device's)."""
+    import cupy  # noqa: PLC0415
+    dev = cupy.cuda.runtime.getDevice()
+    for name, a in arrays.items():
+        if a is not None and a.device.id != dev:
+            raise ValueError(f"{name} is on device {a.device.id} but the current device is {dev}: call twell "
+                             f"inside `with cupy.cuda.Device({a.device.id}):` (every array on that device)")
+
+
+def device_ranges_overlap(a, b) -> bool:
+    """Whether the memory spans of two CuPy arrays overlap (conservative: bounding ranges)."""
+    if a.size == 0 or b.size == 0:
+        return False
+    lo_a, hi_a = _span(a)
+    lo_b, hi_b = _span(b)
+    return lo_a < hi_b and lo_b < hi_a
+
+
+def _span(a):
+    lo = hi = a.data.ptr
+    for extent, stride in zip(a.shape, a.strides):
+        if stride >= 0:
+            hi += (extent - 1) * stride
+        else:
+            lo += (extent - 1) * stride
+    return lo, hi + a.itemsize

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _backend as B
 from . import reference
-from .format import pack_hybrid, pack_twell, unpack_hybrid, unpack_twell
+from .conversions import pack_hybrid, pack_twell, unpack_hybrid, unpack_twell
 from .ops import ffn, gated_ffn, gated_ffn_backward, gated_ffn_forward
 from .synthetic import make_problem
 

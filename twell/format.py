@@ -26,15 +26,9 @@ __all__ = [
     "NeuronMajorPattern",
     "twell_layout",
     "check_dense_row_threshold",
-    "pack_twell",
-    "unpack_twell",
-    "twell_to_scipy",
-    "twell_from_scipy",
-    "pack_hybrid",
-    "unpack_hybrid",
-    "hybrid_to_scipy",
-    "hybrid_from_scipy",
-    "transpose_pattern",
+    "DEFAULT_TILE_WIDTH",
+    "DEFAULT_COMPRESSION",
+    "TILE_WIDTHS",
 ]
 
 DEFAULT_TILE_WIDTH = 256
@@ -190,14 +184,6 @@ class TwELL:
         """
         _check_twell_contents(self.host() if not isinstance(self.counts, np.ndarray) else self)
 
-    def to_dense(self):
-        """Unpack to a dense ``(M, n_cols)`` array (same module and dtype)."""
-        return unpack_twell(self)
-
-    def to_scipy(self):
-        """Convert to ``scipy.sparse.csr_array`` (copies to the host)."""
-        return twell_to_scipy(self)
-
     def host(self) -> "TwELL":
         """A copy with every array on the host (NumPy)."""
         return dataclasses.replace(self, **{f: _to_host(getattr(self, f)) for f in _TWELL_ARRAYS})
@@ -335,12 +321,6 @@ class Hybrid:
         """
         _check_hybrid_contents(self.host() if not isinstance(self.row_ptr, np.ndarray) else self)
 
-    def to_dense(self):
-        return unpack_hybrid(self)
-
-    def to_scipy(self):
-        return hybrid_to_scipy(self)
-
     def host(self) -> "Hybrid":
         arrays = {f: _to_host(getattr(self, f)) for f in _HYBRID_ARRAYS}
         t = self.transposed
@@ -406,220 +386,3 @@ def _check_hybrid_contents(hy):
             raise ValueError(f"transposed.col_ptr must start at 0, be non-decreasing and end at nnz = {hy.nnz}")
         if not np.array_equal(np.sort(t.positions), np.arange(hy.nnz)):
             raise ValueError("transposed.positions must be a permutation of the entries")
-
-
-# --------------------------------------------------------------------------- dispatch
-
-
-def _dense_arg(dense, name="dense"):
-    xp = B.array_module(dense, names=[name])
-    dense = B.to_module(dense, xp, name)
-    B.check_array(dense, name, ndim=2)
-    B.check_float_dtype(dense, name)
-    if dense.shape[1] < 1:
-        raise ValueError(f"{name} must have at least one column, got shape {tuple(dense.shape)}")
-    return xp, dense
-
-
-def pack_twell(dense, tile_width: int = DEFAULT_TILE_WIDTH, compression: int = DEFAULT_COMPRESSION,
-               dense_row_threshold: int | None = None) -> TwELL:
-    """Pack a dense matrix into TwELL (every non-zero kept; overflow -> dense backup).
-
-    Parameters
-    ----------
-    dense : array (M, n), bfloat16 / float16 / float32 / float64
-        NumPy (packed by the reference) or CuPy / ``__dlpack__`` GPU array
-        (packed by the CUDA kernel; one host synchronisation to size the backup).
-    tile_width : int
-        Columns per tile: 32, 64, 128 or 256.
-    compression : int
-        Slots per tile are ``tile_width // compression``.
-    dense_row_threshold : int or None
-        Rows with more non-zeros than this go to the dense backup even if no
-        tile overflows.  None: only tile overflow routes a row.
-
-    Returns
-    -------
-    TwELL
-    """
-    xp, dense = _dense_arg(dense)
-    twell_layout(dense.shape[1], tile_width, compression)
-    threshold = check_dense_row_threshold(dense_row_threshold, dense.shape[1])
-    if xp is np:
-        from . import reference
-        return reference.pack_twell(dense, tile_width, compression, threshold)
-    from .kernels import pack
-    return pack.pack_twell(dense, tile_width, compression, threshold)
-
-
-def unpack_twell(tw: TwELL):
-    """Unpack a :class:`TwELL` to a dense matrix.
-
-    Parameters
-    ----------
-    tw : TwELL (M, n)
-        Host (NumPy) or device (CuPy) container.
-
-    Returns
-    -------
-    dense : array (M, n), ``tw.dtype``, same array module as ``tw``
-        Compact rows from the slots, backup rows from ``backup_values``.
-    """
-    if not isinstance(tw, TwELL):
-        raise TypeError(f"tw must be a TwELL, got {type(tw).__name__}")
-    if tw.xp is np:
-        from . import reference
-        return reference.unpack_twell(tw)
-    from .kernels import pack
-    return pack.unpack_twell(tw)
-
-
-def twell_to_scipy(tw: TwELL):
-    """Convert a :class:`TwELL` to SciPy.
-
-    Parameters
-    ----------
-    tw : TwELL (M, n)
-        Host or device container (device arrays are copied to the host).
-
-    Returns
-    -------
-    scipy.sparse.csr_array (M, n)
-        Exactly the non-zeros of ``tw``, sorted indices; bfloat16 / float16
-        values become float32 (SciPy has neither).
-    """
-    if not isinstance(tw, TwELL):
-        raise TypeError(f"tw must be a TwELL, got {type(tw).__name__}")
-    from . import reference
-    return reference.twell_to_scipy(tw.host())
-
-
-def twell_from_scipy(matrix, tile_width: int = DEFAULT_TILE_WIDTH, compression: int = DEFAULT_COMPRESSION,
-                     dense_row_threshold: int | None = None, dtype=None) -> TwELL:
-    """Build a host :class:`TwELL` from any ``scipy.sparse`` matrix or array.
-
-    Parameters
-    ----------
-    matrix : scipy.sparse matrix or array (M, n)
-        Explicit zeros are dropped; duplicates are summed.
-    tile_width, compression, dense_row_threshold
-        As in :func:`pack_twell`.
-    dtype : dtype, optional
-        Value dtype (default: the matrix's).
-
-    Returns
-    -------
-    TwELL (M, n) with NumPy arrays.
-    """
-    from . import reference
-    return reference.twell_from_scipy(matrix, tile_width, compression, dense_row_threshold, dtype)
-
-
-def pack_hybrid(dense, dense_row_threshold: int = 128, transpose: bool = True) -> Hybrid:
-    """Pack a dense matrix into the Hybrid training format (every non-zero kept).
-
-    Parameters
-    ----------
-    dense : array (M, n), bfloat16 / float16 / float32 / float64
-        NumPy (reference) or CuPy / ``__dlpack__`` GPU array (kernels; one
-        host synchronisation to size the arrays). A non-zero is ``v != 0``.
-    dense_row_threshold : int
-        Rows with more non-zeros than this go to the dense backup.
-    transpose : bool
-        Also build the neuron-major pattern (``Hybrid.transposed``).
-
-    Returns
-    -------
-    Hybrid (M, n), arrays of the input's module, values of its dtype.
-    """
-    xp, dense = _dense_arg(dense)
-    threshold = check_dense_row_threshold(dense_row_threshold, dense.shape[1])
-    if xp is np:
-        from . import reference
-        return reference.pack_hybrid(dense, threshold, transpose)
-    from .kernels import pack
-    return pack.pack_hybrid(dense, threshold, transpose)
-
-
-def unpack_hybrid(hy: Hybrid):
-    """Unpack a :class:`Hybrid` to a dense matrix.
-
-    Parameters
-    ----------
-    hy : Hybrid (M, n)
-
-    Returns
-    -------
-    dense : array (M, n), ``hy.dtype``, same array module as ``hy``
-    """
-    if not isinstance(hy, Hybrid):
-        raise TypeError(f"hy must be a Hybrid, got {type(hy).__name__}")
-    if hy.xp is np:
-        from . import reference
-        return reference.unpack_hybrid(hy)
-    from .kernels import pack
-    return pack.unpack_hybrid(hy)
-
-
-def hybrid_to_scipy(hy: Hybrid):
-    """Convert a :class:`Hybrid` to SciPy.
-
-    Parameters
-    ----------
-    hy : Hybrid (M, n)
-        Host or device container (device arrays are copied to the host).
-
-    Returns
-    -------
-    scipy.sparse.csr_array (M, n)
-        Exactly the non-zeros of ``hy`` (bfloat16 / float16 values become float32).
-    """
-    if not isinstance(hy, Hybrid):
-        raise TypeError(f"hy must be a Hybrid, got {type(hy).__name__}")
-    from . import reference
-    return reference.hybrid_to_scipy(hy.host())
-
-
-def hybrid_from_scipy(matrix, dense_row_threshold: int = 128, transpose: bool = True, dtype=None) -> Hybrid:
-    """Build a host :class:`Hybrid` from any ``scipy.sparse`` matrix or array.
-
-    Parameters
-    ----------
-    matrix : scipy.sparse matrix or array (M, n)
-        Explicit zeros are dropped; duplicates are summed.
-    dense_row_threshold : int
-        Rows with more non-zeros than this become dense backup rows.
-    transpose : bool
-        Also build the neuron-major pattern.
-    dtype : dtype, optional
-        Value dtype (default: the matrix's).
-
-    Returns
-    -------
-    Hybrid (M, n) with NumPy arrays.
-    """
-    from . import reference
-    return reference.hybrid_from_scipy(matrix, dense_row_threshold, transpose, dtype)
-
-
-def transpose_pattern(hy: Hybrid) -> NeuronMajorPattern:
-    """Neuron-major (column-major) pattern of the compact part of a :class:`Hybrid`.
-
-    Parameters
-    ----------
-    hy : Hybrid (M, n)
-
-    Returns
-    -------
-    NeuronMajorPattern
-        ``col_ptr`` int32 (n + 1,), ``row_indices`` int32 (nnz,) ascending within
-        each column, ``positions`` int32 (nnz,) into the row-major arrays.
-        Deterministic (no order-dependent atomics) on both backends.
-    """
-    if not isinstance(hy, Hybrid):
-        raise TypeError(f"hy must be a Hybrid, got {type(hy).__name__}")
-    if hy.xp is np:
-        from . import reference
-        return reference.transpose_pattern(hy)
-    from .kernels import pack
-    return pack.transpose_pattern(hy)

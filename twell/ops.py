@@ -1,11 +1,15 @@
-"""Public FFN ops.  NumPy inputs run :mod:`twell.reference`; CuPy / ``__dlpack__`` GPU inputs run the kernels.
+"""Public FFN ops: argument checks, then dispatch — NumPy inputs to :mod:`twell.reference`, CuPy /
+``__dlpack__`` GPU inputs to :mod:`twell.gpu`.
 
-Weight layout (all ops): ``w_gate``, ``w_up`` and ``w_down`` are **neuron-major**,
-shape ``(n, d)`` row-major (n = d_ff, d = d_model).  ``w_gate`` / ``w_up`` are laid
-out like ``torch.nn.Linear(d, n).weight``; ``w_down`` is the **transpose** of
-``torch.nn.Linear(n, d).weight``.  When ``d == n`` the layout cannot be checked
-from the shapes: passing nn.Linear's down weight untransposed then silently
-computes with its transpose.
+Weight layout (all ops): ``w_gate``, ``w_up`` and ``w_down`` are **neuron-major**, shape ``(n, d)``
+row-major (n = d_ff, d = d_model).  ``w_gate`` / ``w_up`` are laid out like ``torch.nn.Linear(d, n).weight``;
+``w_down`` is the **transpose** of ``torch.nn.Linear(n, d).weight``.  When ``d == n`` the layout cannot be
+checked from the shapes: passing nn.Linear's down weight untransposed then silently computes with its
+transpose.
+
+Every argument is checked before any work, and an error names the argument and the rule.  GPU arrays must
+be C-contiguous and on the current device; a view whose data is not 16-byte aligned is copied to an
+aligned buffer first (the kernels' vector loads need it), so every view gets the aligned call's result.
 """
 
 from __future__ import annotations
@@ -13,28 +17,40 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backend as B
-from .format import DEFAULT_COMPRESSION, DEFAULT_TILE_WIDTH, check_dense_row_threshold, twell_layout
+from . import reference
+from .conversions import checked_device_twell
+from .dispatch import DensityTracker, check_path
+from .format import DEFAULT_COMPRESSION, DEFAULT_TILE_WIDTH, TwELL, check_dense_row_threshold, twell_layout
+from .results import SavedForBackward
 
 __all__ = [
     "gated_ffn", "ffn", "gated_up_down", "down_projection", "gated_ffn_forward", "gated_ffn_backward",
-    "DEFAULT_INFERENCE_ROW_THRESHOLD",
+    "DEFAULT_INFERENCE_ROW_THRESHOLD", "GATE_KERNELS",
 ]
 
 #: Default ``dense_row_threshold`` of the inference ops: rows with more active neurons are cheaper on
 #: the dense (cuBLAS) backup than as gathers (docs/design.md, "routing").
 DEFAULT_INFERENCE_ROW_THRESHOLD = 128
-
-
+#: Values of ``gate_kernel``.
+GATE_KERNELS = ("auto", "fused", "wgmma", "mma", "cublas")
 _KERNEL_DTYPES = ("bfloat16", "float16", "float32")
-
 
 _kernel_dtypes: frozenset = frozenset()     # np.dtype objects of _KERNEL_DTYPES (filled on first use)
 
 
-def _valid_cupy_args(x, weights: dict):
-    """The common GPU case in few operations (every op call pays this before its first launch): all
-    CuPy arrays, C-contiguous, on x's device, a kernel dtype, consistent shapes.  Returns (cupy, n) or
-    None, in which case :func:`_check_ffn_args` runs the full checks (and raises the precise error)."""
+def _gpu():
+    from .gpu import inference, training  # noqa: PLC0415 - CuPy is imported only by GPU calls
+    return inference, training
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _fast_cupy_args(x, weights: dict):
+    """The common GPU case in few operations (every call pays this before its first launch): CuPy arrays,
+    C-contiguous, 16-byte aligned, on the current device, a kernel dtype, consistent shapes.  Returns
+    (cupy, n), or None and :func:`_check_ffn_args` runs the full checks (and raises the precise error, or
+    copies misaligned views)."""
     global _kernel_dtypes
     cp = B.cupy_or_none()
     if cp is None or type(x) is not cp.ndarray or x.ndim != 2:
@@ -44,13 +60,16 @@ def _valid_cupy_args(x, weights: dict):
     if not _kernel_dtypes:
         _kernel_dtypes = frozenset(np.dtype(B.bfloat16_dtype() if name == "bfloat16" else name)
                                    for name in _KERNEL_DTYPES if name != "bfloat16" or B.bfloat16_dtype())
-    if m < 1 or d < 1 or dt not in _kernel_dtypes or not x.flags.c_contiguous:
+    if m < 1 or d < 1 or dt not in _kernel_dtypes or not x.flags.c_contiguous or x.data.ptr % 16:
         return None
     dev = x.data.device_id
+    if dev != cp.cuda.runtime.getDevice():
+        return None
     n = None
     for w in weights.values():
         if (type(w) is not cp.ndarray or w.ndim != 2 or w.dtype != dt or w.shape[1] != d
-                or (n is not None and w.shape[0] != n) or not w.flags.c_contiguous or w.data.device_id != dev):
+                or (n is not None and w.shape[0] != n) or not w.flags.c_contiguous or w.data.ptr % 16
+                or w.data.device_id != dev):
             return None
         n = w.shape[0]
     if n is None or n < 1:
@@ -58,12 +77,11 @@ def _valid_cupy_args(x, weights: dict):
     return cp, n
 
 
-def _check_ffn_args(x, weights: dict, *, gpu_contiguous=True):
-    """Validate x (M, d) and neuron-major weights (n, d); return (xp, x, weights)."""
-    if gpu_contiguous:
-        fast = _valid_cupy_args(x, weights)
-        if fast is not None:
-            return fast[0], x, weights, fast[1]
+def _check_ffn_args(x, weights: dict):
+    """Validate x (M, d) and neuron-major weights (n, d); return (xp, x, weights, n)."""
+    fast = _fast_cupy_args(x, weights)
+    if fast is not None:
+        return fast[0], x, weights, fast[1]
     arrays = {"x": x, **weights}
     xp = B.check_same_module(arrays)
     x = B.to_module(x, xp, "x")
@@ -91,140 +109,48 @@ def _check_ffn_args(x, weights: dict, *, gpu_contiguous=True):
     if n is not None and n < 1:
         raise ValueError("weights must have at least one row (d_ff >= 1)")
     if xp is not np:
-        dev = x.device.id
-        for name, a in arrays.items():
-            a = x if name == "x" else weights[name]
-            if a.device.id != dev:
-                raise ValueError(f"{name} is on device {a.device.id} but x is on device {dev}")
-            if gpu_contiguous and not a.flags.c_contiguous:
-                raise ValueError(f"{name} must be C-contiguous (row-major) on the GPU path; pass a contiguous copy")
-        from .kernels._launch import ctype_of
+        from .runtime.launch import ctype_of  # noqa: PLC0415
         ctype_of(dt, "x")
+        all_arrays = {"x": x, **weights}
+        B.check_on_current_device(all_arrays)
+        for name, a in all_arrays.items():
+            if not a.flags.c_contiguous:
+                raise ValueError(f"{name} must be C-contiguous (row-major) on the GPU path; pass a contiguous copy")
+        x = _aligned(x)
+        weights = {k: _aligned(v) for k, v in weights.items()}
     return xp, x, weights, n
 
 
-_thresholds: dict = {}
+def _aligned(a):
+    """``a`` itself if its data is 16-byte aligned, else an aligned copy (CuPy allocations are 256-byte
+    aligned): the kernels' 16-byte loads and the tensor maps need aligned rows."""
+    return a if a.data.ptr % 16 == 0 else a.copy()
 
 
-def _inference_threshold(value, n, tile_width, compression):
-    key = (value, type(value), n, tile_width, type(tile_width), compression, type(compression))
-    try:
-        threshold = _thresholds.get(key)
-    except TypeError:                        # an unhashable argument: the checks below raise the error
-        threshold = None
-    if threshold is None:
-        threshold = check_dense_row_threshold(DEFAULT_INFERENCE_ROW_THRESHOLD if value == "auto" else value, n)
-        twell_layout(n, tile_width, compression)
-        if len(_thresholds) < 256:
-            _thresholds[key] = threshold
-    return threshold
-
-
-def gated_ffn(x, w_gate, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compression=DEFAULT_COMPRESSION,
-              dense_row_threshold="auto", return_stats=False, check_finite=False, out=None, gate_kernel="auto"):
-    """Sparse gated FFN for inference: ``y = (relu(x w_gateᵀ) ⊙ (x w_upᵀ)) w_down``.
-
-    Parameters
-    ----------
-    x : array (M, d), bfloat16 / float16 / float32 (float64: host only)
-        Tokens.  NumPy → reference; CuPy or ``__dlpack__`` CUDA array → kernels
-        (the result is a CuPy array).
-    w_gate, w_up : array (n, d)
-        Gate and up weights, neuron-major (``nn.Linear(d, n).weight`` layout).
-    w_down : array (n, d)
-        Down weight, neuron-major: the transpose of ``nn.Linear(n, d).weight``.
-    tile_width, compression : int
-        TwELL layout of the gate activations (``tile_width // compression``
-        slots per tile).
-    dense_row_threshold : int, None or "auto"
-        Rows with more active neurons take the dense (cuBLAS) backup path, as do
-        rows with an overflowing tile.  "auto": a tuned default; None: only
-        overflow routes.  GPU rows longer than the kernel's list (512) always do.
-    return_stats : bool
-        Also return :class:`~twell.FFNStats` (nnz, l0, per-neuron counts, rows
-        on the dense backup and how many of them overflowed a tile).
-    check_finite : bool
-        Raise ``ValueError`` if a weight holds NaN/Inf (costs a read of the
-        weights and a host sync).  NaN/Inf in ``x`` always propagate exactly as
-        in the dense computation.
-    out : array (M, d), optional
-        Preallocated C-contiguous output of x's dtype and module.
-    gate_kernel : {"auto", "fused", "wgmma", "mma", "cublas"}
-        GPU gate GEMM.  "wgmma" (Hopper) and "mma" (compute capability ≥ 8.0)
-        are the fused GEMM whose epilogue writes TwELL directly (16-bit dtypes,
-        d a multiple of 8); "fused" picks the device's one where it can run;
-        "cublas" runs cuBLAS then the pack kernel.  "auto" runs "wgmma" on
-        Hopper where it can (faster end to end on the H200, docs/perf-notes.md)
-        and "cublas" elsewhere (the portable kernel is slower than cuBLAS).
-        Ignored on NumPy inputs and for M ≤ 64 (decode path).
-
-    Returns
-    -------
-    y : array (M, d), dtype of x
-    stats : FFNStats, if ``return_stats``
-
-    Notes
-    -----
-    GPU path: gate GEMM with the ReLU → TwELL epilogue fused (or cuBLAS + the
-    pack kernel) → fused up/down kernel for the compact rows, while the host
-    reads the number of backup rows (one 8-byte read-back overlapped with the
-    up/down kernel) → cuBLAS for the backup rows (after the fused gate their gate
-    row is unpacked from the TwELL, or recomputed when a tile overflowed).
-    Bitwise deterministic.
-    """
-    xp, x, w, n = _check_ffn_args(x, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down})
-    threshold = _inference_threshold(dense_row_threshold, n, tile_width, compression)
-    gate_kernel = _check_gate_kernel(gate_kernel)
-    _check_finite(xp, w, check_finite)
-    out = _check_out(out, xp, x)
-    if xp is np:
-        from . import reference
-        res = reference.gated_ffn(x, w["w_gate"], w["w_up"], w["w_down"], tile_width=tile_width,
-                                  compression=compression, dense_row_threshold=threshold,
-                                  return_stats=return_stats)
-        return _into(res, out, return_stats)
-    from .kernels import ops
-    return ops.gated_ffn(x, w["w_gate"], w["w_up"], w["w_down"], tile_width, compression, threshold, return_stats,
-                         out, gate_kernel)
-
-
-def ffn(x, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compression=DEFAULT_COMPRESSION,
-        dense_row_threshold="auto", return_stats=False, check_finite=False, out=None, gate_kernel="auto"):
-    """Sparse non-gated FFN for inference: ``y = relu(x w_upᵀ) w_down``.
-
-    Parameters and returns as :func:`gated_ffn` (``w_up`` plays the gate's role:
-    its ReLU output is packed into TwELL and only the down projection is
-    sparse).
-    """
-    xp, x, w, n = _check_ffn_args(x, {"w_up": w_up, "w_down": w_down})
-    threshold = _inference_threshold(dense_row_threshold, n, tile_width, compression)
-    gate_kernel = _check_gate_kernel(gate_kernel)
-    _check_finite(xp, w, check_finite)
-    out = _check_out(out, xp, x)
-    if xp is np:
-        from . import reference
-        res = reference.ffn(x, w["w_up"], w["w_down"], tile_width=tile_width, compression=compression,
-                            dense_row_threshold=threshold, return_stats=return_stats)
-        return _into(res, out, return_stats)
-    from .kernels import ops
-    return ops.ffn(x, w["w_up"], w["w_down"], tile_width, compression, threshold, return_stats, out,
-                   gate_kernel)
-
-
-def _check_gate_kernel(value):
-    from .kernels.gate_gemm import GATE_KERNELS  # the launcher's list (importing it needs no GPU)
-    if value not in GATE_KERNELS:
-        raise ValueError(f"gate_kernel must be one of {GATE_KERNELS}, got {value!r}")
-    return value
-
-
-def _check_out(out, xp, x):
+def _check_out(out, xp, x, shape=None, inputs=()):
+    """Validate ``out`` before any work: an array of x's module, dtype and shape, C-contiguous, writable, on
+    x's device, not overlapping an input."""
     if out is None:
         return None
+    shape = tuple(x.shape) if shape is None else shape
+    if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+        raise TypeError(f"out must be an array of shape {shape}, got {type(out).__name__}")
     if B.array_module(out, x, names=["out", "x"]) is not xp:
         raise TypeError("out must live where x lives")
     out = B.to_module(out, xp, "out")
-    B.check_array(out, "out", shape=tuple(x.shape), dtype=x.dtype, contiguous=True)
+    B.check_array(out, "out", shape=shape, dtype=x.dtype, contiguous=True)
+    if xp is np:
+        if not out.flags.writeable:
+            raise ValueError("out is read-only")
+        for name, a in inputs:
+            if np.may_share_memory(out, a):
+                raise ValueError(f"out must not overlap {name}")
+    else:
+        if out.device.id != x.device.id:
+            raise ValueError(f"out is on device {out.device.id} but x is on device {x.device.id}")
+        for name, a in inputs:
+            if B.device_ranges_overlap(out, a):
+                raise ValueError(f"out must not overlap {name}")
     return out
 
 
@@ -236,8 +162,161 @@ def _into(res, out, with_stats):
     return (out, res[1]) if with_stats else out
 
 
+def _check_gate_kernel(value):
+    if not isinstance(value, str) or value not in GATE_KERNELS:
+        raise ValueError(f"gate_kernel must be one of {GATE_KERNELS}, got {value!r}")
+    return value
+
+
+def _check_tracker(tracker):
+    if tracker is not None and not isinstance(tracker, DensityTracker):
+        raise TypeError(f"tracker must be a twell.DensityTracker or None, got {type(tracker).__name__}")
+    return tracker
+
+
+_thresholds: dict = {}      # memo of the inference threshold checks: (value, n, layout) -> threshold
+
+
+def _inference_threshold(value, n, tile_width, compression):
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"dense_row_threshold must be 'auto', None or an integer >= 0, got {value!r}")
+        value = DEFAULT_INFERENCE_ROW_THRESHOLD
+    key = (value, type(value), n, tile_width, type(tile_width), compression, type(compression))
+    try:
+        threshold = _thresholds.get(key)
+    except TypeError:                        # an unhashable argument: the checks below raise the error
+        threshold = None
+    if threshold is None:
+        threshold = check_dense_row_threshold(value, n)
+        twell_layout(n, tile_width, compression)
+        if len(_thresholds) < 256:
+            _thresholds[key] = threshold
+    return threshold
+
+
+def _check_finite(xp, weights, enabled):
+    if not B.check_bool(enabled, "check_finite"):
+        return
+    for name, a in weights.items():
+        if not bool(xp.isfinite(a).all()):
+            raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")
+
+
+def _check_l1(l1_weight) -> float:
+    if isinstance(l1_weight, (bool, np.bool_)) or not isinstance(l1_weight, (int, float, np.floating, np.integer)):
+        raise TypeError(f"l1_weight must be a real number, got {type(l1_weight).__name__}")
+    v = float(l1_weight)
+    if not np.isfinite(v) or v < 0:
+        raise ValueError(f"l1_weight must be finite and >= 0, got {v}")
+    return v
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _inference(x, w_first, w_up, w_down, weights, *, gated, tile_width, compression, dense_row_threshold,
+               return_stats, check_finite, out, gate_kernel, path, tracker):
+    xp, x, w, n = _check_ffn_args(x, weights)
+    threshold = _inference_threshold(dense_row_threshold, n, tile_width, compression)
+    B.check_bool(return_stats, "return_stats")
+    gate_kernel = _check_gate_kernel(gate_kernel)
+    path = check_path(path)
+    tracker = _check_tracker(tracker)
+    out = _check_out(out, xp, x, inputs=[("x", x), *w.items()])
+    _check_finite(xp, w, check_finite)
+    if xp is np:
+        if gated:
+            res = reference.gated_ffn(x, w["w_gate"], w["w_up"], w["w_down"], tile_width=tile_width,
+                                      compression=compression, dense_row_threshold=threshold,
+                                      return_stats=return_stats)
+        else:
+            res = reference.ffn(x, w["w_up"], w["w_down"], tile_width=tile_width, compression=compression,
+                                dense_row_threshold=threshold, return_stats=return_stats)
+        return _into(res, out, return_stats)
+    inference, _ = _gpu()
+    first = w["w_gate"] if gated else w["w_up"]
+    return inference.forward(x, first, w["w_up"], w["w_down"], gated=gated, tile_width=tile_width,
+                             compression=compression, threshold=threshold, return_stats=bool(return_stats), out=out,
+                             gate_kernel=gate_kernel, path=path, tracker=tracker)
+
+
+def gated_ffn(x, w_gate, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compression=DEFAULT_COMPRESSION,
+              dense_row_threshold="auto", return_stats=False, check_finite=False, out=None, gate_kernel="auto",
+              path="auto", tracker=None):
+    """Sparse gated FFN for inference: ``y = (relu(x w_gateᵀ) ⊙ (x w_upᵀ)) w_down``.
+
+    Parameters
+    ----------
+    x : array (M, d), bfloat16 / float16 / float32 (float64: host only)
+        Tokens.  NumPy → reference; CuPy or ``__dlpack__`` CUDA array → kernels (the result is a CuPy
+        array).  GPU arrays: C-contiguous, on the current device.
+    w_gate, w_up : array (n, d)
+        Gate and up weights, neuron-major (``nn.Linear(d, n).weight`` layout).
+    w_down : array (n, d)
+        Down weight, neuron-major: the transpose of ``nn.Linear(n, d).weight``.
+    tile_width, compression : int
+        TwELL layout of the gate activations (``tile_width // compression`` slots per tile).
+    dense_row_threshold : int, None or "auto"
+        Rows with more active neurons take the dense (cuBLAS) backup path, as do rows with an overflowing
+        tile.  "auto": 128; None: only overflow routes.  GPU rows longer than the kernels' list (512)
+        always do.
+    return_stats : bool
+        Also return :class:`~twell.FFNStats` (nnz, l0, per-neuron counts, the path, rows on the dense
+        backup and how many of them overflowed a tile).
+    check_finite : bool
+        Raise ``ValueError`` if a weight holds NaN/Inf (costs a read of the weights and a host sync).
+        Otherwise NaN/Inf follow the rule of docs/design.md: an inactive neuron contributes nothing,
+        everything else propagates as in the dense computation, on every path.
+    out : array (M, d), optional
+        Preallocated C-contiguous output of x's dtype, module and device, not overlapping an input.
+        Required inside a CUDA-graph capture.
+    gate_kernel : {"auto", "fused", "wgmma", "mma", "cublas"}
+        GPU gate GEMM of the sparse path.  "wgmma" (Hopper) and "mma" (compute capability ≥ 8.0) are the
+        fused GEMM whose epilogue writes TwELL directly (16-bit dtypes, d a multiple of 8); "fused" picks
+        the device's one where it can run; "cublas" runs cuBLAS then the pack kernel.  "auto" runs
+        "wgmma" on Hopper where it can and "cublas" elsewhere.  Small batches (M ≤ 512) always use
+        cuBLAS (or the fused decode kernels); ignored on NumPy inputs.
+    path : {"auto", "sparse", "dense"}
+        "sparse": the sparse path (for M ≤ 512 the small-batch kernels); "dense": three cuBLAS GEMMs
+        (exact, the same results as the sparse path to rounding; statistics still computed);
+        "auto": what ``tracker`` predicts to be faster from the last call, else sparse.
+    tracker : DensityTracker, optional
+        Remembers this layer's density across calls (``path="auto"``): pass the same one to every call
+        of one layer.
+
+    Returns
+    -------
+    y : array (M, d), dtype of x
+    stats : FFNStats, if ``return_stats``
+
+    Notes
+    -----
+    GPU paths (docs/design.md): fused decode kernels (M ≤ 4, no statistics), small batches (M ≤ 512:
+    cuBLAS gate, then every row sparse and exact, no host sync, capturable in a CUDA graph), the sparse
+    path (gate → TwELL → fused up/down for the compact rows and cuBLAS for the backup rows, one 16-byte
+    host read-back), the dense path (capturable).  Bitwise deterministic.
+    """
+    return _inference(x, w_gate, w_up, w_down, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down}, gated=True,
+                      tile_width=tile_width, compression=compression, dense_row_threshold=dense_row_threshold,
+                      return_stats=return_stats, check_finite=check_finite, out=out, gate_kernel=gate_kernel,
+                      path=path, tracker=tracker)
+
+
+def ffn(x, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compression=DEFAULT_COMPRESSION,
+        dense_row_threshold="auto", return_stats=False, check_finite=False, out=None, gate_kernel="auto",
+        path="auto", tracker=None):
+    """Sparse non-gated FFN for inference: ``y = relu(x w_upᵀ) w_down``.
+
+    Parameters and returns as :func:`gated_ffn` (``w_up`` plays the gate's role: its ReLU output is
+    packed into TwELL and only the down projection is sparse).
+    """
+    return _inference(x, w_up, w_up, w_down, {"w_up": w_up, "w_down": w_down}, gated=False, tile_width=tile_width,
+                      compression=compression, dense_row_threshold=dense_row_threshold, return_stats=return_stats,
+                      check_finite=check_finite, out=out, gate_kernel=gate_kernel, path=path, tracker=tracker)
+
+
 def _check_twell_for(tw, x_rows: int, n: int, name: str):
-    from .format import TwELL
     if not isinstance(tw, TwELL):
         raise TypeError(f"{name} must be a TwELL, got {type(tw).__name__}")
     if tw.n_rows != x_rows:
@@ -255,8 +334,9 @@ def gated_up_down(x, gate, w_up, w_down, *, out=None):
     ----------
     x : array (M, d)
     gate : TwELL (M, n)
-        The gate activations g (e.g. from :func:`twell.pack_twell` of relu(x w_gateᵀ)),
-        same module and dtype as x.
+        The gate activations g (e.g. from :func:`twell.pack_twell` of relu(x w_gateᵀ)), same module and
+        dtype as x.  Its invariants are checked before use (on the GPU by one validation kernel and an
+        8-byte read-back); a container that breaks one raises ``ValueError`` naming the row and rule.
     w_up, w_down : arrays (n, d), neuron-major
     out : array (M, d), optional
 
@@ -268,22 +348,24 @@ def gated_up_down(x, gate, w_up, w_down, *, out=None):
     _check_twell_for(gate, x.shape[0], n, "gate")
     if B.array_module(gate.values, x, names=["gate", "x"]) is not xp or gate.dtype != x.dtype:
         raise TypeError("gate must hold values of x's dtype in x's array module")
-    out = _check_out(out, xp, x)
+    out = _check_out(out, xp, x, inputs=[("x", x), *w.items()])
     if xp is np:
-        from . import reference
         return _into(reference.gated_up_down(x, gate, w["w_up"], w["w_down"]), out, False)
-    from .kernels import ops
-    return ops.gated_up_down(x, gate, w["w_up"], w["w_down"], out)
+    checked_device_twell(gate, "gate")
+    inference, _ = _gpu()
+    y = B.cupy_or_none().empty(x.shape, dtype=x.dtype) if out is None else out
+    return inference.twell_product(x, gate, w["w_up"], w["w_down"], y, gated=True)
 
 
 def down_projection(h, w_down, *, out=None):
     """Sparse down projection ``y = h w_down`` of a TwELL ``h`` (M, n) with ``w_down`` (n, d).
 
+    ``h`` is checked as ``gate`` is in :func:`gated_up_down`.
+
     Returns
     -------
     y : array (M, d), dtype of w_down
     """
-    from .format import TwELL
     if not isinstance(h, TwELL):
         raise TypeError(f"h must be a TwELL, got {type(h).__name__}")
     xp = B.array_module(h.values, w_down, names=["h", "w_down"])
@@ -293,49 +375,46 @@ def down_projection(h, w_down, *, out=None):
         raise ValueError(f"w_down must have shape (n, d) with n = h.n_cols = {h.n_cols}, got {tuple(w_down.shape)}")
     if np.dtype(w_down.dtype) != np.dtype(h.dtype):
         raise TypeError(f"w_down must have the dtype of h ({np.dtype(h.dtype).name}), got {np.dtype(w_down.dtype).name}")
-    if xp is not np and not w_down.flags.c_contiguous:
-        raise ValueError("w_down must be C-contiguous (row-major) on the GPU path")
-    if out is not None:
-        out = B.to_module(out, xp, "out")
-        B.check_array(out, "out", shape=(h.n_rows, w_down.shape[1]), dtype=w_down.dtype, contiguous=True)
+    shape = (h.n_rows, w_down.shape[1])
     if xp is np:
-        from . import reference
+        out = _check_out(out, xp, w_down, shape=shape, inputs=[("w_down", w_down)])
         return _into(reference.down_projection(h, w_down), out, False)
-    from .kernels import ops
-    return ops.down_projection(h, w_down, out)
+    B.check_on_current_device({"w_down": w_down})
+    if not w_down.flags.c_contiguous:
+        raise ValueError("w_down must be C-contiguous (row-major) on the GPU path")
+    w_down = _aligned(w_down)
+    out = _check_out(out, xp, w_down, shape=shape, inputs=[("w_down", w_down)])
+    checked_device_twell(h, "h")
+    inference, _ = _gpu()
+    cp = B.cupy_or_none()
+    y = cp.empty(shape, dtype=w_down.dtype) if out is None else out
+    unread_x = cp.empty((h.n_rows, w_down.shape[1]), dtype=w_down.dtype)   # the non-gated kernel stages no x
+    return inference.twell_product(unread_x, h, w_down, w_down, y, gated=False)
 
 
-def _check_finite(xp, weights, enabled):
-    if not enabled:
-        return
-    for name, a in weights.items():
-        if not bool(xp.isfinite(a).all()):
-            raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")
+# --------------------------------------------------------------------------- training
 
 
-def gated_ffn_forward(x, w_gate, w_up, w_down, *, l1_weight=0.0, dense_row_threshold=128, gate_kernel="auto"):
+def gated_ffn_forward(x, w_gate, w_up, w_down, *, l1_weight=0.0, dense_row_threshold=128, gate_kernel="auto",
+                      path="auto", tracker=None):
     """Training forward through the hybrid format: ``(y, saved, stats)``.
 
     Parameters
     ----------
     x : array (M, d); w_gate, w_up, w_down : arrays (n, d), neuron-major (see module docstring)
     l1_weight : float
-        λ of the L1 penalty ``λ · (1/M) Σ_t Σ_j |h_tj|`` (averaged over tokens,
-        summed over neurons, as in the paper).  Its gradient ``(λ/M) sign(h)``
-        is added inside :func:`gated_ffn_backward`; the forward reports the
-        unweighted ``l1 = (1/M) Σ|h|`` in ``stats``.
-    dense_row_threshold : int
-        Rows with more active neurons are stored and differentiated densely.
+        λ of the L1 penalty ``λ · (1/M) Σ_t Σ_j |h_tj|`` (averaged over tokens, summed over neurons, as in
+        the paper).  Its gradient ``(λ/M) sign(h)`` is added inside :func:`gated_ffn_backward`; the forward
+        reports the unweighted ``l1 = (1/M) Σ|h|`` in ``stats``.
+    dense_row_threshold : int or None
+        Rows with more active neurons are stored and differentiated densely (None: only rows longer than
+        the kernels' list, 512).
     gate_kernel : {"auto", "fused", "wgmma", "mma", "cublas"}
-        GPU gate GEMM, as in :func:`gated_ffn`.  With a fused kernel the gate
-        pattern goes GEMM epilogue → TwELL → the hybrid's CSR (no dense gate
-        activations in device memory); backup rows, and compact rows that
-        overflow a TwELL tile, recompute their dense gate row with cuBLAS.
-        "auto" is as in :func:`gated_ffn` (the Hopper fused kernel where it can
-        run, else cuBLAS + pack; ``twell.kernels.train.TRAINING_AUTO_FUSED``:
-        the fused gate saves 0.05-0.1 ms per step on the H200,
-        docs/perf-notes.md v8).
-        Ignored on NumPy inputs.
+        GPU gate GEMM of the sparse path, as in :func:`gated_ffn`.  With a fused kernel the gate pattern
+        goes GEMM epilogue → TwELL → the hybrid's CSR (no dense gate activations in device memory).
+    path, tracker
+        As in :func:`gated_ffn`; the dense path keeps ``relu(z)`` and ``u`` for the backward, which then
+        runs as dense GEMMs.
 
     Returns
     -------
@@ -344,27 +423,20 @@ def gated_ffn_forward(x, w_gate, w_up, w_down, *, l1_weight=0.0, dense_row_thres
         Pattern + two values per non-zero (+ dense rows of backup rows); pass to
         :func:`gated_ffn_backward` once.
     stats : FFNStats
-        l1, l0, nnz, per-neuron activity counts, rows on the dense backup.
+        l1, l0, nnz, per-neuron activity counts, rows computed densely, the path.
     """
     xp, x, w, n = _check_ffn_args(x, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down})
     threshold = check_dense_row_threshold(dense_row_threshold, n)
     l1_weight = _check_l1(l1_weight)
     gate_kernel = _check_gate_kernel(gate_kernel)
+    path = check_path(path)
+    tracker = _check_tracker(tracker)
     if xp is np:
-        from . import reference
         return reference.gated_ffn_forward(x, w["w_gate"], w["w_up"], w["w_down"], l1_weight=l1_weight,
                                            dense_row_threshold=threshold)
-    from .kernels import ops
-    return ops.gated_ffn_forward(x, w["w_gate"], w["w_up"], w["w_down"], l1_weight, threshold, gate_kernel)
-
-
-def _check_l1(l1_weight) -> float:
-    if isinstance(l1_weight, bool) or not isinstance(l1_weight, (int, float, np.floating, np.integer)):
-        raise TypeError(f"l1_weight must be a real number, got {type(l1_weight).__name__}")
-    v = float(l1_weight)
-    if not np.isfinite(v) or v < 0:
-        raise ValueError(f"l1_weight must be finite and >= 0, got {v}")
-    return v
+    _, training = _gpu()
+    return training.forward(x, w["w_gate"], w["w_up"], w["w_down"], l1_weight=l1_weight, threshold=threshold,
+                            gate_kernel=gate_kernel, path=path, tracker=tracker)
 
 
 def gated_ffn_backward(saved, dy):
@@ -373,8 +445,9 @@ def gated_ffn_backward(saved, dy):
     Parameters
     ----------
     saved : SavedForBackward
-        From the forward; consumed (a second backward raises ``ValueError``).
-    dy : array (M, d), dtype of x, same device as the forward
+        From the forward; consumed (a second backward raises ``ValueError``; an error raised before the
+        backward starts — a bad ``dy``, out of memory — leaves it usable).
+    dy : array (M, d), dtype of x, same device as the forward, C-contiguous
 
     Returns
     -------
@@ -383,15 +456,20 @@ def gated_ffn_backward(saved, dy):
 
     The L1 term's gradient ``(λ/M) sign(h)`` is included.
     """
-    from .results import SavedForBackward
     if not isinstance(saved, SavedForBackward):
         raise TypeError(f"saved must be the SavedForBackward returned by gated_ffn_forward, got {type(saved).__name__}")
     if saved.consumed:
         raise ValueError("saved state already consumed by a backward; run gated_ffn_forward again")
     xp = B.array_module(saved.x, dy, names=["saved.x", "dy"])
     if xp is np:
-        from . import reference
         return reference.gated_ffn_backward(saved, dy)
-    from .kernels import ops
-    return ops.gated_ffn_backward(saved, B.to_module(dy, xp, "dy"))
-
+    dy = B.to_module(dy, xp, "dy")
+    x = saved.x
+    B.check_array(dy, "dy", shape=tuple(x.shape), dtype=x.dtype, contiguous=True)
+    if dy.device.id != x.device.id:
+        raise ValueError(f"dy is on device {dy.device.id} but the forward ran on device {x.device.id}")
+    B.check_on_current_device({"dy": dy})
+    if saved.workspace is None:
+        raise ValueError("saved was not produced by the GPU forward (no workspace bounds)")
+    _, training = _gpu()
+    return training.backward(saved, _aligned(dy))

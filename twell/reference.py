@@ -18,6 +18,11 @@ Conventions
   op must share one float dtype (bfloat16 through ml_dtypes, float16, float32,
   float64).
 * **Non-zero** means ``value != 0``: NaN counts as a non-zero, ``-0.0`` does not.
+* **Inactive neurons contribute exactly nothing.**  ``y`` (and every gradient) is a sum over the active
+  neurons of each token only (``relu(z) != 0``, NaN active), on every path and in every row, compact or
+  backup: an inactive neuron's weights are never multiplied, so NaN / Inf in them cannot reach that
+  token (a dense computation would give ``0 · Inf = NaN`` there).  NaN / Inf in ``x``, in the gate
+  pre-activations or in an active neuron's weights propagate as in the dense computation.
 * **ReLU** keeps a value where ``not (z <= 0)``, so NaN propagates exactly like
   the dense ``relu``.  The gate values are rounded to ``x.dtype`` *before* the
   pattern is taken (a positive ``z`` that rounds to 0 is inactive), so inference
@@ -143,19 +148,30 @@ def _check_ffn_args(x, weights: dict):
 
 
 def _check_twell(tw, name: str):
+    """A host TwELL whose contents hold the invariants now (its arrays may have changed since it was built)."""
     if not isinstance(tw, TwELL):
         raise TypeError(f"{name} must be a TwELL, got {type(tw).__name__}")
     if tw.xp is not np:
         raise TypeError(f"{name} lives on a CUDA device; the reference needs host arrays (use {name}.host())")
+    tw.validate()
     return tw
 
 
 def _check_hybrid(hy, name: str):
+    """A host Hybrid whose contents hold the invariants now."""
     if not isinstance(hy, Hybrid):
         raise TypeError(f"{name} must be a Hybrid, got {type(hy).__name__}")
     if hy.xp is not np:
         raise TypeError(f"{name} lives on a CUDA device; the reference needs host arrays (use {name}.host())")
+    hy.validate()
     return hy
+
+
+def _active_product(g, values, w):
+    """``Σ_j values[r, j] · w[j]`` over the active entries ``g[r, j] != 0`` only (float64, CSR): an inactive
+    neuron's row of ``w`` is never multiplied."""
+    rows, cols = np.nonzero(g != 0)
+    return _csr(rows, cols, values[rows, cols], g.shape) @ w
 
 
 def _f64(a):
@@ -240,6 +256,12 @@ def _scipy_entries(matrix, dtype):
     else:
         dt = _float_dtype(dtype, "dtype")
     csr = sp.csr_array(matrix, copy=True)
+    indptr, indices = np.asarray(csr.indptr, dtype=np.int64), np.asarray(csr.indices, dtype=np.int64)
+    if (indptr.shape[0] != m + 1 or indptr[0] != 0 or np.any(np.diff(indptr) < 0)
+            or indptr[-1] != indices.shape[0] or indices.shape[0] != csr.data.shape[0]):
+        raise ValueError("matrix is not a valid CSR: indptr must have M + 1 non-decreasing entries from 0 to nnz")
+    if indices.size and (indices.min() < 0 or indices.max() >= n):
+        raise ValueError(f"matrix has a column index outside [0, n = {n}): {int(indices.min())}..{int(indices.max())}")
     csr.sum_duplicates()  # sorts the indices of every row
     vals = csr.data.astype(dt)
     keep = vals != 0
@@ -573,7 +595,7 @@ def gated_up_down(x, gate: TwELL, w_up, w_down, out_dtype=None):
     rb = gate.backup_rows
     for a, b in _row_blocks(rb.shape[0], n):
         gb = _f64(gate.backup_values[a:b])
-        y[rb[a:b]] = np.where(gb != 0, gb * (x64[rb[a:b]] @ wu64.T), 0.0) @ wd64
+        y[rb[a:b]] = _active_product(gb, np.where(gb != 0, gb * (x64[rb[a:b]] @ wu64.T), 0.0), wd64)
     return y.astype(out_dt, copy=False)
 
 
@@ -590,7 +612,8 @@ def down_projection(h: TwELL, w_down, out_dtype=None):
     wd64 = _f64(w_down)
     y = _twell_csr(h, F64) @ wd64
     if h.n_backup:
-        y[h.backup_rows] = _f64(h.backup_values) @ wd64
+        hb = _f64(h.backup_values)
+        y[h.backup_rows] = _active_product(hb, hb, wd64)
     return y.astype(out_dt, copy=False)
 
 
@@ -604,7 +627,7 @@ def _twell_stats(tw: TwELL) -> FFNStats:
     return FFNStats(n_rows=m, n_cols=n, nnz=np.asarray(nnz, dtype=np.int64), l0=np.asarray(nnz / m, dtype=F64),
                     l1=None, neuron_counts=np.bincount(active, minlength=n).astype(np.int32),
                     n_backup_rows=tw.n_backup,
-                    n_overflow_rows=int((tw.counts > tw.slots).any(axis=1).sum()))
+                    n_overflow_rows=int((tw.counts > tw.slots).any(axis=1).sum()), path="reference")
 
 
 def gated_ffn(x, w_gate, w_up, w_down, *, tile_width: int = 256, compression: int = 8,
@@ -660,14 +683,14 @@ def gated_ffn_forward(x, w_gate, w_up, w_down, *, l1_weight: float = 0.0, dense_
     h = gate.values * up_values
     h_backup = np.where(gate.backup_values != 0, gate.backup_values * up_backup, 0.0)
     y = _csr(rows, cols, h, (m, n)) @ wd64
-    y[rb] = h_backup @ wd64
+    y[rb] = _active_product(gate.backup_values, h_backup, wd64)
     _, b_cols = np.nonzero(gate.backup_values != 0)
     active = np.concatenate([cols, b_cols])
     nnz = int(active.shape[0])
     stats = FFNStats(n_rows=m, n_cols=n, nnz=np.asarray(nnz, dtype=np.int64), l0=np.asarray(nnz / m, dtype=F64),
                      l1=np.asarray((np.abs(h).sum() + np.abs(h_backup).sum()) / m, dtype=F64),
                      neuron_counts=np.bincount(active, minlength=n).astype(np.int32),
-                     n_backup_rows=gate.n_backup, n_overflow_rows=None)
+                     n_backup_rows=gate.n_backup, n_overflow_rows=None, path="reference")
     saved = SavedForBackward(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down, gate=gate, up_values=up_values,
                              up_backup=up_backup, l1_weight=lam)
     return y.astype(out_dt, copy=False), saved, stats
@@ -739,7 +762,7 @@ def gated_ffn_backward(saved, dy, out_dtype=None):
         dhb = np.where(on, dy64[r] @ wd64.T + scale * np.sign(hb), 0.0)
         dub = dhb * gb
         dzb = np.where(on, dhb * ub, 0.0)  # masks keep non-finite dy / u off the pattern
-        dx[r] = dub @ wu64 + dzb @ wg64
+        dx[r] = _active_product(gb, dub, wu64) + _active_product(gb, dzb, wg64)
         j = np.flatnonzero(on.any(axis=0))  # neurons active in these rows: the only weight rows touched
         dw_up[j] += dub[:, j].T @ x64[r]
         dw_gate[j] += dzb[:, j].T @ x64[r]

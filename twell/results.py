@@ -44,22 +44,21 @@ class FFNStats:
     neuron_counts : int32 array (n,) or None
         Tokens on which each neuron was active (dead neurons have 0).
     n_backup_rows : int
-        Rows computed on the dense backup path (host int: the backup is sized
-        from it).
+        Rows computed densely (host int): the dense backup rows of the sparse
+        path, every row on the dense path.
     n_overflow_rows : int or None
         Of those, rows routed because a TwELL tile overflowed (inference only).
     gate_kernel : str or None
         How the gate GEMM ran on the GPU: "wgmma" / "mma" (fused GEMM → TwELL
-        epilogue), "cublas" (cuBLAS + pack kernel); None on the host reference
-        and the decode path.
-    fused_forward : bool
-        The routing and the up/down products of the compact rows ran inside the
-        Hopper gate GEMM's persistent kernel (gather warps next to the MMA
-        warps; inference, ``gate_kernel`` "wgmma").
-    n_deferred_rows : int
-        Rows the fused forward's gather warps handed back because their tiles
-        were not ready in time (only when its grid was not fully resident); all
-        compact rows were then recomputed by the separate kernels.
+        epilogue), "cublas" (cuBLAS, then the pack kernel on the sparse path);
+        None on the host reference.
+    path : str
+        Which path computed the call: "sparse" (TwELL / hybrid, with exact
+        dense backup rows), "small_batch" (inference batches of at most 512
+        rows: every row sparse and exact from the dense gate, no routing),
+        "dense" (every row through cuBLAS; chosen with ``path="dense"`` or by a
+        :class:`~twell.DensityTracker` for a dense batch), or "reference"
+        (NumPy inputs).
     """
 
     n_rows: int
@@ -71,8 +70,7 @@ class FFNStats:
     n_backup_rows: int = 0
     n_overflow_rows: int | None = None
     gate_kernel: str | None = None
-    fused_forward: bool = False
-    n_deferred_rows: int = 0
+    path: str = "sparse"
 
     def to_dict(self) -> dict:
         """All statistics as host Python values (neuron_counts as a list)."""
@@ -89,8 +87,7 @@ class FFNStats:
             "n_backup_rows": int(self.n_backup_rows),
             "n_overflow_rows": None if self.n_overflow_rows is None else int(self.n_overflow_rows),
             "gate_kernel": self.gate_kernel,
-            "fused_forward": bool(self.fused_forward),
-            "n_deferred_rows": int(self.n_deferred_rows),
+            "path": self.path,
         }
 
 

@@ -1,10 +1,14 @@
-"""CUDA kernel launchers, one module per kernel family in ``cuda_src/``.
+"""CUDA kernel launchers, one module per kernel family in ``cuda_src/`` (same op names as
+:mod:`twell.reference` where an op has a reference).
 
-Importing this package registers every family with :mod:`twell._kernels`; it
-needs no GPU and does not import CuPy (launchers import it when called).
+Each module declares its family (a :class:`~twell.runtime.loader.KernelFamily`: the ``.cu`` file and every
+kernel instantiation its launchers use) and launches on the current CuPy stream.  Importing this package
+needs no GPU and does not import CuPy.
 """
 
-from . import pack  # noqa: F401
-from . import ffn_forward  # noqa: F401
-from . import ffn_backward  # noqa: F401
-from . import gate_gemm  # noqa: F401
+from . import ffn_backward, ffn_forward, gate_gemm, pack
+
+#: Every kernel family, for the compile test and ``python -m twell warmup``.
+FAMILIES = (pack.FAMILY, gate_gemm.FAMILY, ffn_forward.FAMILY, ffn_backward.FAMILY)
+
+__all__ = ["FAMILIES", "pack", "gate_gemm", "ffn_forward", "ffn_backward"]

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._kernels import KernelFamily, get_kernel, register_family
-from ._launch import cbool, ctype_of, grid_1d, i32
-from .ffn_forward import (MAX_LIST, THREADS, WARP_KERNEL_MAX_NC, _vec_ok, launch_warp_rows,
-                          warp_path_nc)
-from .pack import DEVICE_DTYPES
+from ..runtime.launch import cbool, ctype_of, grid_1d, i32
+from ..runtime.loader import KernelFamily, get_kernel
+from .common import DEVICE_DTYPES, MAX_LIST, THREADS, WARP_KERNEL_MAX_NC, cupy, launch_warp_rows, vec_ok, warp_path_nc
 
 #: Entries of one neuron handled by one CTA of the weight-gradient kernel (cuda_src WG_CHUNK).
 WG_CHUNK = 128
@@ -34,14 +32,8 @@ for _d in DEVICE_DTYPES:
     _names.append(f"backup_row_grads<{_t}>")
 _names += ["weight_grad_bounds", "weight_grad_items"]
 
-FAMILY = register_family(KernelFamily(
-    "ffn_backward", tuple(_names),
-    hot_kernels=(r"csr_dx_warp<", r"(csr_dx|dh_dw_down|dw_up_gate)<[^,]+, true")))
-
-
-def _cp():
-    import cupy  # noqa: PLC0415
-    return cupy
+FAMILY = KernelFamily("ffn_backward", tuple(_names),
+                      hot_kernels=(r"csr_dx_warp<", r"(csr_dx|dh_dw_down|dw_up_gate)<[^,]+, true"))
 
 
 def csr_dx(row_ptr, col_indices, du, dz, backup_slot, w_gate, w_up, dx, *, work_counter=None):
@@ -52,12 +44,12 @@ def csr_dx(row_ptr, col_indices, du, dz, backup_slot, w_gate, w_up, dx, *, work_
     ct = ctype_of(dx.dtype, "dx")
     nc = warp_path_nc(dx.dtype, d, w_gate, w_up, dx)
     if nc:
-        k = get_kernel("ffn_backward", f"csr_dx_warp<{ct}, {nc}>")
+        k = get_kernel(FAMILY, f"csr_dx_warp<{ct}, {nc}>")
         launch_warp_rows(k, m, MAX_LIST * 12, (row_ptr, col_indices, du, dz, backup_slot, w_gate, w_up, i32(m), dx),
                          work_counter)
         return
-    vec = _vec_ok(dx.dtype, d, w_gate, w_up, dx)
-    k = get_kernel("ffn_backward", f"csr_dx<{ct}, {cbool(vec)}>")
+    vec = vec_ok(dx.dtype, d, w_gate, w_up, dx)
+    k = get_kernel(FAMILY, f"csr_dx<{ct}, {cbool(vec)}>")
     k((m,), (THREADS,), (row_ptr, col_indices, du, dz, backup_slot, w_gate, w_up, i32(m), i32(d), dx))
 
 
@@ -72,10 +64,10 @@ def workspace_bounds(neuron_counts, out=None):
     compact counts the backward sees; both bounds are monotone in the counts.
     Written into ``out`` (int32 (2,), e.g. part of a read-back buffer) when given.
     """
-    cp = _cp()
+    cp = cupy()
     if out is None:
         out = cp.empty(2, dtype=cp.int32)
-    get_kernel("ffn_backward", "weight_grad_bounds")((1,), (PLAN_THREADS,),
+    get_kernel(FAMILY, "weight_grad_bounds")((1,), (PLAN_THREADS,),
                                                      (neuron_counts, i32(neuron_counts.shape[0]), out))
     return out
 
@@ -92,37 +84,37 @@ def weight_grads(x, dy, pattern, g_values, u_values, w_down, l1_scale: float, du
     written (neurons without entries get 0); the caller adds the dense-backup
     rows' part afterwards.
     """
-    cp = _cp()
+    cp = cupy()
     m, d = x.shape
     n = dw_up.shape[0]
     ct = ctype_of(x.dtype, "x")
     col_ptr = pattern.col_ptr
     item_ptr = cp.empty(n + 1, dtype=cp.int32)
     partial_ptr = cp.empty(n + 1, dtype=cp.int32)
-    get_kernel("ffn_backward", "weight_grad_items")((1,), (PLAN_THREADS,), (col_ptr, i32(n), item_ptr, partial_ptr))
+    get_kernel(FAMILY, "weight_grad_items")((1,), (PLAN_THREADS,), (col_ptr, i32(n), item_ptr, partial_ptr))
     partial = cp.empty((max(partial_bound, 1), 3, d), dtype=cp.float32)
     grid = (max(item_bound, 1),)
-    vec = _vec_ok(x.dtype, d, dy, w_down, dw_down)
-    k = get_kernel("ffn_backward", f"dh_dw_down<{ct}, {cbool(vec)}>")
+    vec = vec_ok(x.dtype, d, dy, w_down, dw_down)
+    k = get_kernel(FAMILY, f"dh_dw_down<{ct}, {cbool(vec)}>")
     k(grid, (WG_THREADS,),
       (dy, col_ptr, pattern.row_indices, pattern.positions, g_values, u_values, w_down, item_ptr, partial_ptr,
        i32(n), i32(d), np.float32(l1_scale), du, dz, dw_down, partial))
-    vec = _vec_ok(x.dtype, d, x, dw_gate, dw_up)
-    k = get_kernel("ffn_backward", f"dw_up_gate<{ct}, {cbool(vec)}>")
+    vec = vec_ok(x.dtype, d, x, dw_gate, dw_up)
+    k = get_kernel(FAMILY, f"dw_up_gate<{ct}, {cbool(vec)}>")
     k(grid, (WG_THREADS,),
       (x, col_ptr, pattern.row_indices, pattern.positions, du, dz, item_ptr, partial_ptr, i32(n), i32(d),
        dw_gate, dw_up, partial))
     if partial_bound:
-        r = get_kernel("ffn_backward", f"reduce_weight_partials<{ct}>")
+        r = get_kernel(FAMILY, f"reduce_weight_partials<{ct}>")
         r((-(-d // 256), min(n, 65535)), (256,),
           (item_ptr, partial_ptr, partial, i32(n), i32(d), dw_gate, dw_up, dw_down))
 
 
 def backup_row_grads(dh, g, u, l1_scale: float):
     """du, dz (relu mask) and h = g*u of the backup rows, each rounded once to the dtype of ``dh``."""
-    cp = _cp()
+    cp = cupy()
     du, dz, h = cp.empty_like(dh), cp.empty_like(dh), cp.empty_like(dh)
     if dh.size:
-        k = get_kernel("ffn_backward", f"backup_row_grads<{ctype_of(dh.dtype, 'dh')}>")
+        k = get_kernel(FAMILY, f"backup_row_grads<{ctype_of(dh.dtype, 'dh')}>")
         k((grid_1d(dh.size, 256),), (256,), (dh, g, u, np.int64(dh.size), np.float32(l1_scale), du, dz, h))
     return du, dz, h

@@ -8,23 +8,19 @@
   TwELL, no routing, no host synchronisation; exact at any activity).
 * :func:`decode_fused` -- decode batches of at most :data:`DECODE_FUSED_MAX_ROWS` rows (16-bit, d a
   multiple of 256 up to 2048): gate GEMV, entries, up and down in one kernel plus a reduction.
-* :func:`gate_mul` -- h = (relu) g * u for the dense backup rows.
+* :func:`dense_gate_mul` -- h = relu(z) * u for dense rows (the dense path, the backup rows), with their
+  statistics; :func:`fix_nonfinite_rows` -- after a dense GEMM over such rows, the sparse value wherever
+  the GEMM produced NaN / Inf from an inactive neuron's weights.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .._kernels import KernelFamily, get_kernel, register_family
-from ._launch import NULL, aligned, cbool, ctype_of, grid_1d, i32
-from .pack import DEVICE_DTYPES
-
-#: Longest active list of a compact row the kernels hold (cuda_src/ffn_forward.cu MAX_LIST); the FFN
-#: ops route longer rows to the dense backup.
-MAX_LIST = 512
-THREADS = 128
-WARP_KERNEL_WARPS = 4
-WARP_KERNEL_MAX_NC = 8  # d <= 2048 on the warp-per-row path
+from ..runtime.launch import NULL, aligned, cbool, ctype_of, grid_1d, i32
+from ..runtime.loader import KernelFamily, get_kernel
+from .common import (DEVICE_DTYPES, MAX_LIST, THREADS, WARP_KERNEL_MAX_NC, choose_splits, cupy, launch_warp_rows,
+                     raise_smem_limit, sm_count, vec_ok, warp_path_nc)
 #: Largest batch of the fused decode kernel (cuda_src/ffn_forward.cu DF_MAX_ROWS), and its CTA shape.
 DECODE_FUSED_MAX_ROWS = 8
 _DF_WARPS, _DF_MAX_NPW = 8, 8
@@ -46,66 +42,18 @@ for _d in DEVICE_DTYPES:
                 _names.append(f"decode_fused<{_t}, {_nc}, {cbool(_g)}>")
         _names.append(f"decode_reduce<{_t}>")
     _names.append(f"reduce_split_rows<{_t}>")
-    _names.append(f"gate_mul<{_t}, true>")
-    _names.append(f"gate_mul<{_t}, false>")
-    _names.append(f"backup_gate_mul_l1<{_t}>")
+    for _g in (True, False):
+        for _r in (True, False):
+            for _v in (True, False):
+                _names.append(f"dense_gate_mul<{_t}, {cbool(_g)}, {cbool(_r)}, {cbool(_v)}>")
+            _names.append(f"fix_nonfinite_rows<{_t}, {cbool(_g)}>")
 _names.append("train_stats")
 
 # Hot: the warp-per-row kernels and the 16-byte-load variants of the CTA kernels (the scalar-load
 # fallbacks for odd d may spill a few bytes).
-FAMILY = register_family(KernelFamily("ffn_forward", tuple(_names),
-                                      hot_kernels=(r"twell_up_down_warp<", r"csr_up_down_warp<", r"decode_",
-                                                   r"(twell_up_down|csr_up_down|dense_gate_up_down)<[^,]+, true")))
-
-
-def _cp():
-    import cupy  # noqa: PLC0415
-    return cupy
-
-
-def _sm_count() -> int:
-    return _cp().cuda.Device().attributes["MultiProcessorCount"]
-
-
-def choose_splits(m: int, sm_count: int) -> int:
-    """Work items per row: 1 for batches that fill the GPU, more for decode-sized batches."""
-    target = 8 * sm_count
-    if m >= target:
-        return 1
-    return int(min(32, max(1, -(-target // max(m, 1)))))
-
-
-def _vec_ok(dtype, d, *arrays) -> bool:
-    width = 16 // dtype.itemsize
-    return d % width == 0 and all(aligned(a, 16) for a in arrays)
-
-
-def warp_path_nc(dtype, d, *arrays) -> int:
-    """16-byte chunks per lane of the warp-per-row kernel, or 0 if it cannot take this shape."""
-    if np.dtype(dtype).itemsize != 2 or d % 256 or not 1 <= d // 256 <= WARP_KERNEL_MAX_NC:
-        return 0
-    return d // 256 if all(aligned(a, 16) for a in arrays) else 0
-
-
-def _blocks_per_sm(kernel, threads: int, static_smem: int) -> int:
-    regs = max(int(kernel.num_regs), 1)
-    per_warp = -(-regs * 32 // 256) * 256
-    warps = min(64, 65536 // per_warp)
-    by_regs = warps // (threads // 32)
-    by_smem = (227 * 1024) // max(static_smem + 1024, 1)
-    return max(1, min(by_regs, by_smem, 2048 // threads, 32))
-
-
-def launch_warp_rows(kernel, m: int, list_bytes_per_warp: int, args: tuple, work_counter=None):
-    """Launch a warp-per-row kernel on a persistent grid: as many CTAs as fit on the device (from the
-    kernel's registers and static shared memory), never more warps than rows.  Rows are handed out by
-    ``work_counter``, a zeroed int32 device scalar (allocated if None) passed as the last argument."""
-    threads = 32 * WARP_KERNEL_WARPS
-    blocks = min(_blocks_per_sm(kernel, threads, WARP_KERNEL_WARPS * list_bytes_per_warp) * _sm_count(),
-                 -(-m // WARP_KERNEL_WARPS))
-    if work_counter is None:
-        work_counter = _cp().zeros(1, dtype=np.int32)
-    kernel((blocks,), (threads,), tuple(args) + (work_counter,))
+FAMILY = KernelFamily("ffn_forward", tuple(_names),
+                      hot_kernels=(r"twell_up_down_warp<", r"csr_up_down_warp<", r"decode_",
+                                   r"(twell_up_down|csr_up_down|dense_gate_up_down)<[^,]+, true"))
 
 
 def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: int, y, *, compact: int = -1,
@@ -120,26 +68,26 @@ def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: i
     ``work_counter``: a zeroed int32 device scalar for the warp path's dynamic
     row scheduler (allocated if not given).
     """
-    cp = _cp()
+    cp = cupy()
     m, d = x.shape
     if m == 0:
         return y
     n_tiles, slots = counts.shape[1], indices.shape[2]
     ct = ctype_of(x.dtype, "x")
-    sms = _sm_count()
+    sms = sm_count()
     if splits is None:
         splits = choose_splits(m, sms)
     nc = warp_path_nc(x.dtype, d, x, w_up, w_down, y)
     if nc and splits == 1:
-        k = get_kernel("ffn_forward", f"twell_up_down_warp<{ct}, {nc}, {cbool(gated)}>")
+        k = get_kernel(FAMILY, f"twell_up_down_warp<{ct}, {nc}, {cbool(gated)}>")
         launch_warp_rows(k, m, MAX_LIST * 8,
                          (x, counts, indices, values, route, i32(compact), w_up, w_down, i32(m), i32(n_tiles),
                           i32(slots), i32(tile_width), y), work_counter)
         return y
-    vec = _vec_ok(x.dtype, d, x, w_up, w_down, y)
-    k = get_kernel("ffn_forward", f"twell_up_down<{ct}, {cbool(vec)}, {cbool(gated)}>")
+    vec = vec_ok(x.dtype, d, x, w_up, w_down, y)
+    k = get_kernel(FAMILY, f"twell_up_down<{ct}, {cbool(vec)}, {cbool(gated)}>")
     smem = d * x.dtype.itemsize if gated else 0
-    _raise_smem_limit(k, smem)
+    raise_smem_limit(k, smem)
     partial = cp.empty((m, splits, d), dtype=cp.float32) if splits > 1 else None
     k((m * splits,), (THREADS,),
       (x, counts, indices, values, route, i32(compact), w_up, w_down, i32(m), i32(d), i32(n_tiles), i32(slots),
@@ -150,38 +98,35 @@ def twell_up_down(x, counts, indices, values, route, w_up, w_down, tile_width: i
     return y
 
 
-def _raise_smem_limit(kernel, smem: int):
-    if smem > 48 * 1024:
-        kernel.max_dynamic_shared_size_bytes = smem
-
-
 def _reduce(partial, route, compact: int, y, splits: int):
     m, d = y.shape
-    r = get_kernel("ffn_forward", f"reduce_split_rows<{ctype_of(y.dtype, 'y')}>")
+    r = get_kernel(FAMILY, f"reduce_split_rows<{ctype_of(y.dtype, 'y')}>")
     r((grid_1d(m * d, 256),), (256,), (partial, NULL if route is None else route, i32(compact), i32(m), i32(d),
                                        i32(splits), y))
 
 
-def dense_gate_up_down(x, z, w_up, w_down, y, *, gated: bool = True, splits: int | None = None):
+def dense_gate_up_down(x, z, w_up, w_down, y, *, gated: bool = True, splits: int | None = None, row_nnz=None):
     """y = (relu(z) ⊙ (x w_upᵀ)) w_down (``gated``) or relu(z) w_down, reading the dense gate z (M, n).
 
     Every row is computed sparsely and exactly, whatever its number of active
-    neurons; no host synchronisation.  For decode-sized M.
+    neurons; no host synchronisation.  For small batches.  ``row_nnz`` (int32 (M,), optional) receives
+    each row's number of entries.
     """
-    cp = _cp()
+    cp = cupy()
     m, d = x.shape
     n = z.shape[1]
     if m == 0:
         return y
     if splits is None:
-        splits = choose_splits(m, _sm_count())
+        splits = choose_splits(m, sm_count())
     ct = ctype_of(x.dtype, "x")
-    vec = _vec_ok(x.dtype, d, x, w_up, w_down) and n % 8 == 0 and aligned(z, 16)
-    k = get_kernel("ffn_forward", f"dense_gate_up_down<{ct}, {cbool(vec)}, {cbool(gated)}>")
+    vec = vec_ok(x.dtype, d, x, w_up, w_down) and n % 8 == 0 and aligned(z, 16)
+    k = get_kernel(FAMILY, f"dense_gate_up_down<{ct}, {cbool(vec)}, {cbool(gated)}>")
     smem = d * x.dtype.itemsize if gated else 0
-    _raise_smem_limit(k, smem)
+    raise_smem_limit(k, smem)
     partial = cp.zeros((m, splits, d), dtype=cp.float32)
-    k((m * splits,), (THREADS,), (x, z, w_up, w_down, i32(m), i32(d), i32(n), i32(splits), partial),
+    k((m * splits,), (THREADS,), (x, z, w_up, w_down, i32(m), i32(d), i32(n), i32(splits), partial,
+                                  NULL if row_nnz is None else row_nnz),
       shared_mem=smem)
     _reduce(partial, None, 0, y, splits)
     return y
@@ -211,7 +156,7 @@ def decode_fused(x, w_first, w_up, w_down, y, *, gated: bool = True):
     All C-contiguous and 16-byte aligned (:func:`decode_fused_supported`).  Deterministic; a row's result
     depends only on its own x row.
     """
-    cp = _cp()
+    cp = cupy()
     m, d = x.shape
     n = w_first.shape[0]
     if not decode_fused_supported(x, w_first, w_up, w_down, y):
@@ -220,14 +165,14 @@ def decode_fused(x, w_first, w_up, w_down, y, *, gated: bool = True):
     nc = d // 256
     # two CTAs per SM (96 registers, 39 KB of shared memory each) where n allows: one wave, 16 warps per
     # SM with a w_gate row in flight each
-    npw = min(_DF_MAX_NPW, max(1, -(-n // (_DF_WARPS * 2 * _sm_count()))))
+    npw = min(_DF_MAX_NPW, max(1, -(-n // (_DF_WARPS * 2 * sm_count()))))
     ctas = -(-n // (_DF_WARPS * npw))
     partial = cp.empty((ctas, m, d), dtype=cp.float32)                 # only flagged CTAs write theirs
     flags = cp.empty(ctas, dtype=cp.int32)
     ct = ctype_of(x.dtype, "x")
-    k = get_kernel("ffn_forward", f"decode_fused<{ct}, {nc}, {cbool(gated)}>")
+    k = get_kernel(FAMILY, f"decode_fused<{ct}, {nc}, {cbool(gated)}>")
     k((ctas,), (32 * _DF_WARPS,), (x, w_first, w_up, w_down, i32(m), i32(n), i32(npw), partial, flags))
-    r = get_kernel("ffn_forward", f"decode_reduce<{ct}>")
+    r = get_kernel(FAMILY, f"decode_reduce<{ct}>")
     r((nc, m), (32 * _DF_WARPS,), (partial, flags, i32(ctas), i32(m), i32(d), y))
     return y
 
@@ -244,14 +189,14 @@ def csr_up_down(x, row_ptr, col_indices, g_values, backup_slot, w_up, w_down, y,
     ct = ctype_of(x.dtype, "x")
     nc = warp_path_nc(x.dtype, d, x, w_up, w_down, y)
     if nc:
-        k = get_kernel("ffn_forward", f"csr_up_down_warp<{ct}, {nc}>")
+        k = get_kernel(FAMILY, f"csr_up_down_warp<{ct}, {nc}>")
         launch_warp_rows(k, m, MAX_LIST * 8, (x, row_ptr, col_indices, g_values, backup_slot, w_up, w_down, i32(m),
                                               y, u_values, row_l1), work_counter)
         return
-    vec = _vec_ok(x.dtype, d, x, w_up, w_down, y)
-    k = get_kernel("ffn_forward", f"csr_up_down<{ct}, {cbool(vec)}>")
+    vec = vec_ok(x.dtype, d, x, w_up, w_down, y)
+    k = get_kernel(FAMILY, f"csr_up_down<{ct}, {cbool(vec)}>")
     smem = d * x.dtype.itemsize
-    _raise_smem_limit(k, smem)
+    raise_smem_limit(k, smem)
     k((m,), (THREADS,), (x, row_ptr, col_indices, g_values, backup_slot, w_up, w_down, i32(m), i32(d), y,
                          u_values, row_l1), shared_mem=smem)
 
@@ -259,29 +204,58 @@ def csr_up_down(x, row_ptr, col_indices, g_values, backup_slot, w_up, w_down, y,
 def train_stats(row_l1, nnz_all):
     """Device float64 (2,): ``(sum(row_l1) / M, nnz_all / M)`` -- the training forward's L1 and L0 statistics
     in one launch (``row_l1`` float32 (M,), ``nnz_all`` int64 (1,); M = 0 divides by 1)."""
-    cp = _cp()
+    cp = cupy()
     out = cp.empty(2, dtype=cp.float64)
-    get_kernel("ffn_forward", "train_stats")((1,), (1024,), (row_l1, i32(row_l1.shape[0]), nnz_all, out))
+    get_kernel(FAMILY, "train_stats")((1,), (1024,), (row_l1, i32(row_l1.shape[0]), nnz_all, out))
     return out
 
 
-def backup_gate_mul_l1(g, u, rows, row_l1):
-    """Dense-backup rows of the training forward: ``h = g * u`` (R, n) rounded once, and
-    ``row_l1[rows[r]] = sum |h[r]|`` (float32) -- one launch instead of five array operations."""
-    cp = _cp()
-    h = cp.empty_like(u)
-    r, n = u.shape
-    if r:
-        k = get_kernel("ffn_forward", f"backup_gate_mul_l1<{ctype_of(u.dtype, 'u')}>")
-        k((grid_1d(r, 8, cap=2**31 - 1),), (256,), (g, u, i32(r), i32(n), rows, h, row_l1))
+#: Rows per CTA of dense_gate_mul (cuda_src/ffn_forward.cu DG_ROWS) and its threads.
+_DG_ROWS, _DG_THREADS = 32, 256
+#: Widest n whose per-CTA neuron counts dense_gate_mul keeps in (default-limit) shared memory.
+_DG_SMEM_COUNTS_MAX_N = 12 * 1024
+
+
+def dense_gate_mul(z, u, *, gated: bool = True, relu: bool = True, h=None, g_out=None, rows=None, row_nnz=None,
+                   row_l1=None, neuron_counts=None, nnz_total=None):
+    """``h = relu(z) * u`` (``gated``; else ``h = relu(z)``) for R dense rows, fp32 product rounded once; an
+    inactive neuron (z <= 0) gives exactly 0.  ``relu=False``: z holds given gate values (a user's TwELL),
+    every non-zero is an entry and g = z.  Returns h.
+
+    z (R, n) gate pre-activations (or relu'd gate values); u (R, n) (ignored if not gated); all C-contiguous
+    of one dtype.  Optional outputs: ``h`` (R, n) (allocated if None), ``g_out`` (R, n) = relu(z) keeping NaN;
+    per row, at index ``rows[r]`` (``rows`` int32 (R,) or None for r): ``row_nnz`` int32, ``row_l1`` float32
+    (sum |h|); ``neuron_counts`` int32 (n,) (added to); ``nnz_total`` uint64 (1,) (added to).
+    """
+    cp = cupy()
+    r, n = z.shape
+    if h is None:
+        h = cp.empty_like(z)
+    if r == 0 or n == 0:
+        return h
+    vec = n % 8 == 0 and vec_ok(z.dtype, 8, z, *((u,) if gated else ()), h, *((g_out,) if g_out is not None else ()))
+    k = get_kernel(FAMILY, f"dense_gate_mul<{ctype_of(z.dtype, 'z')}, {cbool(gated)}, {cbool(relu)}, {cbool(vec)}>")
+    smem_counts = neuron_counts is not None and n <= _DG_SMEM_COUNTS_MAX_N
+    k((-(-r // _DG_ROWS),), (_DG_THREADS,),
+      (z, u if gated else z, i32(r), i32(n), NULL if rows is None else rows, h,
+       NULL if g_out is None else g_out, NULL if row_nnz is None else row_nnz, NULL if row_l1 is None else row_l1,
+       NULL if neuron_counts is None else neuron_counts, i32(1 if smem_counts else 0),
+       NULL if nnz_total is None else nnz_total),
+      shared_mem=4 * n if smem_counts else 0)
     return h
 
 
-def gate_mul(g, u, *, relu: bool):
-    """h = g * u (``relu``: relu(g) * u) in fp32, rounded once; NaN propagates like the dense computation."""
-    cp = _cp()
-    h = cp.empty_like(u)
-    if h.size:
-        k = get_kernel("ffn_forward", f"gate_mul<{ctype_of(u.dtype, 'u')}, {cbool(relu)}>")
-        k((grid_1d(h.size, 256),), (256,), (g, u, np.int64(h.size), h))
-    return h
+def fix_nonfinite_rows(out, gate, a1, w1, a2=None, w2=None, *, out_rows=None, relu: bool = True):
+    """After ``out[out_rows] = a1 @ w1 (+ a2 @ w2)`` by a dense GEMM whose coefficients are 0 for inactive
+    neurons: recompute every non-finite element as the sum over active neurons only (an inactive neuron's
+    non-finite weights must not turn 0 into NaN).  Active: ``!(gate <= 0)``, or ``gate != 0`` with
+    ``relu=False``.  gate, a1, a2 (R, n); w1, w2 (n, d); out (M, d) or (R, d).
+    One read of the rows when everything is finite; no host synchronisation."""
+    r, n = a1.shape
+    d = out.shape[1]
+    if r == 0 or d == 0:
+        return out
+    k = get_kernel(FAMILY, f"fix_nonfinite_rows<{ctype_of(out.dtype, 'out')}, {cbool(relu)}>")
+    k((r,), (_DG_THREADS,), (out, NULL if out_rows is None else out_rows, i32(r), i32(d), i32(n), gate, a1, w1,
+                             NULL if a2 is None else a2, NULL if w2 is None else w2))
+    return out

@@ -16,72 +16,45 @@ like :func:`~twell.kernels.pack.pack_twell_async`'s.
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import numpy as np
 
-from .._kernels import KernelFamily, get_kernel, register_family
+from .._backend import bfloat16_dtype
 from ..format import TILE_WIDTHS, twell_layout
-from ._launch import NULL, SLOT, DriverLaunch, ctype_of, grid_1d, i32
-from .pack import ROUTE_COMPACT, TwellPending  # noqa: F401  (re-exported for callers)
+from ..runtime.launch import NULL, SLOT, DriverLaunch, ctype_of, grid_1d, i32, threshold_i32
+from ..runtime.loader import KernelFamily, get_kernel
+from . import pack
+from .common import cupy, raise_smem_limit, sm_count
+from .pack import TwellPending
 
 #: Output tile of both kernels (rows x columns of z per CTA work item).
 BLOCK_M, BLOCK_N = 128, 256
 WGMMA_THREADS, WGMMA_STAGES, WGMMA_BK = 384, 4, 64
 MMA_THREADS, MMA_STAGES, MMA_BK = 256, 3, 32
 WGMMA_SMEM = 1024 + WGMMA_STAGES * (BLOCK_M + BLOCK_N) * WGMMA_BK * 2 + 256 * 128 + 2 * WGMMA_STAGES * 8
-WGMMA_GATHER_SMEM = WGMMA_SMEM + 3 * 128 * 4     # + the active lists of the producer warpgroup's warps 1-3
 MMA_SMEM = MMA_STAGES * (BLOCK_M + BLOCK_N) * (MMA_BK + 8) * 2
 
 #: Thread-block cluster sizes compiled for the Hopper kernel (the w tile is multicast across the cluster).
 WGMMA_CLUSTERS = (1, 2)
 #: Cluster size the ops use: 2 (the w tile multicast to two row blocks) measured 1.5–2.5 % faster end to
-#: end than 1 at M = 16,384 and 131,072 (docs/perf-notes.md, v5).
-WGMMA_CLUSTER = 2
+#: end than 1 at M = 16,384 and 131,072, and 4 slower (docs/performance-history.md, v5 and v17).
+DEFAULT_CLUSTER = 2
 GATE_KERNELS = ("auto", "fused", "wgmma", "mma", "cublas")
 FUSED_DTYPES = ("bfloat16", "float16")
-
-#: The fully fused forward (gate GEMM → TwELL → route → up/down in one persistent kernel, GATHER != 0):
-#: TwELL tile width it is compiled for, longest compact row it holds (cuda_src/gate_gemm.cu FG_LIST) and
-#: largest d / 256 (FG_MAX_NC).
-FUSED_FORWARD_TILE_WIDTH = 256
-FUSED_FORWARD_MAX_LIST = 128
-#: d / 256 values it is compiled for (d = 1024, 2048); other d run the separate up/down kernel.
-FUSED_FORWARD_NCS = (4, 8)
-#: Use the fully fused forward where it can run (read at call time; False: fused gate + separate
-#: route and up/down kernels, for A/B runs).
-FUSED_FORWARD = False
-#: A gather warp waits at most this long for a row's tiles before deferring the row to the host's rerun
-#: (only reached if the persistent grid is not fully resident, e.g. GPU shared with other work).
-FUSED_FORWARD_WAIT_US = 20000
-#: Warps 1-3 of the producer warpgroup gather while the consumers run the MMAs (False: only the consumer
-#: warps gather, after their last tile; for A/B runs).
-FUSED_FORWARD_PRODUCER_GATHERS = True
-_FG_HEAD = 4                     # sync[0] backup rows, [1] overflowed rows, [2] next row, [3] deferred rows
-ROUTE_DEFERRED = 3
 
 _names = []
 for _d in FUSED_DTYPES:
     _t = ctype_of(_d, "dtype")
     for _w in TILE_WIDTHS:
         for _c in WGMMA_CLUSTERS:
-            _names.append(f"gate_twell_wgmma<{_t}, {_w}, {_c}, true, 0, 0>")
+            _names.append(f"gate_twell_wgmma<{_t}, {_w}, {_c}, true>")
         _names.append(f"gate_twell_mma<{_t}, {_w}>")
-    for _c in WGMMA_CLUSTERS:
-        for _g in (1, 2):
-            for _nc in FUSED_FORWARD_NCS:
-                _names.append(f"gate_twell_wgmma<{_t}, {FUSED_FORWARD_TILE_WIDTH}, {_c}, true, {_g}, {_nc}>")
-# GEMM mainloop without the epilogue: only for the perf notes' breakdown (docs/perf/gate_gemm_probe.py).
-_names += [f"gate_twell_wgmma<__nv_bfloat16, 256, {_c}, false, 0, 0>" for _c in WGMMA_CLUSTERS]
+# The GEMM mainloop without the epilogue: for the benchmark probes' breakdown only.
+_names += [f"gate_twell_wgmma<__nv_bfloat16, 256, {_c}, false>" for _c in WGMMA_CLUSTERS]
 
-FAMILY = register_family(KernelFamily("gate_gemm", tuple(_names), hot_kernels=(r"gate_twell_",)))
+FAMILY = KernelFamily("gate_gemm", tuple(_names), hot_kernels=(r"gate_twell_",))
 
 _ROUTE_WARPS = 8
-
-
-def _cp():
-    import cupy  # noqa: PLC0415
-    return cupy
 
 
 # --------------------------------------------------------------------------- tensor maps (driver API)
@@ -90,8 +63,13 @@ _CU_DTYPE = {"bfloat16": 9, "float16": 6}  # CUtensorMapDataType
 _SWIZZLE_128B, _L2_PROMOTION_256B = 3, 3
 
 
-@functools.lru_cache(maxsize=1)
+_encode = None
+
+
 def _driver():
+    global _encode
+    if _encode is not None:
+        return _encode
     lib = ctypes.CDLL("libcuda.so.1")
     fn = lib.cuTensorMapEncodeTiled
     fn.restype = ctypes.c_int
@@ -99,22 +77,8 @@ def _driver():
                    ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64),
                    ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32),
                    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    _encode = fn
     return fn
-
-
-_tensor_maps: dict = {}
-
-
-def tensor_map(a, box_rows: int, box_cols: int = WGMMA_BK) -> np.ndarray:
-    """:func:`encode_tensor_map`, memoized on (pointer, shape, dtype, box) (weights are reused across calls,
-    activations usually come back at the same pool address), at most 64 entries."""
-    key = (a.data.ptr, a.shape, a.dtype.name, box_rows, box_cols, a.device.id)
-    tm = _tensor_maps.get(key)
-    if tm is None:
-        if len(_tensor_maps) >= 64:
-            _tensor_maps.clear()
-        tm = _tensor_maps[key] = encode_tensor_map(a, box_rows, box_cols)
-    return tm
 
 
 def encode_tensor_map(a, box_rows: int, box_cols: int = WGMMA_BK) -> np.ndarray:
@@ -145,7 +109,7 @@ _capabilities: dict = {}
 
 def _capability() -> int:
     """Compute capability of the current device as an int (90 for Hopper), memoized per device."""
-    cp = _cp()
+    cp = cupy()
     dev = cp.cuda.runtime.getDevice()
     cc = _capabilities.get(dev)
     if cc is None:
@@ -153,11 +117,16 @@ def _capability() -> int:
     return cc
 
 
-@functools.lru_cache(maxsize=1)
+_fused_dtypes: frozenset = frozenset()   # np.dtype objects of FUSED_DTYPES (filled on first use)
+
+
 def _fused_dtype_objects() -> frozenset:
-    from .._backend import bfloat16_dtype
-    return frozenset(np.dtype(bfloat16_dtype() if name == "bfloat16" else name)
-                     for name in FUSED_DTYPES if name != "bfloat16" or bfloat16_dtype() is not None)
+    global _fused_dtypes
+    if not _fused_dtypes:
+        bf16 = bfloat16_dtype()
+        _fused_dtypes = frozenset(np.dtype(bf16 if name == "bfloat16" else name)
+                                  for name in FUSED_DTYPES if name != "bfloat16" or bf16 is not None)
+    return _fused_dtypes
 
 
 def fused_supported(x, w) -> str | None:
@@ -182,7 +151,7 @@ def fused_supported(x, w) -> str | None:
 def auto_gate_kernel(x, w) -> str:
     """What ``gate_kernel="auto"`` runs: the Hopper fused kernel ("wgmma") where it can run, else "cublas".
 
-    Since the epilogue packs from registers (docs/perf-notes.md, v5) the Hopper kernel takes 92–96 % of
+    Since the epilogue packs from registers (docs/performance-history.md, v5) the Hopper kernel takes 92–96 % of
     cuBLAS's time for ``x w_gateᵀ`` alone and the whole forward is faster with it than with cuBLAS + pack
     (1.135 vs 1.155 ms at M = 16,384; 8.22 vs 8.43 ms at 131,072).  The portable mma.sync kernel is ~3.5×
     slower than cuBLAS, so other devices stay on cuBLAS + pack.
@@ -220,16 +189,6 @@ def choose_gate_kernel(requested: str, x, w) -> str:
     return requested
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(device_id: int) -> int:
-    return _cp().cuda.Device(device_id).attributes["MultiProcessorCount"]
-
-
-def _set_smem(kernel, nbytes: int):
-    if kernel.max_dynamic_shared_size_bytes < nbytes:
-        kernel.max_dynamic_shared_size_bytes = nbytes
-
-
 class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
     _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
                 ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
@@ -258,103 +217,15 @@ def max_active_clusters(kernel, threads: int, smem: int, cluster: int) -> int:
 # --------------------------------------------------------------------------- launch
 
 
-def _wgmma_grid(k, smem: int, m_blocks: int, n_blocks: int, cluster: int, device_id: int) -> int:
+def _wgmma_grid(k, smem: int, m_blocks: int, n_blocks: int, cluster: int) -> int:
     """Persistent grid of the Hopper kernel: one CTA per SM (cluster 1) or as many clusters as the
     occupancy API says run at once, never more CTAs than work items.  Sets the kernel's shared memory."""
-    _set_smem(k, smem)
+    raise_smem_limit(k, smem)
     if cluster == 1:
-        return min(m_blocks * n_blocks, _sm_count(device_id))
+        return min(m_blocks * n_blocks, sm_count())
     groups = -(-m_blocks // cluster) * n_blocks           # work items of a cluster
     resident = max_active_clusters(k, WGMMA_THREADS, smem, cluster)
     return cluster * (min(groups, resident) if resident > 0 else groups)
-
-
-def fused_forward_supported(x, w_first, w_up, w_down, y, tile_width: int, threshold: int) -> bool:
-    """Whether the fully fused forward kernel takes these operands (besides :func:`fused_supported`):
-    Hopper, TwELL tiles of 256, d = 1024 or 2048, 16-byte aligned rows, compact rows of at most 128
-    entries (``threshold``), n < 65,536."""
-    d = x.shape[1]
-    return (tile_width == FUSED_FORWARD_TILE_WIDTH and d % 256 == 0 and d // 256 in FUSED_FORWARD_NCS
-            and threshold <= FUSED_FORWARD_MAX_LIST and w_first.shape[0] <= 65535 and _capability() == 90
-            and all(a.data.ptr % 16 == 0 and a.flags.c_contiguous for a in (w_up, w_down, y)))
-
-
-def ffn_twell_fused_async(x, w_first, w_up, w_down, y, compression: int, dense_row_threshold: int, *,
-                          gated: bool = True, neuron_counts: bool = False, cluster: int | None = None,
-                          wait_us: int | None = None) -> TwellPending:
-    """The whole sparse forward of the compact rows in one persistent Hopper kernel; no host sync.
-
-    GEMM ``x w_firstᵀ`` → ReLU → TwELL (tile width 256) → per-row route → ``y`` rows of the compact rows
-    (``gated``: ``(g ⊙ (x w_upᵀ)) w_down`` over the active list; else ``g w_down``), bitwise what
-    :func:`gate_twell_async` + :func:`~twell.kernels.ffn_forward.twell_up_down` compute.  Rows routed to
-    the dense backup (codes 1, 2) are left to the caller, as are rows deferred (code 3) by a gather warp
-    that waited more than ``wait_us`` for the row's tiles (only if the grid was not fully resident;
-    ``wait_us=0`` forces deferrals, for tests): rerun the route and the up/down when ``totals[3] > 0``.
-
-    Parameters
-    ----------
-    x : cupy.ndarray (M, d), bfloat16 / float16, d = 256 * NC with NC in FUSED_FORWARD_NCS
-    w_first : cupy.ndarray (n, d), the gate weight (the up weight when not gated)
-    w_up, w_down : cupy.ndarray (n, d)
-    y : cupy.ndarray (M, d), written for the compact rows
-    compression, dense_row_threshold : int
-        TwELL layout (256 // compression slots per tile) and row threshold (<= 128).
-
-    Returns
-    -------
-    TwellPending
-        as :func:`gate_twell_async`'s, with ``totals`` = (backup rows, overflowed rows, rows handed
-        out, deferred rows) on the device.
-    """
-    cp = _cp()
-    m, d = x.shape
-    n = w_first.shape[0]
-    tile_width = FUSED_FORWARD_TILE_WIDTH
-    n_tiles, slots = twell_layout(n, tile_width, compression)
-    if not 0 <= dense_row_threshold <= FUSED_FORWARD_MAX_LIST:
-        raise ValueError(f"dense_row_threshold must be in [0, {FUSED_FORWARD_MAX_LIST}] for the fused forward")
-    if d % 256 or d // 256 not in FUSED_FORWARD_NCS:
-        raise ValueError(f"the fused forward takes d in {[256 * c for c in FUSED_FORWARD_NCS]}, got {d}")
-    if cluster is None:
-        cluster = WGMMA_CLUSTER
-    if cluster not in WGMMA_CLUSTERS:
-        raise ValueError(f"cluster must be one of {WGMMA_CLUSTERS}, got {cluster}")
-    if wait_us is None:
-        wait_us = FUSED_FORWARD_WAIT_US
-    ct = ctype_of(x.dtype, "x")
-    counts = cp.empty((m, n_tiles), dtype=cp.int32)
-    indices = cp.empty((m, n_tiles, slots), dtype=cp.uint8)
-    values = cp.empty((m, n_tiles, slots), dtype=x.dtype)
-    row_nnz = cp.empty(m, dtype=cp.int32)
-    row_route = cp.empty(m, dtype=cp.int32)
-    sync = cp.zeros(_FG_HEAD + -(-m // 16), dtype=cp.int32)   # totals, row counter, deferred, ready[]
-    ncounts = cp.zeros(n, dtype=cp.int32) if neuron_counts else None
-    m_blocks, n_blocks = -(-m // BLOCK_M), -(-n // BLOCK_N)
-    k = get_kernel("gate_gemm",
-                   f"gate_twell_wgmma<{ct}, {tile_width}, {cluster}, true, {1 if gated else 2}, {d // 256}>")
-    grid = _wgmma_grid(k, WGMMA_GATHER_SMEM, m_blocks, n_blocks, cluster, x.device.id)
-    k((grid,), (WGMMA_THREADS,),
-      (tensor_map(x, BLOCK_M), tensor_map(w_first, BLOCK_N // cluster), i32(m), i32(n), i32(d), i32(n_tiles),
-       i32(slots), counts, indices, values, NULL if ncounts is None else ncounts,
-       x, w_up, w_down, y, i32(dense_row_threshold), row_nnz, row_route, sync, i32(wait_us),
-       i32(1 if FUSED_FORWARD_PRODUCER_GATHERS else 0)),
-      shared_mem=WGMMA_GATHER_SMEM)
-    return TwellPending(counts, indices, values, row_nnz, row_route, sync[:_FG_HEAD], n, tile_width,
-                        dense_row_threshold, ncounts)
-
-
-def route_pending(p: TwellPending) -> TwellPending:
-    """Route every row of ``p`` from its counts again (``route_twell_counts``), with fresh totals: the
-    fallback after a fused forward deferred rows."""
-    cp = _cp()
-    m, n_tiles = p.counts.shape
-    slots = p.indices.shape[2]
-    totals = cp.zeros(3, dtype=cp.int32)
-    route = get_kernel("pack", "route_twell_counts")
-    route((grid_1d(m, _ROUTE_WARPS, cap=2**31 - 1),), (32 * _ROUTE_WARPS,),
-          (p.counts, i32(m), i32(n_tiles), i32(slots), i32(p.dense_row_threshold), p.row_nnz, p.row_route, totals))
-    return TwellPending(p.counts, p.indices, p.values, p.row_nnz, p.row_route, totals, p.n_cols, p.tile_width,
-                        p.dense_row_threshold, p.neuron_counts)
 
 
 class _WgmmaPlan:
@@ -366,13 +237,13 @@ class _WgmmaPlan:
         m, d = x.shape
         n = w.shape[0]
         self.n_tiles, self.slots = twell_layout(n, tile_width, compression)
-        k = get_kernel("gate_gemm", f"gate_twell_wgmma<{ctype_of(x.dtype, 'x')}, {tile_width}, {cluster}, true, 0, 0>")
+        k = get_kernel(FAMILY, f"gate_twell_wgmma<{ctype_of(x.dtype, 'x')}, {tile_width}, {cluster}, true>")
         m_blocks, n_blocks = -(-m // BLOCK_M), -(-n // BLOCK_N)
-        grid = _wgmma_grid(k, WGMMA_SMEM, m_blocks, n_blocks, cluster, x.device.id)
+        grid = _wgmma_grid(k, WGMMA_SMEM, m_blocks, n_blocks, cluster)
         self.launch = DriverLaunch(k, (grid,), (WGMMA_THREADS,), WGMMA_SMEM,
                                    (encode_tensor_map(x, BLOCK_M), encode_tensor_map(w, BLOCK_N // cluster),
                                     i32(m), i32(n), i32(d), i32(self.n_tiles), i32(self.slots), SLOT, SLOT, SLOT,
-                                    SLOT, NULL, NULL, NULL, NULL, i32(0), NULL, NULL, NULL, i32(0), i32(0)))
+                                    SLOT))
         cells = m * self.n_tiles
         self.shapes = ((m, self.n_tiles), (m, self.n_tiles, self.slots))
         self.offset_indices = -(-cells * 4 // 256) * 256
@@ -380,20 +251,17 @@ class _WgmmaPlan:
         self.nbytes = self.offset_values + cells * self.slots * x.dtype.itemsize
 
 
-_wgmma_plans: dict = {}
+_wgmma_plans: dict = {}     # (operand pointers and shapes, layout, cluster, device) -> _WgmmaPlan, at most 64
 
 
-def _launch_wgmma_planned(cp, x, w, tile_width: int, compression: int, neuron_counts: bool, cluster):
+def _launch_wgmma_planned(cp, x, w, tile_width: int, compression: int, neuron_counts: bool, cluster: int):
     """Launch the Hopper gate GEMM → TwELL with as little host work as possible before the launch (the GPU
-    idles until it: docs/perf-notes.md, v13); returns (counts, indices, values, neuron_counts)."""
-    if cluster is None:
-        cluster = WGMMA_CLUSTER
+    idles until it: docs/performance-history.md, v13); returns (counts, indices, values, neuron_counts).
+    The plan is keyed by the current device too: its kernel and tensor maps belong to that device."""
     key = (x.data.ptr, x.shape, x.dtype, w.data.ptr, w.shape, tile_width, compression, cluster,
-           x.data.device_id)
+           cp.cuda.runtime.getDevice())
     plan = _wgmma_plans.get(key)
     if plan is None:
-        if cluster not in WGMMA_CLUSTERS:
-            raise ValueError(f"cluster must be one of {WGMMA_CLUSTERS}, got {cluster}")
         if len(_wgmma_plans) >= 64:
             _wgmma_plans.clear()
         plan = _wgmma_plans[key] = _WgmmaPlan(x, w, tile_width, compression, cluster)
@@ -410,12 +278,12 @@ def _launch_wgmma_planned(cp, x, w, tile_width: int, compression: int, neuron_co
 
 def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_threshold: int, *,
                      kernel: str = "wgmma", neuron_counts: bool = False,
-                     cluster: int | None = None, _pack: bool = True) -> TwellPending:
+                     cluster: int = DEFAULT_CLUSTER) -> TwellPending:
     """TwELL of ``relu(x w_gateᵀ)`` straight from the GEMM, plus the per-row routing; no host sync.
 
     Parameters
     ----------
-    x : cupy.ndarray (M, d), bfloat16 / float16, C-contiguous, d % 8 == 0
+    x : cupy.ndarray (M, d), bfloat16 / float16, C-contiguous, d % 8 == 0, 16-byte aligned
     w_gate : cupy.ndarray (n, d), same dtype, neuron-major
     tile_width, compression : int
         TwELL layout (``tile_width // compression`` slots per tile).
@@ -425,55 +293,57 @@ def gate_twell_async(x, w_gate, tile_width: int, compression: int, dense_row_thr
     kernel : {"wgmma", "mma"}
     neuron_counts : bool
         Also count, per neuron, the rows where it is active (int32 (n,)).
-    cluster : {1, 2} or None
-        Thread-block cluster size of the Hopper kernel (CTAs sharing each w tile by TMA multicast);
-        None: the module default :data:`WGMMA_CLUSTER`.
+    cluster : {1, 2}
+        Thread-block cluster size of the Hopper kernel (CTAs sharing each w tile by TMA multicast).
 
     Returns
     -------
     TwellPending
         counts (M, NT) int32, indices (M, NT, S) uint8, values (M, NT, S) of x's dtype, row_nnz,
-        row_route, totals (backup rows, overflowed rows, 0) on the device.
+        row_route, totals (backup rows, overflowed rows, 0, compact entries) on the device.
     """
-    cp = _cp()
+    cp = cupy()
     m, d = x.shape
     n = w_gate.shape[0]
-    if kernel == "wgmma" and _pack:
+    if kernel == "wgmma":
+        if cluster not in WGMMA_CLUSTERS:
+            raise ValueError(f"cluster must be one of {WGMMA_CLUSTERS}, got {cluster}")
         counts, indices, values, ncounts = _launch_wgmma_planned(cp, x, w_gate, tile_width, compression,
                                                                  neuron_counts, cluster)
         n_tiles = counts.shape[1]
-    else:
+    elif kernel == "mma":
         n_tiles, slots = twell_layout(n, tile_width, compression)
-        ct = ctype_of(x.dtype, "x")
         counts = cp.empty((m, n_tiles), dtype=cp.int32)
         indices = cp.empty((m, n_tiles, slots), dtype=cp.uint8)
         values = cp.empty((m, n_tiles, slots), dtype=x.dtype)
         ncounts = cp.zeros(n, dtype=cp.int32) if neuron_counts else None
-        m_blocks, n_blocks = -(-m // BLOCK_M), -(-n // BLOCK_N)
-        work = m_blocks * n_blocks
-        tail = (i32(m), i32(n), i32(d), i32(n_tiles), i32(slots), counts, indices, values,
-                NULL if ncounts is None else ncounts)
-        if kernel == "wgmma":
-            if cluster is None:
-                cluster = WGMMA_CLUSTER
-            if cluster not in WGMMA_CLUSTERS:
-                raise ValueError(f"cluster must be one of {WGMMA_CLUSTERS}, got {cluster}")
-            k = get_kernel("gate_gemm", f"gate_twell_wgmma<{ct}, {tile_width}, {cluster}, false, 0, 0>")
-            grid = _wgmma_grid(k, WGMMA_SMEM, m_blocks, n_blocks, cluster, x.device.id)
-            k((grid,), (WGMMA_THREADS,), (tensor_map(x, BLOCK_M), tensor_map(w_gate, BLOCK_N // cluster)) + tail
-              + (NULL, NULL, NULL, NULL, i32(0), NULL, NULL, NULL, i32(0), i32(0)), shared_mem=WGMMA_SMEM)
-        elif kernel == "mma":
-            k = get_kernel("gate_gemm", f"gate_twell_mma<{ct}, {tile_width}>")
-            _set_smem(k, MMA_SMEM)
-            k((work,), (MMA_THREADS,), (x, w_gate) + tail, shared_mem=MMA_SMEM)
-        else:
-            raise ValueError(f"kernel must be 'wgmma' or 'mma', got {kernel!r}")
+        k = get_kernel(FAMILY, f"gate_twell_mma<{ctype_of(x.dtype, 'x')}, {tile_width}>")
+        raise_smem_limit(k, MMA_SMEM)
+        k((-(-m // BLOCK_M) * -(-n // BLOCK_N),), (MMA_THREADS,),
+          (x, w_gate, i32(m), i32(n), i32(d), i32(n_tiles), i32(slots), counts, indices, values,
+           NULL if ncounts is None else ncounts), shared_mem=MMA_SMEM)
+    else:
+        raise ValueError(f"kernel must be 'wgmma' or 'mma', got {kernel!r}")
     row_nnz = cp.empty(m, dtype=cp.int32)
     row_route = cp.empty(m, dtype=cp.int32)
-    totals = cp.zeros(3, dtype=cp.int32)
-    route = get_kernel("pack", "route_twell_counts")
+    totals = cp.zeros(4, dtype=cp.int32)
+    route = get_kernel(pack.FAMILY, "route_twell_counts")
     route((grid_1d(m, _ROUTE_WARPS, cap=2**31 - 1),), (32 * _ROUTE_WARPS,),
-          (counts, i32(m), i32(n_tiles), i32(indices.shape[2]), i32(dense_row_threshold), row_nnz, row_route,
+          (counts, i32(m), i32(n_tiles), i32(indices.shape[2]), threshold_i32(dense_row_threshold), row_nnz, row_route,
            totals))
     return TwellPending(counts, indices, values, row_nnz, row_route, totals, n, tile_width, dense_row_threshold,
                         ncounts)
+
+
+def gate_gemm_mainloop(x, w_gate, *, cluster: int = DEFAULT_CLUSTER):
+    """The Hopper gate GEMM's mainloop without its epilogue (bfloat16, tile width 256; writes nothing):
+    for the benchmark probes' time breakdown only."""
+    cp = cupy()
+    m, d = x.shape
+    n = w_gate.shape[0]
+    n_tiles, slots = twell_layout(n, 256, 8)
+    k = get_kernel(FAMILY, f"gate_twell_wgmma<__nv_bfloat16, 256, {cluster}, false>")
+    grid = _wgmma_grid(k, WGMMA_SMEM, -(-m // BLOCK_M), -(-n // BLOCK_N), cluster)
+    k((grid,), (WGMMA_THREADS,),
+      (encode_tensor_map(x, BLOCK_M), encode_tensor_map(w_gate, BLOCK_N // cluster), i32(m), i32(n), i32(d),
+       i32(n_tiles), i32(slots), NULL, NULL, cp.empty(1, dtype=x.dtype), NULL), shared_mem=WGMMA_SMEM)

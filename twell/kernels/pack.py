@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._kernels import KernelFamily, get_kernel, register_family
 from ..format import TILE_WIDTHS, Hybrid, NeuronMajorPattern, TwELL, twell_layout
-from ._launch import NULL, HostReadback, aligned, cbool, ctype_of, device_matrix, grid_1d, i32
-
-DEVICE_DTYPES = ("bfloat16", "float16", "float32")
+from ..runtime.launch import NULL, HostReadback, aligned, cbool, ctype_of, device_matrix, grid_1d, i32, threshold_i32
+from ..runtime.loader import KernelFamily, get_kernel
+from .common import DEVICE_DTYPES, cupy, raise_smem_limit
 ROUTE_COMPACT, ROUTE_THRESHOLD, ROUTE_OVERFLOW = 0, 1, 2
 ROUTE_THREADS = 1024
 ROUTE_BLOCK_ROWS = ROUTE_THREADS * 1  # cuda_src/pack.cu ROUTE_ROUNDS
@@ -40,17 +39,13 @@ for _d in DEVICE_DTYPES:
     _names.append(f"relu_keep_nan<{_t}>")
     _names.append(f"twell_rows_to_csr<{_t}>")
 _names += ["route_rows_count", "route_rows_place", "route_twell_counts", "transpose_count", "transpose_scan",
-           "transpose_place", "hybrid_plan_count", "hybrid_plan_place", "column_offsets"]
+           "transpose_place", "hybrid_plan_count", "hybrid_plan_place", "column_offsets", "validate_routing",
+           "validate_twell_tiles", "validate_hybrid_rows"]
 
-FAMILY = register_family(KernelFamily("pack", tuple(_names),
-                                      hot_kernels=(r"pack_twell<", r"count_row_entries<", r"fill_hybrid_rows<")))
+FAMILY = KernelFamily("pack", tuple(_names),
+                      hot_kernels=(r"pack_twell<", r"count_row_entries<", r"fill_hybrid_rows<"))
 
 WARPS_PER_BLOCK = 8
-
-
-def _cp():
-    import cupy  # noqa: PLC0415
-    return cupy
 
 
 @dataclass
@@ -62,7 +57,7 @@ class TwellPending:
     values: object
     row_nnz: object
     row_route: object  # int32 (M,): 0 compact, 1 over the row threshold, 2 a tile overflowed
-    totals: object  # int32 (3,) on the device: backup rows, overflowed rows, 0 (work counter)
+    totals: object  # int32 (4,) on the device: backup rows, overflowed rows, 0 (a work counter), compact entries
     n_cols: int
     tile_width: int
     dense_row_threshold: int
@@ -77,7 +72,7 @@ def pack_twell_async(dense, tile_width: int, compression: int, dense_row_thresho
     values are relu(z)), otherwise non-zeros.  ``totals`` counts the routed
     rows; :func:`route_rows` gives their ordered list when it is needed.
     """
-    cp = _cp()
+    cp = cupy()
     m, n = dense.shape
     n_tiles, slots = twell_layout(n, tile_width, compression)
     e = tile_width // 32
@@ -88,12 +83,12 @@ def pack_twell_async(dense, tile_width: int, compression: int, dense_row_thresho
     values = cp.empty((m, n_tiles, slots), dtype=dense.dtype)
     row_nnz = cp.empty(m, dtype=cp.int32)
     row_route = cp.empty(m, dtype=cp.int32)
-    totals = cp.zeros(3, dtype=cp.int32)
+    totals = cp.zeros(4, dtype=cp.int32)
     ncounts = cp.zeros(n, dtype=cp.int32) if neuron_counts else None
     if m:
-        k = get_kernel("pack", f"pack_twell<{ct}, {tile_width}, {cbool(relu)}, {cbool(vec)}>")
+        k = get_kernel(FAMILY, f"pack_twell<{ct}, {tile_width}, {cbool(relu)}, {cbool(vec)}>")
         k((grid_1d(m, WARPS_PER_BLOCK, cap=2**31 - 1),), (32 * WARPS_PER_BLOCK,),
-          (dense, i32(m), i32(n), i32(n_tiles), i32(slots), i32(dense_row_threshold), counts, indices, values,
+          (dense, i32(m), i32(n), i32(n_tiles), i32(slots), threshold_i32(dense_row_threshold), counts, indices, values,
            row_nnz, row_route, NULL if ncounts is None else ncounts, totals))
     return TwellPending(counts, indices, values, row_nnz, row_route, totals, n, tile_width, dense_row_threshold,
                         ncounts)
@@ -103,26 +98,26 @@ def route_rows(row_route):
     """Ordered routing of rows with ``row_route != 0``: backup_slot (M,), backup_rows buffer (capacity M)
     and device totals (backup rows, overflowed rows, 0).  Deterministic (row order; two kernels: per-block
     counts, then placement)."""
-    cp = _cp()
+    cp = cupy()
     m = row_route.shape[0]
     backup_slot = cp.empty(m, dtype=cp.int32)
     backup_rows_buf = cp.empty(max(m, 1), dtype=cp.int32)
     totals = cp.empty(3, dtype=cp.int32)
     blocks = max(1, -(-m // ROUTE_BLOCK_ROWS))
     block_counts = cp.empty(2 * blocks, dtype=cp.int32)
-    get_kernel("pack", "route_rows_count")((blocks,), (ROUTE_THREADS,), (row_route, i32(m), block_counts))
-    get_kernel("pack", "route_rows_place")((blocks,), (ROUTE_THREADS,),
+    get_kernel(FAMILY, "route_rows_count")((blocks,), (ROUTE_THREADS,), (row_route, i32(m), block_counts))
+    get_kernel(FAMILY, "route_rows_place")((blocks,), (ROUTE_THREADS,),
                                            (row_route, i32(m), block_counts, backup_slot, backup_rows_buf, totals))
     return backup_slot, backup_rows_buf, totals
 
 
 def relu_keep_nan(a):
     """relu that keeps NaN (``where(not a <= 0, a, 0)``), like the dense relu and the pack kernels."""
-    cp = _cp()
+    cp = cupy()
     a = cp.ascontiguousarray(a)
     out = cp.empty_like(a)
     if a.size:
-        k = get_kernel("pack", f"relu_keep_nan<{ctype_of(a.dtype, 'a')}>")
+        k = get_kernel(FAMILY, f"relu_keep_nan<{ctype_of(a.dtype, 'a')}>")
         k((grid_1d(a.size, 256),), (256,), (a, np.int64(a.size), out))
     return out
 
@@ -148,12 +143,12 @@ def pack_twell(dense, tile_width: int, compression: int, dense_row_threshold: in
 
 def unpack_twell(tw: TwELL):
     """Dense (M, n) array of a device TwELL."""
-    cp = _cp()
+    cp = cupy()
     m, n = tw.shape
     dense = cp.zeros((m, n), dtype=tw.dtype)
     total = m * tw.n_tiles * tw.slots
     if total:
-        k = get_kernel("pack", f"unpack_twell<{ctype_of(tw.dtype, 'values')}>")
+        k = get_kernel(FAMILY, f"unpack_twell<{ctype_of(tw.dtype, 'values')}>")
         k((grid_1d(total, 256),), (256,),
           (tw.counts, tw.indices, tw.values, tw.backup_slot, i32(m), i32(n), i32(tw.n_tiles), i32(tw.slots),
            i32(tw.tile_width), dense))
@@ -169,13 +164,13 @@ def unpack_twell_rows(counts, indices, values, rows, n: int, tile_width: int):
 
     counts (M, NT) int32, indices (M, NT, S) uint8, values (M, NT, S); returns an array of values' dtype.
     """
-    cp = _cp()
+    cp = cupy()
     n_tiles, slots = counts.shape[1], indices.shape[2]
     r = counts.shape[0] if rows is None else rows.shape[0]
     dense = cp.zeros((r, n), dtype=values.dtype)
     total = r * n_tiles * slots
     if total:
-        k = get_kernel("pack", f"unpack_twell_rows<{ctype_of(values.dtype, 'values')}>")
+        k = get_kernel(FAMILY, f"unpack_twell_rows<{ctype_of(values.dtype, 'values')}>")
         k((grid_1d(total, 256),), (256,),
           (counts, indices, values, NULL if rows is None else rows, i32(r), i32(n), i32(n_tiles), i32(slots),
            i32(tile_width), dense))
@@ -199,7 +194,7 @@ def gather_backup_rows(x, counts, indices, values, rows, n: int, tile_width: int
     -------
     xr : cupy.ndarray (R, d), zr : cupy.ndarray (R, n); both C-contiguous, x's dtype
     """
-    cp = _cp()
+    cp = cupy()
     if not x.flags.c_contiguous:
         raise ValueError("gather_backup_rows takes a C-contiguous x")
     r, d = rows.shape[0], x.shape[1]
@@ -212,7 +207,7 @@ def gather_backup_rows(x, counts, indices, values, rows, n: int, tile_width: int
         if xr.shape != (r, d) or zr.shape != (r, n) or not (xr.flags.c_contiguous and zr.flags.c_contiguous):
             raise ValueError(f"out must be C-contiguous arrays of shapes {(r, d)} and {(r, n)}")
     if r:
-        k = get_kernel("pack", f"gather_backup_rows<{ctype_of(x.dtype, 'x')}>")
+        k = get_kernel(FAMILY, f"gather_backup_rows<{ctype_of(x.dtype, 'x')}>")
         k((r,), (256,), (x, i32(d), counts, indices, values, rows, i32(n), i32(n_tiles), i32(slots),
                          i32(tile_width), xr, zr))
     return xr, zr
@@ -225,7 +220,7 @@ def scatter_rows(src, rows, dst):
         raise ValueError("scatter_rows takes C-contiguous src and dst of one dtype")
     r = rows.shape[0]
     if r:
-        k = get_kernel("pack", f"scatter_rows<{ctype_of(dst.dtype, 'dst')}>")
+        k = get_kernel(FAMILY, f"scatter_rows<{ctype_of(dst.dtype, 'dst')}>")
         k((r,), (256,), (src, rows, i32(dst.shape[1]), dst))
     return dst
 
@@ -257,7 +252,7 @@ def hybrid_plan(row_nnz, dense_row_threshold: int, row_route=None) -> HybridPlan
     the fused gate GEMM) a compact row with code ``ROUTE_OVERFLOW`` is also listed in ``redo_rows_buf``.
     Every list is in row order (deterministic).
     """
-    cp = _cp()
+    cp = cupy()
     m = row_nnz.shape[0]
     blocks = max(1, -(-m // ROUTE_BLOCK_ROWS))
     backup_slot = cp.empty(m, dtype=cp.int32)
@@ -269,11 +264,11 @@ def hybrid_plan(row_nnz, dense_row_threshold: int, row_route=None) -> HybridPlan
     block_counts = cp.empty(3 * blocks, dtype=cp.int32)
     block_all = cp.empty(blocks, dtype=cp.int64)
     route = NULL if row_route is None else row_route
-    get_kernel("pack", "hybrid_plan_count")((blocks,), (ROUTE_THREADS,),
-                                            (row_nnz, route, i32(m), i32(dense_row_threshold), block_counts,
+    get_kernel(FAMILY, "hybrid_plan_count")((blocks,), (ROUTE_THREADS,),
+                                            (row_nnz, route, i32(m), threshold_i32(dense_row_threshold), block_counts,
                                              block_all))
-    get_kernel("pack", "hybrid_plan_place")((blocks,), (ROUTE_THREADS,),
-                                            (row_nnz, route, i32(m), i32(dense_row_threshold), block_counts,
+    get_kernel(FAMILY, "hybrid_plan_place")((blocks,), (ROUTE_THREADS,),
+                                            (row_nnz, route, i32(m), threshold_i32(dense_row_threshold), block_counts,
                                              block_all, backup_slot, backup_rows_buf,
                                              NULL if redo_rows_buf is None else redo_rows_buf, row_ptr, totals,
                                              nnz_all))
@@ -295,35 +290,44 @@ class HybridPending:
     backup_rows_buf = property(lambda self: self.plan.backup_rows_buf)
 
 
+def count_row_entries(dense, row_nnz=None, *, relu: bool = False, neuron_counts=None):
+    """Entries of each row of ``dense`` (M, n) into ``row_nnz`` (int32 (M,), allocated if None; returned), and
+    +1 per entry into ``neuron_counts`` (int32 (n,)) when given.  ``relu``: entries are !(v <= 0), else v != 0."""
+    cp = cupy()
+    m, n = dense.shape
+    if row_nnz is None:
+        row_nnz = cp.empty(m, dtype=cp.int32)
+    if m:
+        vec = n % 8 == 0 and aligned(dense, 8 * dense.dtype.itemsize)
+        k = get_kernel(FAMILY, f"count_row_entries<{ctype_of(dense.dtype, 'dense')}, {cbool(relu)}, {cbool(vec)}>")
+        k((grid_1d(m, WARPS_PER_BLOCK, cap=2**31 - 1),), (32 * WARPS_PER_BLOCK,),
+          (dense, i32(m), i32(n), row_nnz, NULL if neuron_counts is None else neuron_counts))
+    return row_nnz
+
+
 def pack_hybrid_async(dense, dense_row_threshold: int, *, relu: bool = False, neuron_counts: bool = False):
     """Count entries per row, route rows, scan offsets; no host sync."""
-    cp = _cp()
+    cp = cupy()
     m, n = dense.shape
     if m * min(dense_row_threshold, n) >= 2**31:
         raise ValueError(f"dense with M = {m} rows of up to {min(dense_row_threshold, n)} compact entries each "
                          "could overflow the Hybrid's int32 row offsets; split it")
-    ct = ctype_of(dense.dtype, "dense")
-    vec = n % 8 == 0 and aligned(dense, 8 * dense.dtype.itemsize)
-    row_nnz = cp.empty(m, dtype=cp.int32)
     ncounts = cp.zeros(n, dtype=cp.int32) if neuron_counts else None
-    if m:
-        k = get_kernel("pack", f"count_row_entries<{ct}, {cbool(relu)}, {cbool(vec)}>")
-        k((grid_1d(m, WARPS_PER_BLOCK, cap=2**31 - 1),), (32 * WARPS_PER_BLOCK,),
-          (dense, i32(m), i32(n), row_nnz, NULL if ncounts is None else ncounts))
+    row_nnz = count_row_entries(dense, relu=relu, neuron_counts=ncounts)
     return HybridPending(row_nnz, hybrid_plan(row_nnz, dense_row_threshold), ncounts, n, dense_row_threshold)
 
 
 def finish_hybrid(p: HybridPending, dense, nnz: int, n_backup: int, *, relu: bool = False,
                   transpose: bool = True, values_from=None) -> Hybrid:
     """Write the compact entries (and optionally the transposed pattern) once sizes are known."""
-    cp = _cp()
+    cp = cupy()
     m, n = dense.shape
     ct = ctype_of(dense.dtype, "dense")
     vec = n % 8 == 0 and aligned(dense, 8 * dense.dtype.itemsize)
     col_indices = cp.empty(nnz, dtype=cp.int32)
     values = cp.empty(nnz, dtype=dense.dtype)
     if m:
-        k = get_kernel("pack", f"fill_hybrid_rows<{ct}, {cbool(relu)}, {cbool(vec)}>")
+        k = get_kernel(FAMILY, f"fill_hybrid_rows<{ct}, {cbool(relu)}, {cbool(vec)}>")
         k((grid_1d(m, WARPS_PER_BLOCK, cap=2**31 - 1),), (32 * WARPS_PER_BLOCK,),
           (dense, i32(m), i32(n), p.row_ptr, p.backup_slot, col_indices, values))
     backup_rows = p.backup_rows_buf[:n_backup]
@@ -348,11 +352,11 @@ def pack_hybrid(dense, dense_row_threshold: int, transpose: bool = True, *, relu
 
 def unpack_hybrid(hy: Hybrid):
     """Dense (M, n) array of a device Hybrid."""
-    cp = _cp()
+    cp = cupy()
     m, n = hy.shape
     dense = cp.zeros((m, n), dtype=hy.dtype)
     if m:
-        k = get_kernel("pack", f"unpack_hybrid_rows<{ctype_of(hy.dtype, 'values')}>")
+        k = get_kernel(FAMILY, f"unpack_hybrid_rows<{ctype_of(hy.dtype, 'values')}>")
         k((grid_1d(m, WARPS_PER_BLOCK, cap=2**31 - 1),), (32 * WARPS_PER_BLOCK,),
           (hy.row_ptr, hy.col_indices, hy.values, i32(m), i32(n), dense))
     if hy.n_backup:
@@ -373,7 +377,7 @@ def transpose_pattern(hy: Hybrid) -> NeuronMajorPattern:
     no sort and no order-dependent atomics; for n wider than the shared-memory
     masks allow, a stable CUB radix argsort (through CuPy) gives the same result.
     """
-    cp = _cp()
+    cp = cupy()
     n, m = hy.n_cols, hy.n_rows
     row_indices = cp.empty(hy.nnz, dtype=cp.int32)
     positions = cp.empty(hy.nnz, dtype=cp.int32)
@@ -388,14 +392,13 @@ def transpose_pattern(hy: Hybrid) -> NeuronMajorPattern:
     smem = 8 * n
     counts = cp.empty((n_blocks, n), dtype=cp.int32)
     col_counts = cp.empty(n, dtype=cp.int32)
-    kc = get_kernel("pack", "transpose_count")
-    kp = get_kernel("pack", "transpose_place")
+    kc = get_kernel(FAMILY, "transpose_count")
+    kp = get_kernel(FAMILY, "transpose_place")
     for k in (kc, kp):
-        if smem > 48 * 1024:
-            k.max_dynamic_shared_size_bytes = smem
+        raise_smem_limit(k, smem)
     kc((n_blocks,), (TRANSPOSE_THREADS,), (hy.row_ptr, hy.col_indices, i32(m), i32(n), counts), shared_mem=smem)
-    get_kernel("pack", "transpose_scan")((-(-n // 128),), (128,), (counts, i32(n_blocks), i32(n), col_counts))
-    get_kernel("pack", "column_offsets")((1,), (ROUTE_THREADS,), (col_counts, i32(n), col_ptr))
+    get_kernel(FAMILY, "transpose_scan")((-(-n // 128),), (128,), (counts, i32(n_blocks), i32(n), col_counts))
+    get_kernel(FAMILY, "column_offsets")((1,), (ROUTE_THREADS,), (col_counts, i32(n), col_ptr))
     kp((n_blocks,), (TRANSPOSE_THREADS,), (hy.row_ptr, hy.col_indices, i32(m), i32(n), counts, col_ptr,
                                            row_indices, positions), shared_mem=smem)
     return NeuronMajorPattern(col_ptr, row_indices, positions)
@@ -403,8 +406,77 @@ def transpose_pattern(hy: Hybrid) -> NeuronMajorPattern:
 
 def _entry_rows(row_ptr, nnz: int):
     """Row id of every CSR entry (searchsorted over row_ptr, no host sync)."""
-    cp = _cp()
+    cp = cupy()
     if nnz == 0:
         return cp.zeros(0, dtype=cp.int32)
     return (cp.searchsorted(row_ptr, cp.arange(nnz, dtype=cp.int32), side="right") - 1).astype(cp.int32)
 
+
+
+# --------------------------------------------------------------------------- validation of user containers
+
+_VALID_RULES = {
+    1: "backup_slot[r] must be -1 (compact row) or the position of row r in backup_rows",
+    2: "backup_rows must be strictly ascending row ids in [0, M) whose backup_slot points back to them",
+    3: "counts must be >= 0, and at most slots in the tiles of a compact row",
+    4: "stored column indices must lie inside their tile and below n_cols",
+    5: "stored column indices must be strictly ascending within a tile (TwELL) or a row (Hybrid)",
+    6: "row_ptr must start at 0, be non-decreasing, end at nnz, and give backup rows an empty range",
+    7: "a compact row may hold at most max_len entries",
+}
+_VALIDATE_WARPS = 8
+
+
+def _check_contiguous(container, fields, name):
+    for f in fields:
+        a = getattr(container, f)
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name}.{f} must be C-contiguous on the GPU")
+
+
+def _raise_if_bad(err, name: str, kind: str):
+    (lo, hi) = HostReadback(err.view(np.int32)).wait()
+    key = (hi & 0xFFFFFFFF) << 32 | (lo & 0xFFFFFFFF)
+    if key != 0xFFFFFFFFFFFFFFFF:
+        row, code = key >> 4, key & 15
+        raise ValueError(f"{name} is not a valid {kind} (row {row}): {_VALID_RULES[code]}")
+
+
+def _routing_and_err(cp, backup_slot, backup_rows, m: int):
+    err = cp.full(1, 0xFFFFFFFFFFFFFFFF, dtype=cp.uint64)
+    r = backup_rows.shape[0]
+    if m + r:
+        get_kernel(FAMILY, "validate_routing")((grid_1d(m + r, 256),), (256,),
+                                               (backup_slot, backup_rows, i32(m), i32(r), err))
+    return err
+
+
+def validate_twell(tw: TwELL, name: str = "tw"):
+    """Check a device TwELL's data invariants (docs/format.md) before any kernel reads it: two kernels and
+    one 8-byte read-back.  Raises ``ValueError`` naming the first bad row and the rule."""
+    cp = cupy()
+    _check_contiguous(tw, ("counts", "indices", "values", "backup_slot", "backup_rows", "backup_values"), name)
+    m = tw.n_rows
+    err = _routing_and_err(cp, tw.backup_slot, tw.backup_rows, m)
+    cells = m * tw.n_tiles
+    if cells:
+        get_kernel(FAMILY, "validate_twell_tiles")(
+            (grid_1d(cells, _VALIDATE_WARPS),), (32 * _VALIDATE_WARPS,),
+            (tw.counts, tw.indices, tw.backup_slot, i32(m), i32(tw.n_tiles), i32(tw.slots), i32(tw.tile_width),
+             i32(tw.n_cols), err))
+    _raise_if_bad(err, name, "TwELL")
+
+
+def validate_hybrid(hy: Hybrid, name: str = "hy", max_len: int | None = None):
+    """Check a device Hybrid's data invariants (docs/format.md) before any kernel reads it (its transposed
+    pattern, if any, on the host: it is read only by the training backward).  Raises ``ValueError``."""
+    cp = cupy()
+    _check_contiguous(hy, ("row_ptr", "col_indices", "values", "backup_slot", "backup_rows", "backup_values"), name)
+    m = hy.n_rows
+    err = _routing_and_err(cp, hy.backup_slot, hy.backup_rows, m)
+    if m:
+        get_kernel(FAMILY, "validate_hybrid_rows")(
+            (grid_1d(m, _VALIDATE_WARPS),), (32 * _VALIDATE_WARPS,),
+            (hy.row_ptr, hy.col_indices, hy.backup_slot, i32(m), i32(hy.nnz), i32(hy.n_cols),
+             i32(hy.n_cols if max_len is None else max_len), err))
+    _raise_if_bad(err, name, "Hybrid")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _backend as B
-from .._kernels import CTYPE
+from .loader import CTYPE
 
 NULL = np.uint64(0)  # a null device pointer argument
 _CTYPE_OF_DTYPE: dict = {}  # np.dtype -> C++ type, filled by ctype_of
@@ -40,6 +40,12 @@ def i32(v) -> np.int32:
     return np.int32(v)
 
 
+def threshold_i32(v) -> np.int32:
+    """A row threshold as a kernel argument: any value above int32 means the same as the int32 maximum (a row
+    never has that many entries)."""
+    return np.int32(min(int(v), 2**31 - 1))
+
+
 def grid_1d(total: int, block: int, cap: int = 65535 * 8) -> int:
     return max(1, min(cap, -(-int(total) // block)))
 
@@ -58,11 +64,7 @@ def device_matrix(a, name: str, *, ndim: int = 2):
     return a
 
 
-#: ``HostReadback(..., overlap=True)`` copies on a side stream (after an event on the current stream), so
-#: the kernels queued after the read-back do not wait for the copy engine (a D2H copy between two kernels
-#: of one stream delays the second by the copy's latency).  False: every copy on the current stream.
-READBACK_SIDE_STREAM = True
-_side_streams: dict = {}
+_side_streams: dict = {}    # device id -> the non-blocking stream of overlapped read-backs
 
 
 def _side_stream(cp):
@@ -79,8 +81,9 @@ class HostReadback:
     The copies are ordered after the work already queued on the current stream; :meth:`wait` blocks only
     until they are done, so kernels queued after the constructor keep the GPU busy while the host waits.
     ``overlap=True`` (for a read-back followed by kernels before its :meth:`wait`): the copies run on a side
-    stream that waits for the current one (:data:`READBACK_SIDE_STREAM`), so those kernels do not queue
-    behind the copy; they must not write the arrays being read.  ``wait`` returns every element of every
+    stream that waits for the current one, so those kernels do not queue behind the copy engine (a D2H
+    copy between two kernels of one stream delays the second by the copy's latency); they must not write
+    the arrays being read.  ``wait`` returns every element of every
     array, in order, as Python ints.
     """
 
@@ -92,7 +95,7 @@ class HostReadback:
         self._mem = cp.cuda.alloc_pinned_memory(4 * max(total, 1))
         self._host = np.frombuffer(self._mem, dtype=np.int32, count=total)
         stream = cp.cuda.get_current_stream()
-        if overlap and READBACK_SIDE_STREAM:
+        if overlap:
             ready = cp.cuda.Event(block=False, disable_timing=True)
             ready.record(stream)
             stream = _side_stream(cp)

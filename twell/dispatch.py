@@ -1,0 +1,163 @@
+"""Which path an FFN call takes: sparse (TwELL / hybrid, with exact dense backup rows) or dense (cuBLAS).
+
+Both paths are exact; the choice only changes the time.  The sparse path wins when few neurons are active
+per token and loses when many are (every model goes through that regime during its L1 warm-up), so a
+layer that calls the op repeatedly keeps a :class:`DensityTracker`: each call reports how dense its batch
+was, and the next call takes the path the cost model below predicts to be faster.  A call without a
+tracker takes the sparse path (``path="auto"``), or the one it is told (``path="sparse"`` / ``"dense"``).
+
+Cost model (times of one call; constants measured on an H200, bf16, docs/performance-history.md):
+
+* dense inference: 3 GEMMs of M x n x d, or reading the three weight matrices once, whichever is longer;
+  training: 9 such GEMMs (forward 3, backward 6).
+* sparse: the gate GEMM (one of the three), plus every compact entry's weight-row gathers (2 rows of d
+  elements per entry in inference, 7 in training), plus each dense backup row at the dense per-row cost
+  (with an overhead for gathering and scattering its rows).
+
+Calibrated against the measured break-even of the sweeps (about 70-80 active neurons per token of
+5,632 for inference and training at M = 16,384).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["DensityTracker", "PATHS", "predict_times", "check_path"]
+
+#: Values of the ``path`` argument of the FFN ops.
+PATHS = ("auto", "sparse", "dense")
+
+#: bf16 GEMM rate of cuBLAS on the gate GEMM's shape (FLOP/s) and device memory read rate (B/s).
+GEMM_FLOPS = 660e12
+MEMORY_BYTES_PER_S = 3.8e12
+#: Rate of the sparse kernels' random weight-row gathers (B/s; the rows mostly come from L2).
+GATHER_BYTES_PER_S = 8.5e12
+#: Weight rows of d elements gathered per compact entry: inference (up, down) and a training step.
+GATHER_ROWS_INFERENCE, GATHER_ROWS_TRAINING = 2, 7
+#: A dense backup row costs this much more than the same row inside a dense GEMM (row gathers, scatters).
+BACKUP_ROW_OVERHEAD = 1.15
+
+
+def check_path(path) -> str:
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    return path
+
+
+def predict_times(m: int, n: int, d: int, itemsize: int, compact_entries: int, backup_rows: int, *,
+                  training: bool) -> tuple[float, float]:
+    """Predicted ``(sparse, dense)`` seconds of one call with this density (see the module docstring)."""
+    gemm = 2.0 * m * n * d / GEMM_FLOPS
+    weights = n * d * itemsize / MEMORY_BYTES_PER_S
+    gemms = 9 if training else 3
+    dense = max(gemms * gemm, (3 if training else 1) * 3 * weights)
+    per_row_dense = dense / max(m, 1)
+    rows = GATHER_ROWS_TRAINING if training else GATHER_ROWS_INFERENCE
+    sparse = (max(gemm, weights) + compact_entries * rows * d * itemsize / GATHER_BYTES_PER_S
+              + backup_rows * per_row_dense * (gemms - 1) / gemms * BACKUP_ROW_OVERHEAD)
+    return sparse, dense
+
+
+@dataclass
+class _Observation:
+    m: int
+    compact_entries: int
+    backup_rows: int
+
+
+class DensityTracker:
+    """Remembers how dense one layer's last call was and picks the path of its next call.
+
+    Pass the same tracker to every call of one layer (``tracker=``); the layers of :mod:`twell.torch`
+    hold one each.  After a sparse call it knows the compact entries and the rows on the dense backup
+    (read back by the call anyway); after a dense call, the entries per row (copied back asynchronously
+    and read at the next decision, by when the copy has long finished).  The decision is the cheaper of
+    the two paths by :func:`predict_times` for the next call's shape; with no observation yet, sparse.
+
+    Thread-safe; captured CUDA-graph calls neither update it nor are affected by later changes (the path
+    is fixed when the graph is captured).
+
+    Attributes
+    ----------
+    last_path : str or None
+        The path the last observed call took.
+    calls : dict
+        How many calls took each path.
+    """
+
+    def __init__(self, dense_row_threshold: int = 128):
+        self._lock = threading.Lock()
+        self._obs: _Observation | None = None
+        self._pending = None           # (event, pinned row counts, m) of a dense call
+        self.dense_row_threshold = int(dense_row_threshold)
+        self.last_path: str | None = None
+        self.calls = {"sparse": 0, "dense": 0}
+
+    def observe_sparse(self, m: int, compact_entries: int, backup_rows: int):
+        """Record a sparse call's density (host integers)."""
+        with self._lock:
+            self._obs = _Observation(int(m), int(compact_entries), int(backup_rows))
+            self._pending = None
+            self.last_path = "sparse"
+            self.calls["sparse"] += 1
+
+    def observe_rows(self, row_nnz, *, path: str):
+        """Record a call from its per-row entry counts on the device (int32 (M,)): an asynchronous copy to
+        pinned host memory, read at the next :meth:`choose`."""
+        import cupy as cp  # noqa: PLC0415
+        m = int(row_nnz.shape[0])
+        host = cp.cuda.alloc_pinned_memory(4 * max(m, 1))
+        buf = np.frombuffer(host, dtype=np.int32, count=m)
+        stream = cp.cuda.get_current_stream()
+        if m:
+            cp.cuda.runtime.memcpyAsync(buf.ctypes.data, row_nnz.data.ptr, 4 * m, cp.cuda.runtime.memcpyDeviceToHost,
+                                        stream.ptr)
+        event = cp.cuda.Event(block=False, disable_timing=True)
+        event.record(stream)
+        with self._lock:
+            self._pending = (event, host, buf, row_nnz)
+            self.last_path = path
+            self.calls[path] = self.calls.get(path, 0) + 1
+
+    def observe_host_rows(self, row_nnz: np.ndarray, *, path: str):
+        """Record a call from host per-row entry counts (the NumPy reference path)."""
+        row_nnz = np.asarray(row_nnz)
+        with self._lock:
+            self._obs = self._summarise(row_nnz)
+            self._pending = None
+            self.last_path = path
+            self.calls[path] = self.calls.get(path, 0) + 1
+
+    def _summarise(self, row_nnz: np.ndarray) -> _Observation:
+        over = row_nnz > self.dense_row_threshold
+        return _Observation(int(row_nnz.shape[0]), int(row_nnz[~over].sum(dtype=np.int64)), int(over.sum()))
+
+    def observation(self) -> _Observation | None:
+        """The last call's density (waits for a pending copy from a dense call)."""
+        with self._lock:
+            if self._pending is not None:
+                event, _host, buf, _dev = self._pending
+                event.synchronize()
+                self._obs = self._summarise(buf)
+                self._pending = None
+            return self._obs
+
+    def choose(self, m: int, n: int, d: int, itemsize: int, *, training: bool) -> str:
+        """"sparse" or "dense" for a call of M tokens, from the last observation scaled to M."""
+        obs = self.observation()
+        if obs is None or obs.m == 0:
+            return "sparse"
+        scale = m / obs.m
+        sparse, dense = predict_times(m, n, d, itemsize, round(obs.compact_entries * scale),
+                                      round(obs.backup_rows * scale), training=training)
+        return "dense" if sparse > dense else "sparse"
+
+    def __repr__(self) -> str:
+        obs = self._obs
+        what = "no observation" if obs is None else (
+            f"last M={obs.m}: {obs.compact_entries / max(obs.m, 1):.1f} compact entries/token, "
+            f"{obs.backup_rows} backup rows")
+        return f"DensityTracker({what}, last path {self.last_path}, calls {self.calls})"

@@ -1,0 +1,245 @@
+"""GPU inference: ``x → gate → h → y`` by one of four paths, chosen in :func:`forward`.
+
+* **fused decode** (M ≤ 4, 16-bit, d = 256·k ≤ 2048, no statistics asked): one kernel streams w_gate once,
+  keeps the active entries and gathers their w_up / w_down rows; a second sums the per-CTA partials.
+* **small batch** (M ≤ :data:`SMALL_BATCH_ROWS`): the gate GEMM (cuBLAS) then one kernel that computes
+  every row sparsely and exactly from the dense gate, whatever its activity (no TwELL, no routing, no
+  host synchronisation: capturable in a CUDA graph).
+* **sparse** (larger M): gate GEMM → TwELL (the fused Hopper kernel, or cuBLAS + the pack kernel) →
+  fused up/down for the compact rows while the host reads back how many rows need the dense backup →
+  cuBLAS for those rows.  One 16-byte read-back: not capturable.
+* **dense** (``path="dense"``, or what a :class:`~twell.DensityTracker` picks for a dense batch): three
+  cuBLAS GEMMs and one elementwise kernel that also counts the entries.  Capturable.
+
+Every path is exact (the same NaN / Inf rule, docs/design.md) and bitwise deterministic.
+"""
+
+from __future__ import annotations
+
+from ..kernels import ffn_forward, gate_gemm, pack
+from ..kernels.common import MAX_LIST, cupy
+from ..results import FFNStats
+from ..runtime import blas
+from ..runtime.launch import HostReadback
+from .streams import CaptureError, capture_allocations, capturing, require_out
+
+#: Largest batch of the small-batch path (no TwELL, no routing, no host sync, capturable).
+SMALL_BATCH_ROWS = 512
+#: Largest batch of the fused decode kernels: their gate GEMV runs on CUDA cores, so its cost grows with
+#: the rows while cuBLAS's does not (measured cut-over 4 rows, docs/performance-history.md, v20).
+FUSED_DECODE_ROWS = 4
+
+
+def forward(x, w_first, w_up, w_down, *, gated: bool, tile_width: int, compression: int, threshold: int,
+            return_stats: bool, out, gate_kernel: str, path: str, tracker):
+    """The GPU inference op (``gated_ffn`` when ``gated``, else ``ffn`` with ``w_up`` unused)."""
+    cp = cupy()
+    m, d = x.shape
+    n = w_down.shape[0]
+    in_capture = capturing(cp)
+    if in_capture:
+        require_out(out, "gated_ffn" if gated else "ffn")
+    if path == "auto":
+        path = tracker.choose(m, n, d, x.dtype.itemsize, training=False) if tracker is not None else "sparse"
+    with capture_allocations(cp, in_capture):
+        y = cp.empty((m, d), dtype=x.dtype) if out is None else out
+        observe = tracker is not None and not in_capture
+        if path == "dense":
+            row_nnz, counts, kernel = dense_forward(x, w_first, w_up, w_down, y, gated=gated,
+                                                    neuron_counts=return_stats)
+            summary = None
+        elif m <= SMALL_BATCH_ROWS:
+            row_nnz, counts, kernel = small_batch_forward(x, w_first, w_up, w_down, y, gated=gated,
+                                                          row_counts=return_stats or observe,
+                                                          neuron_counts=return_stats)
+            summary = None
+        else:
+            if in_capture:
+                raise CaptureError(
+                    f"gated_ffn with M = {m} > {SMALL_BATCH_ROWS} rows takes the sparse path, which reads the "
+                    "number of dense-backup rows back to the host and cannot be captured: capture batches of "
+                    f"at most {SMALL_BATCH_ROWS} rows (each one a replayable graph), pass path='dense', or "
+                    "call it eagerly")
+            p, summary, kernel = sparse_forward(x, w_first, w_up, w_down, y, gated=gated, tile_width=tile_width,
+                                                compression=compression, threshold=threshold,
+                                                gate_kernel=gate_kernel, neuron_counts=return_stats)
+            row_nnz, counts = p.row_nnz, p.neuron_counts
+        if observe:
+            if summary is not None:
+                tracker.observe_sparse(m, summary[2], summary[0])
+            elif row_nnz is not None:
+                tracker.observe_rows(row_nnz, path="dense" if path == "dense" else "sparse")
+        if not return_stats:
+            return y
+        nnz = row_nnz.sum(dtype=cp.int64)
+        stats = FFNStats(n_rows=m, n_cols=n, nnz=nnz, l0=nnz / max(m, 1), l1=None, neuron_counts=counts,
+                         n_backup_rows=m if path == "dense" else (summary[0] if summary else 0),
+                         n_overflow_rows=summary[1] if summary else 0, gate_kernel=kernel,
+                         path="dense" if path == "dense" else ("sparse" if summary else "small_batch"))
+        return y, stats
+
+
+# --------------------------------------------------------------------------- small batches
+
+
+def small_batch_forward(x, w_first, w_up, w_down, y, *, gated: bool, row_counts: bool, neuron_counts: bool):
+    """Small batches without routing: returns (row_nnz or None, neuron_counts or None, gate kernel).  Without
+    counts asked, batches of at most FUSED_DECODE_ROWS rows run the fused decode kernels."""
+    cp = cupy()
+    m = x.shape[0]
+    if not row_counts and m <= FUSED_DECODE_ROWS and ffn_forward.decode_fused_supported(x, w_first, w_up, w_down,
+                                                                                         y):
+        ffn_forward.decode_fused(x, w_first, w_up, w_down, y, gated=gated)
+        return None, None, "decode_fused"
+    z = blas.gemm(x, w_first, trans_b=True)                                      # (M, n)
+    row_nnz = cp.empty(m, dtype=cp.int32) if row_counts else None
+    counts = cp.zeros(w_first.shape[0], dtype=cp.int32) if neuron_counts else None
+    if counts is not None:
+        pack.count_row_entries(z, row_nnz, relu=True, neuron_counts=counts)
+    ffn_forward.dense_gate_up_down(x, z, w_up, w_down, y, gated=gated, row_nnz=None if counts is not None else row_nnz)
+    return row_nnz, counts, "cublas"
+
+
+# --------------------------------------------------------------------------- dense
+
+
+def dense_forward(x, w_first, w_up, w_down, y, *, gated: bool, neuron_counts: bool):
+    """Three cuBLAS GEMMs and one elementwise kernel (h and the entry counts); returns (row_nnz,
+    neuron_counts or None, "cublas")."""
+    cp = cupy()
+    m = x.shape[0]
+    n = w_down.shape[0]
+    z = blas.gemm(x, w_first, trans_b=True)
+    u = blas.gemm(x, w_up, trans_b=True) if gated else None
+    row_nnz = cp.empty(m, dtype=cp.int32)
+    counts = cp.zeros(n, dtype=cp.int32) if neuron_counts else None
+    h = ffn_forward.dense_gate_mul(z, u, gated=gated, row_nnz=row_nnz, neuron_counts=counts)
+    u = None
+    blas.gemm(h, w_down, y)
+    ffn_forward.fix_nonfinite_rows(y, z, h, w_down)
+    return row_nnz, counts, "cublas"
+
+
+# --------------------------------------------------------------------------- sparse
+
+
+def effective_threshold(threshold: int, n: int, tile_width: int, compression: int) -> int:
+    """The row threshold the kernels apply: at most MAX_LIST entries and at most the TwELL's slots."""
+    n_tiles = -(-n // tile_width)
+    return min(threshold, MAX_LIST, n_tiles * (tile_width // compression))
+
+
+def sparse_forward(x, w_first, w_up, w_down, y, *, gated: bool, tile_width: int, compression: int, threshold: int,
+                   gate_kernel: str, neuron_counts: bool):
+    """Gate → TwELL → compact rows' up/down + dense backup rows.  Returns (TwellPending, (backup rows,
+    overflowed rows, compact entries), gate kernel)."""
+    n = w_down.shape[0]
+    eff = effective_threshold(threshold, n, tile_width, compression)
+    kernel = gate_gemm.choose_gate_kernel(gate_kernel, x, w_first)
+    if kernel == "cublas":
+        z = blas.gemm(x, w_first, trans_b=True)                                  # (M, n)
+        p = pack.pack_twell_async(z, tile_width, compression, eff, relu=True, neuron_counts=neuron_counts)
+    else:                                                   # the GEMM launched first: the GPU idles until it
+        z = None                                            # never materialised
+        p = gate_gemm.gate_twell_async(x, w_first, tile_width, compression, eff, kernel=kernel,
+                                       neuron_counts=neuron_counts)
+    # the up/down kernel uses totals[2] as its work counter: read back the others meanwhile
+    readback = HostReadback(p.totals[:2], p.totals[3:], overlap=True)
+    ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.row_route, w_up, w_down, tile_width, y,
+                              compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3])
+    n_backup, n_overflow, compact_entries = readback.wait()
+    if n_backup:
+        backup_rows_forward(x, p, z, w_first, w_up, w_down, y, n_backup, n_overflow, gated)
+    return p, (n_backup, n_overflow, compact_entries), kernel
+
+
+def backup_rows_forward(x, p, z, w_first, w_up, w_down, y, n_backup: int, n_overflow: int, gated: bool):
+    """The backup rows' y with cuBLAS: u = x_b w_upᵀ, h = relu(z_b) ⊙ u (gated) or relu(z_b), y_b = h w_down.
+
+    The host queues this after the read-back, while the up/down kernel runs, so its host time counts only
+    where it outlasts that kernel.  Every row a backup row: plain GEMMs on the whole batch.  Otherwise the
+    ordered backup-row list (:func:`pack.route_rows`); after the fused gate (``z`` None) the gathered x rows
+    and the gate rows unpacked from the TwELL come from one kernel, and the y rows are scattered by one.
+    """
+    m = x.shape[0]
+    if n_backup == m:
+        rows, xr = None, x
+        zr = backup_gate_rows(p, z, xr, None, w_first, n_backup, n_overflow)
+    else:
+        rows = pack.route_rows(p.row_route)[1][:n_backup]
+        if z is None and 2 * n_overflow <= n_backup:
+            xr, zr = pack.gather_backup_rows(x, p.counts, p.indices, p.values, rows, w_first.shape[0], p.tile_width)
+            if n_overflow:
+                recompute_overflowed(p, zr, xr, rows, w_first, n_overflow)
+        else:
+            xr = x[rows]
+            zr = backup_gate_rows(p, z, xr, rows, w_first, n_backup, n_overflow)
+    u = blas.gemm(xr, w_up, trans_b=True) if gated else None
+    h = ffn_forward.dense_gate_mul(zr, u, gated=gated)
+    u = None
+    if rows is None:
+        blas.gemm(h, w_down, y)
+        ffn_forward.fix_nonfinite_rows(y, zr, h, w_down)
+    else:
+        yr = blas.gemm(h, w_down)
+        ffn_forward.fix_nonfinite_rows(yr, zr, h, w_down)
+        pack.scatter_rows(yr, rows, y)
+
+
+def recompute_overflowed(p, zr, xr, rows, w_first, n_overflow: int):
+    """Gate rows (R, n) of the backup rows whose TwELL tile overflowed, recomputed with cuBLAS in place."""
+    cp = cupy()
+    overflowed = (p.row_route if rows is None else p.row_route[rows]) == pack.ROUTE_OVERFLOW
+    _, pos_buf, _ = pack.route_rows(overflowed.astype(cp.int32))   # their positions, in order
+    pos = pos_buf[:n_overflow]
+    zr[pos] = blas.gemm(xr[pos], w_first, trans_b=True)
+
+
+def backup_gate_rows(p, z, xr, rows, w_first, n_backup: int, n_overflow: int):
+    """Gate pre-activations (relu'd where they come from TwELL) of the backup rows, (R, n).
+
+    ``rows``: the ordered backup-row list (None: every row).  From the dense z when cuBLAS computed it.
+    After the fused gate z was never stored: a row routed by the row threshold has every entry in its TwELL
+    (no tile overflowed), so its gate row is unpacked from there; only rows whose tile overflowed recompute
+    their gate row with cuBLAS (all rows when most of them overflowed).
+    """
+    if z is not None:
+        return z if rows is None else z[rows]
+    if 2 * n_overflow > n_backup:
+        # mostly overflowed rows (dense batches): one GEMM over all of them is cheaper than unpacking plus a
+        # GEMM over a gathered subset and its scatter
+        return blas.gemm(xr, w_first, trans_b=True)
+    zr = pack.unpack_twell_rows(p.counts, p.indices, p.values, rows, w_first.shape[0], p.tile_width)
+    if n_overflow:
+        recompute_overflowed(p, zr, xr, rows, w_first, n_overflow)
+    return zr
+
+
+# --------------------------------------------------------------------------- from a user's TwELL
+
+
+def twell_product(x, tw, w_up, w_down, y, *, gated: bool):
+    """y = (g ⊙ (x w_upᵀ)) w_down (gated; g the TwELL's values) or h w_down (h = the TwELL) for a validated
+    device TwELL: the compact rows by the fused kernel, the backup rows and compact rows longer than the
+    kernels' list by cuBLAS."""
+    cp = cupy()
+    nnz = cp.minimum(tw.counts, tw.slots).sum(axis=1)
+    long_rows = cp.flatnonzero((nnz > MAX_LIST) & (tw.backup_slot < 0)).astype(cp.int32)   # host sync (size)
+    backup_slot = tw.backup_slot
+    if long_rows.size:
+        backup_slot = backup_slot.copy()
+        backup_slot[long_rows] = 0                          # any value >= 0: the kernel skips the row
+    ffn_forward.twell_up_down(x, tw.counts, tw.indices, tw.values, backup_slot, w_up, w_down, tw.tile_width, y,
+                              gated=gated)
+    for rows, g in ((tw.backup_rows, tw.backup_values), (long_rows, None)):
+        if rows.size == 0:
+            continue
+        if g is None:
+            g = pack.unpack_twell_rows(tw.counts, tw.indices, tw.values, rows, tw.n_cols, tw.tile_width)
+        g = cp.ascontiguousarray(g)
+        u = blas.gemm(cp.ascontiguousarray(x[rows]), w_up, trans_b=True) if gated else None
+        h = ffn_forward.dense_gate_mul(g, u, gated=gated, relu=False)
+        yr = blas.gemm(h, w_down)
+        ffn_forward.fix_nonfinite_rows(yr, g, h, w_down, relu=False)
+        y[rows] = yr
+    return y
