@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from twell import _backend, bench
+from twell import _backend
+from twell.bench import cases, checks, config, dense_host, elementwise, env, report, runners, timing
+from twell.bench import impls as bench_impls
 from twell.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,14 +56,14 @@ def test_info_json():
 
 
 def test_arch_for():
-    assert bench.arch_for((9, 0)) == "sm_90a"
-    assert bench.arch_for((8, 0)) == "sm_80"
-    assert bench.arch_for((10, 0)) == "sm_100"
+    assert env.arch_for((9, 0)) == "sm_90a"
+    assert env.arch_for((8, 0)) == "sm_80"
+    assert env.arch_for((10, 0)) == "sm_100"
 
 
 # ---------------------------------------------------------------------------- bench (CPU)
 def _check_results(res, n_cases):
-    assert res["schema"] == bench.JSON_SCHEMA
+    assert res["schema"] == config.JSON_SCHEMA
     meta = res["meta"]
     for key in ("date", "command", "git_revision", "backend", "device", "environment", "timer"):
         assert key in meta
@@ -113,9 +115,9 @@ def test_bench_in_process_check_and_registry(tmp_path, capsys):
     def broken(problem):
         raise RuntimeError("kaputt")
 
-    bench.register_sparse("fake_sparse", fake, backend="numpy")
-    bench.register_sparse("wrong_sparse", wrong, backend="numpy")
-    bench.register_sparse("broken_sparse", broken, backend="numpy")
+    bench_impls.register_sparse("fake_sparse", fake, backend="numpy")
+    bench_impls.register_sparse("wrong_sparse", wrong, backend="numpy")
+    bench_impls.register_sparse("broken_sparse", broken, backend="numpy")
     try:
         out = tmp_path / "r.json"
         rc = main(["bench", "--backend", "cpu", "--m", "32", "--kind", "neuron_skew", "--mean", "16,40", "--check",
@@ -139,8 +141,8 @@ def test_bench_in_process_check_and_registry(tmp_path, capsys):
         assert "FAIL" in text.out
     finally:
         for name in ("fake_sparse", "wrong_sparse", "broken_sparse"):
-            bench.unregister(name)
-    assert "fake_sparse" not in bench.IMPLS
+            bench_impls.unregister(name)
+    assert "fake_sparse" not in bench_impls.IMPLS
 
 
 def test_bench_sweep_cpu(tmp_path, capsys):
@@ -151,9 +153,11 @@ def test_bench_sweep_cpu(tmp_path, capsys):
     assert rc == 0, text.err
     res = json.loads(out.read_text())
     means = [c["mean_active_target"] for c in res["cases"]]
-    assert means == [m for m in bench.SWEEP_MEANS if m < 512]
+    assert config.SWEEP_MEANS == (8, 29, 64, 128, 256, 512, 1500, 5632)
+    assert means == [m for m in config.SWEEP_MEANS if m < 512]
     assert all(c["sweep"] and c["m"] == 16 and c["kind"] == "uniform" for c in res["cases"])
-    assert any("600" in note for note in res["notes"])
+    for skipped in (512, 1500, 5632):  # not in (0, n = 512): a note each
+        assert sum(f"sweep mean {skipped} skipped" in note for note in res["notes"]) == 1
     assert list(res["cases"][0]["impls"]) == ["dense_numpy"]
     assert "median ms" in text.out  # --quiet prints the final table
 
@@ -167,7 +171,7 @@ def test_format_table_handles_errors_and_missing_values():
                          "speedup": 1.0, "speedup_graph": None, "rel_err": float("inf"), "check_ok": False},
                    "b": {"error": "RuntimeError: x"}}},
     ]}
-    text = bench.format_table(res)
+    text = report.format_table(res)
     assert "ERROR: ValueError: boom" in text and "a*" in text and "FAIL" in text and "ERROR: RuntimeError: x" in text
 
 
@@ -178,29 +182,29 @@ def test_queued_speedup_uses_the_fastest_dense_queued_or_graph_time():
         "dense_b": {"dense": True, "backend": "cupy", "eager": t(1.8), "graph": None, "queued": t(1.7)},
         "sparse": {"dense": False, "backend": "twell", "eager": t(1.2), "graph": None, "queued": t(0.8)},
     }
-    dense = bench._summarise_dense(impls)
+    dense = runners.summarise_dense(impls)
     assert dense["best_ms"] == 1.8 and dense["best_graph_ms"] == 1.6
     assert (dense["best_queued"], dense["best_queued_ms"]) == ("dense_a", 1.6)   # the graph replay is faster
-    bench._add_speedups(impls, dense)
+    runners.add_speedups(impls, dense)
     assert impls["sparse"]["speedup"] == pytest.approx(1.5)
     assert impls["sparse"]["speedup_queued"] == pytest.approx(2.0)
     assert impls["sparse"]["speedup_graph"] is None
     impls["dense_b"]["check_ok"] = False                                       # failed --check: not a baseline
     impls["dense_a"]["graph"] = None
-    dense = bench._summarise_dense(impls)
+    dense = runners.summarise_dense(impls)
     assert (dense["best_queued"], dense["best_queued_ms"]) == ("dense_a", 1.9)
 
 
 def test_write_json_is_strict(tmp_path):
     p = tmp_path / "x.json"
-    bench.write_json({"a": float("nan"), "b": np.float32(1.5), "c": np.int64(3), "d": (1, 2), "e": np.bool_(True)}, p)
+    report.write_json({"a": float("nan"), "b": np.float32(1.5), "c": np.int64(3), "d": (1, 2), "e": np.bool_(True)}, p)
     assert json.loads(p.read_text()) == {"a": None, "b": 1.5, "c": 3, "d": [1, 2], "e": True}
 
 
 def test_time_cpu_statistics():
-    t = bench.time_cpu(lambda: sum(range(1000)), budget_s=0.01).to_dict()
+    t = timing.time_cpu(lambda: sum(range(1000)), budget_s=0.01).to_dict()
     assert t["n_repeat"] >= 3 and t["p20_ms"] <= t["median_ms"] <= t["p80_ms"]
-    slow = bench.time_cpu(lambda: __import__("time").sleep(0.03), budget_s=0.01).to_dict()
+    slow = timing.time_cpu(lambda: __import__("time").sleep(0.03), budget_s=0.01).to_dict()
     assert slow["n_repeat"] == 1
 
 
@@ -261,6 +265,161 @@ def test_backend_gpu_without_gpu(capsys):
     assert "gpu" in capsys.readouterr().err.lower()
 
 
+# ---------------------------------------------------------------------------- the twell.bench package
+BENCH_DIR = ROOT / "twell" / "bench"
+#: what the bench may import from twell besides its own modules: the public API, the cuBLAS binding, the loader.
+ALLOWED_TWELL_MODULES = {"twell", "twell._backend", "twell.synthetic", "twell.reference", "twell.runtime.blas",
+                         "twell.runtime.loader"}
+#: module globals of the library that the bench must neither read nor write.
+LIBRARY_SWITCHES = {"FUSED_FORWARD", "WGMMA_CLUSTER", "WGMMA_CLUSTERS", "TRAINING_AUTO_FUSED",
+                    "READBACK_SIDE_STREAM"}
+
+
+def _bench_sources():
+    return sorted(BENCH_DIR.glob("*.py"))
+
+
+def _bench_imports(path):
+    """``(module, name)`` of every import statement of a bench module (nested ones too), relative imports
+    resolved; ``name`` is None for ``import module`` and the imported name for ``from module import name``."""
+    import ast
+    pkg = ["twell", "bench"]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, None) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(pkg[:len(pkg) - node.level + 1]) if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            out += [(module, a.name) for a in node.names]
+    return out
+
+
+def _bench_module_of(module, name):
+    """The twell.bench module an import refers to (``from . import x`` names the submodule x), else None."""
+    if name is not None and module == "twell.bench" and (BENCH_DIR / f"{name}.py").exists():
+        return f"twell.bench.{name}"
+    return module if module.startswith("twell.bench") else None
+
+
+def test_bench_is_a_package_of_small_modules():
+    assert not (ROOT / "twell" / "bench.py").exists()
+    sizes = {p.name: len(p.read_text().splitlines()) for p in _bench_sources()}
+    assert {"__init__.py", "env.py", "timing.py", "impls.py", "cases.py", "report.py", "cli.py"} <= set(sizes)
+    assert {name: n for name, n in sizes.items() if n > 500} == {}
+
+
+def test_bench_does_not_import_twell_kernels():
+    """Statically: only public twell API, twell.runtime.blas / loader and the bench's own modules (no private
+    names across modules, no library switches); at run time: importing every bench module and building the
+    command line leaves twell.kernels unimported."""
+    import ast
+
+    import twell
+    public = set(twell.__all__) | {"synthetic", "reference", "_backend", "runtime"}
+    for path in _bench_sources():
+        for module, name in _bench_imports(path):
+            where = f"{path.name}: from {module} import {name}" if name else f"{path.name}: import {module}"
+            assert not module.startswith("twell.kernels") and not (module == "twell" and name == "kernels"), where
+            if _bench_module_of(module, name) is not None:
+                assert name is None or not name.startswith("_"), where
+            elif module == "twell" or module.startswith("twell."):
+                full = f"{module}.{name}" if name and f"{module}.{name}" in ALLOWED_TWELL_MODULES else module
+                assert full in ALLOWED_TWELL_MODULES, where
+                assert module != "twell" or name is None or name in public, where
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute):
+                assert node.attr not in LIBRARY_SWITCHES, f"{path.name}:{node.lineno}: {node.attr}"
+                if isinstance(node.value, ast.Name) and node.value.id == "twell":
+                    assert node.attr in public, f"{path.name}:{node.lineno}: twell.{node.attr}"
+            if isinstance(node, ast.Name):
+                assert node.id not in LIBRARY_SWITCHES, f"{path.name}:{node.lineno}: {node.id}"
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "import_module", "__import__"):
+                args = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+                assert not any(a.startswith("twell") for a in args), f"{path.name}:{node.lineno}: {args}"
+    assert "twell_fused_forward" not in bench_impls.IMPLS
+    code = ("import sys, pkgutil, importlib, twell.bench as b\n"
+            "for m in pkgutil.iter_modules(b.__path__): importlib.import_module('twell.bench.' + m.name)\n"
+            "from twell.__main__ import build_parser\n"
+            "build_parser().parse_args(['bench'])\n"
+            "b.environment_info()\n"
+            "print(sorted(m for m in sys.modules if m.startswith('twell.kernels')))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_bench_import_graph_is_acyclic():
+    graph = {}
+    for path in _bench_sources():
+        me = "twell.bench" if path.name == "__init__.py" else f"twell.bench.{path.stem}"
+        deps = {_bench_module_of(m, n) for m, n in _bench_imports(path)} - {None, me}
+        graph[me] = deps
+    assert graph["twell.bench"] == set()  # the package's names are imported lazily, on first access
+    done, stack = set(), []
+
+    def visit(mod):
+        assert mod not in stack, f"import cycle: {' -> '.join([*stack[stack.index(mod):], mod])}"
+        if mod in done:
+            return
+        stack.append(mod)
+        for dep in sorted(graph.get(mod, ())):
+            visit(dep)
+        stack.pop()
+        done.add(mod)
+    for mod in sorted(graph):
+        visit(mod)
+
+
+def test_timing_imports_alone():
+    code = ("import sys\n"
+            "from twell.bench.timing import L2Flusher, capture_cupy_graph, capture_torch_graph, time_cpu, time_gpu\n"
+            "assert time_cpu(lambda: None, budget_s=0.001).to_dict()['n_repeat'] >= 1\n"
+            "print(sorted(m for m in sys.modules if m.startswith('twell.bench')))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['twell.bench', 'twell.bench.timing']"
+
+
+def test_bench_package_attributes():
+    import twell.bench as b
+    assert b.time_gpu is timing.time_gpu and b.L2Flusher is timing.L2Flusher
+    assert b.IMPLS is bench_impls.IMPLS and b.TrainProblem is cases.TrainProblem and b.make_dy is cases.make_dy
+    assert b.format_table is report.format_table and b.environment_info is env.environment_info
+    assert {"time_gpu", "bench_main", "register_sparse"} <= set(dir(b)) and set(b.__all__) <= set(dir(b))
+    with pytest.raises(AttributeError):
+        b.CublasGemm  # noqa: B018 - the bench's own cuBLAS binding is gone (twell.runtime.blas)
+
+
+@pytest.mark.parametrize("mode", ["infer", "train", "both"])
+def test_bench_sweep_per_kind_every_mode_cpu(mode, tmp_path, capsys):
+    """--sweep with two kinds: one sweep per kind and task, all in the JSON, one plot line per impl, mode and kind."""
+    out = tmp_path / "k.json"
+    names = {"infer": "dense_numpy", "train": "dense_numpy_train"}
+    tasks = config.MODE_TASKS[mode]
+    rc = main(["bench", "--backend", "cpu", "--mode", mode, "--sweep", "--sweep-m", "32", "--sweep-means", "8,29",
+               "--kind", "uniform,token_skew", "--impl", ",".join(names[t] for t in tasks), "--json", str(out),
+               "--quiet", *SMALL])
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    res = json.loads(out.read_text())
+    for task in config.TASKS:
+        got = [(c["kind"], c["mean_active_target"]) for t, c in report.all_cases(res) if t == task]
+        assert got == ([(k, m) for k in ("uniform", "token_skew") for m in (8, 29)] if task in tasks else [])
+    assert ("train" in res) == ("train" in tasks)
+    assert all(c["sweep"] and c["m"] == 32 and "error" not in c for _, c in report.all_cases(res))
+    series = report.plot_series(res)
+    label = {"infer": "eager", "train": "train eager"}
+    assert set(series) == {(names[t], label[t], k, 32) for t in tasks for k in ("uniform", "token_skew")}
+    for pts in series.values():
+        assert len(pts) == 2 and pts[0][0] < pts[1][0]
+    if HAS_MPL:
+        assert report.plot_results(str(out), tmp_path / "k.png").stat().st_size > 0
+
+
 # ---------------------------------------------------------------------------- plot
 def test_plot_errors(tmp_path, capsys):
     rc = main(["plot", str(tmp_path / "missing.json"), str(tmp_path / "o.png")])
@@ -274,7 +433,7 @@ def test_plot_errors(tmp_path, capsys):
 @pytest.mark.skipif(HAS_MPL, reason="matplotlib is installed")
 def test_plot_without_matplotlib(tmp_path, capsys):
     res = tmp_path / "r.json"
-    bench.write_json({"cases": []}, res)
+    report.write_json({"cases": []}, res)
     rc = main(["plot", str(res), str(tmp_path / "o.png")])
     assert rc == 1 and "matplotlib" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
@@ -329,7 +488,7 @@ TRAIN_IMPL_KEYS = {"backend", "dense", "eager", "graph", "forward", "peak_bytes"
 
 
 def _check_train_results(res, n_cases, impls=("dense_numpy_train", "reference_train")):
-    assert res["schema"] == bench.JSON_SCHEMA
+    assert res["schema"] == config.JSON_SCHEMA
     for key in ("date", "command", "git_revision", "backend", "device", "environment", "timer"):
         assert key in res["meta"]
     train = res["train"]
@@ -382,7 +541,7 @@ def test_bench_train_subprocess_cpu(tmp_path):
 def test_bench_train_check_and_registry(tmp_path, capsys):
     def good(tp):
         arrays = [np.asarray(a, np.float32) for a in (*tp.arrays(), tp.dy)]
-        return lambda: bench.dense_train_math(*arrays, tp.l1_weight)
+        return lambda: dense_host.dense_train_math(*arrays, tp.l1_weight)
 
     def wrong(tp):
         def run():
@@ -393,9 +552,9 @@ def test_bench_train_check_and_registry(tmp_path, capsys):
     def broken(tp):
         raise RuntimeError("kaputt")
 
-    bench.register_train("good_train", good, backend="numpy")
-    bench.register_train("wrong_train", wrong, backend="numpy")
-    bench.register_train("broken_train", broken, backend="numpy")
+    bench_impls.register_train("good_train", good, backend="numpy")
+    bench_impls.register_train("wrong_train", wrong, backend="numpy")
+    bench_impls.register_train("broken_train", broken, backend="numpy")
     try:
         out = tmp_path / "t.json"
         rc = main(["bench", "--backend", "cpu", "--mode", "train", "--m", "48", "--kind", "token_skew,neuron_skew",
@@ -407,12 +566,12 @@ def test_bench_train_check_and_registry(tmp_path, capsys):
         train = res["train"]
         assert train["l1_weight"] == 0.05 and len(train["cases"]) == 2
         for case in train["cases"]:
-            assert case["check"]["outputs"] == list(bench.TRAIN_OUTPUTS) and case["check"]["rows"] == 48
+            assert case["check"]["outputs"] == list(checks.TRAIN_OUTPUTS) and case["check"]["rows"] == 48
             impls = case["impls"]
             for name in ("dense_numpy_train", "reference_train", "good_train"):
                 r = impls[name]
                 assert r["check_ok"] is True, (name, r["rel_err"])
-                assert set(r["rel_err"]) == set(bench.TRAIN_OUTPUTS)
+                assert set(r["rel_err"]) == set(checks.TRAIN_OUTPUTS)
                 assert r["max_rel_err"] < 1e-5 and r["err_vs_dense"] < 2.5
             # the float64 reference rounds once at the end: at least as accurate as float32 dense
             assert impls["reference_train"]["max_rel_err"] <= impls["dense_numpy_train"]["max_rel_err"]
@@ -424,7 +583,7 @@ def test_bench_train_check_and_registry(tmp_path, capsys):
         assert "ERROR: RuntimeError: kaputt" in text.out and "FAIL" in text.out
     finally:
         for name in ("good_train", "wrong_train", "broken_train"):
-            bench.unregister(name)
+            bench_impls.unregister(name)
 
 
 def test_bench_mode_both_sweep_cpu(tmp_path, capsys):
@@ -437,22 +596,22 @@ def test_bench_mode_both_sweep_cpu(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert [c["mean_active_target"] for c in res["cases"]] == [8, 29]
     assert [c["mean_active_target"] for c in res["train"]["cases"]] == [8, 29]
-    assert all(c["sweep"] and c["m"] == 32 for _, c in bench._all_cases(res))
+    assert all(c["sweep"] and c["m"] == 32 for _, c in report.all_cases(res))
     assert list(res["impls"]) == ["dense_numpy"] and list(res["train"]["impls"]) == ["dense_numpy_train"]
     assert list(res["train"]["cases"][0]["impls"]) == ["dense_numpy_train"]
 
 
 def test_train_default_m_and_dy():
-    cfg = bench.BenchConfig(mode="train")
-    assert [c.m for c in bench.plan_cases(cfg, gpu=True, task="train")[0]] == list(bench.GPU_DEFAULT_TRAIN_M)
-    assert [c.m for c in bench.plan_cases(cfg, gpu=False, task="train")[0]] == list(bench.CPU_DEFAULT_TRAIN_M)
-    assert [c.m for c in bench.plan_cases(cfg, gpu=False)[0]] == list(bench.CPU_DEFAULT_M)
+    cfg = config.BenchConfig(mode="train")
+    assert [c.m for c in cases.plan_cases(cfg, gpu=True, task="train")[0]] == list(config.GPU_DEFAULT_TRAIN_M)
+    assert [c.m for c in cases.plan_cases(cfg, gpu=False, task="train")[0]] == list(config.CPU_DEFAULT_TRAIN_M)
+    assert [c.m for c in cases.plan_cases(cfg, gpu=False)[0]] == list(config.CPU_DEFAULT_M)
     from twell import synthetic
     p = synthetic.make_problem(16, 8, 32, mean_active=4)
-    dy = bench.make_dy(p, 3)
+    dy = cases.make_dy(p, 3)
     assert dy.shape == (16, 8) and dy.dtype == p.dtype
-    assert np.array_equal(dy.view(np.uint16), bench.make_dy(p, 3).view(np.uint16))
-    assert not np.array_equal(dy.view(np.uint16), bench.make_dy(p, 4).view(np.uint16))
+    assert np.array_equal(dy.view(np.uint16), cases.make_dy(p, 3).view(np.uint16))
+    assert not np.array_equal(dy.view(np.uint16), cases.make_dy(p, 4).view(np.uint16))
 
 
 @pytest.mark.parametrize("l1_weight", [0.0, 0.3])
@@ -461,22 +620,22 @@ def test_dense_train_math_matches_reference(l1_weight):
     rng = np.random.default_rng(5)
     m, d, n = 40, 12, 30
     x, wg, wu, wd, dy = (rng.standard_normal(s) for s in ((m, d), (n, d), (n, d), (n, d), (m, d)))
-    outs = bench.dense_train_math(x, wg, wu, wd, dy, l1_weight)
+    outs = dense_host.dense_train_math(x, wg, wu, wd, dy, l1_weight)
     y, saved, _ = reference.gated_ffn_forward(x, wg, wu, wd, l1_weight=l1_weight)
     ref = (y, *reference.gated_ffn_backward(saved, dy))
-    for name, a, b in zip(bench.TRAIN_OUTPUTS, outs, ref):
+    for name, a, b in zip(checks.TRAIN_OUTPUTS, outs, ref):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=name)
-    y_only = bench.dense_train_math(x, wg, wu, wd, dy, l1_weight, forward_only=True)
+    y_only = dense_host.dense_train_math(x, wg, wu, wd, dy, l1_weight, forward_only=True)
     np.testing.assert_allclose(y_only, y, rtol=1e-12)
 
 
 def test_train_check_rule():
-    res = {"d": {"dense": True, "rel_err": dict.fromkeys(bench.TRAIN_OUTPUTS, 1e-3)},
-           "bad_dense": {"dense": True, "rel_err": dict.fromkeys(bench.TRAIN_OUTPUTS, 0.5)},
-           "ok": {"dense": False, "rel_err": dict.fromkeys(bench.TRAIN_OUTPUTS, 2e-3)},
-           "no": {"dense": False, "rel_err": dict(dict.fromkeys(bench.TRAIN_OUTPUTS, 1e-3), dx=5e-3)},
+    res = {"d": {"dense": True, "rel_err": dict.fromkeys(checks.TRAIN_OUTPUTS, 1e-3)},
+           "bad_dense": {"dense": True, "rel_err": dict.fromkeys(checks.TRAIN_OUTPUTS, 0.5)},
+           "ok": {"dense": False, "rel_err": dict.fromkeys(checks.TRAIN_OUTPUTS, 2e-3)},
+           "no": {"dense": False, "rel_err": dict(dict.fromkeys(checks.TRAIN_OUTPUTS, 1e-3), dx=5e-3)},
            "skip": {"dense": False, "rel_err": None}}
-    bench._apply_train_check(res, "bfloat16")
+    checks.apply_train_check(res, "bfloat16")
     assert res["d"]["check_ok"] and not res["bad_dense"]["check_ok"]
     assert res["ok"]["check_ok"] and res["ok"]["err_vs_dense"] == pytest.approx(2.0)
     assert res["no"]["check_ok"] is False and res["no"]["check_limit"]["dx"] == pytest.approx(2e-3 + 2**-9)
@@ -495,13 +654,13 @@ def test_format_table_train():
                          "max_rel_err": float("inf"), "check_ok": False},
                    "b": {"error": "RuntimeError: x"}}},
     ]}}
-    text = bench.format_table(res)
+    text = report.format_table(res)
     assert "training" in text and "step ms" in text and "median ms" not in text
     assert "ERROR: ValueError: boom" in text and "a*" in text and "FAIL" in text and "ERROR: RuntimeError: x" in text
     assert "900" in text and "29.0" in text and "4.5" in text
-    both = bench.format_table({"cases": [], "train": {"cases": []}})
+    both = report.format_table({"cases": [], "train": {"cases": []}})
     assert "step ms" in both and "median ms" not in both  # no inference cases: only the training header
-    rows = bench.format_table(res, header=False)
+    rows = report.format_table(res, header=False)
     assert "step ms" not in rows and len(rows.splitlines()) == 4
 
 
@@ -543,26 +702,33 @@ class _FakeCublas:
 
 @pytest.mark.parametrize("trans_a,trans_b,beta", [(False, False, 0.0), (False, True, 0.0), (True, False, 0.0),
                                                   (True, True, 0.0), (False, False, 1.0), (True, False, 1.0)])
-def test_cublas_gemm_row_major_mapping(trans_a, trans_b, beta):
-    """CublasGemm.gemm's column-major argument mapping, against a host emulation of cublasGemmEx."""
+def test_blas_gemm_row_major_mapping(trans_a, trans_b, beta, monkeypatch):
+    """The column-major argument mapping of twell.runtime.blas.gemm (the dense baselines' GEMMs), against a host
+    emulation of cublasGemmEx (the handle and CuPy's current stream stubbed out)."""
     import ctypes
+    import types
+
+    from twell.runtime import blas
     rng = np.random.default_rng(0)
     r, k, c = 5, 7, 3
     a = rng.standard_normal((k, r) if trans_a else (r, k)).astype(np.float32)
     b = rng.standard_normal((c, k) if trans_b else (k, c)).astype(np.float32)
     out0 = rng.standard_normal((r, c)).astype(np.float32)
     da, db, dout = _FakeDev(a), _FakeDev(b), _FakeDev(out0.copy())
-    g = object.__new__(bench.CublasGemm)
-    g._ct, g.lib, g.handle, g._scalars = ctypes, _FakeCublas([da, db, dout]), None, {}
-    g._bind = lambda: None
-    g.gemm(da, db, dout, trans_a=trans_a, trans_b=trans_b, beta=beta)
+    handle = types.SimpleNamespace(lib=_FakeCublas([da, db, dout]), handle=None, bind=lambda cp, stream: None,
+                                   scalar=lambda v, f64: (ctypes.c_double if f64 else ctypes.c_float)(float(v)))
+    stream = types.SimpleNamespace(ptr=0)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+        cuda=types.SimpleNamespace(get_current_stream=lambda: stream)))
+    monkeypatch.setattr(blas, "_handle", lambda cp: handle)
+    assert blas.gemm(da, db, dout, trans_a=trans_a, trans_b=trans_b, beta=beta) is dout
     want = (a.T if trans_a else a) @ (b.T if trans_b else b) + beta * out0
     np.testing.assert_allclose(dout.a, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="shapes"):
-        g.gemm(da, db, _FakeDev(np.zeros((r + 1, c), np.float32)), trans_a=trans_a, trans_b=trans_b)
-    if not trans_a and beta == 0.0:  # the inference helper: out = a @ (w.T if transposed else w)
+        blas.gemm(da, db, _FakeDev(np.zeros((r + 1, c), np.float32)), trans_a=trans_a, trans_b=trans_b)
+    if not trans_a and beta == 0.0:  # as dense_cupy calls it: out = a @ (w.T if transposed else w)
         dout.a[...] = 0
-        g.mm(da, db, dout, transposed=trans_b)
+        blas.gemm(da, db, dout, trans_b=trans_b)
         np.testing.assert_allclose(dout.a, a @ (b.T if trans_b else b), rtol=1e-5, atol=1e-5)
 
 
@@ -622,13 +788,13 @@ def test_bench_elementwise_kernels_compile_with_nvrtc():
     from cupy.cuda import compiler
     if not hasattr(core, "assemble_cupy_compiler_options") or not hasattr(compiler, "_NVRTCProgram"):
         pytest.skip("CuPy's private NVRTC helpers are missing")
-    sources = [bench._BF16X4_BWD_PREAMBLE
-               + _ew_kernel("bwd4", bench._RELU_MUL_BWD_BF16X4_OP, [(U64, "dh"), (U64, "z"), (U64, "u")],
+    sources = [elementwise.BF16X4_BWD_PREAMBLE
+               + _ew_kernel("bwd4", elementwise.RELU_MUL_BWD_BF16X4_OP, [(U64, "dh"), (U64, "z"), (U64, "u")],
                             [(U64, "du"), (U64, "dz")], "float s")
-               + _ew_kernel("fwd4", bench._RELU_MUL_BF16X4_OP, [(U64, "z"), (U64, "u")], [(U64, "h")])]
+               + _ew_kernel("fwd4", elementwise.RELU_MUL_BF16X4_OP, [(U64, "z"), (U64, "u")], [(U64, "h")])]
     for t in ("float", "double", "__half"):
-        sources.append(f"#include <cuda_fp16.h>\ntypedef {t} T;\n" + bench._ACC_PREAMBLE
-                       + _ew_kernel("bwd", bench._RELU_MUL_BWD_OP, [("T", "dh"), ("T", "z"), ("T", "u")],
+        sources.append(f"#include <cuda_fp16.h>\ntypedef {t} T;\n" + elementwise.ACC_PREAMBLE
+                       + _ew_kernel("bwd", elementwise.RELU_MUL_BWD_OP, [("T", "dh"), ("T", "z"), ("T", "u")],
                                     [("T", "du"), ("T", "dz")], "double s"))
     for i, src in enumerate(sources):
         options = core.assemble_cupy_compiler_options(("-arch=sm_90a", "-ftz=true"))
@@ -650,11 +816,11 @@ def test_bf16x4_backward_kernel_bitwise_on_host(tmp_path):
         "#include <cstring>\n#define __device__\n#define __forceinline__ inline\n"
         "static inline unsigned int __float_as_uint(float f) { unsigned int u; memcpy(&u, &f, 4); return u; }\n"
         "static inline float __uint_as_float(unsigned int u) { float f; memcpy(&f, &u, 4); return f; }\n"
-        + bench._BF16X4_BWD_PREAMBLE
+        + elementwise.BF16X4_BWD_PREAMBLE
         + f'extern "C" void bwd(const {U64}* _raw_dh, const {U64}* _raw_z, const {U64}* _raw_u, float s, '
           f"{U64}* _raw_du, {U64}* _raw_dz, long n) {{\nfor (long i = 0; i < n; ++i) {{\n"
           f"const {U64} &dh = _raw_dh[i]; const {U64} &z = _raw_z[i]; const {U64} &u = _raw_u[i];\n"
-          f"{U64} &du = _raw_du[i]; {U64} &dz = _raw_dz[i];\n" + bench._RELU_MUL_BWD_BF16X4_OP + "}\n}\n")
+          f"{U64} &du = _raw_du[i]; {U64} &dz = _raw_dz[i];\n" + elementwise.RELU_MUL_BWD_BF16X4_OP + "}\n}\n")
     (tmp_path / "k.cpp").write_text(src)
     cxx = shutil.which("g++") or shutil.which("c++")
     subprocess.run([cxx, "-O2", "-shared", "-fPIC", "-o", str(tmp_path / "k.so"), str(tmp_path / "k.cpp")],

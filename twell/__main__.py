@@ -14,7 +14,7 @@ import sys
 
 
 def _cmd_info(args, parser, argv) -> int:
-    from .bench import environment_info, format_info  # noqa: PLC0415
+    from .bench.env import environment_info, format_info  # noqa: PLC0415
 
     info = environment_info()
     if args.json:
@@ -38,13 +38,13 @@ def _cmd_check(args, parser, argv) -> int:
 
 
 def _cmd_bench(args, parser, argv) -> int:
-    from .bench import bench_main  # noqa: PLC0415
+    from .bench.cli import bench_main  # noqa: PLC0415
 
     return bench_main(args, parser, argv)
 
 
 def _cmd_plot(args, parser, argv) -> int:
-    from .bench import plot_results  # noqa: PLC0415
+    from .bench.report import plot_results  # noqa: PLC0415
 
     try:
         with open(args.results) as f:
@@ -72,12 +72,12 @@ GPU (CuPy sees a device): dense_cupy / dense_cupy_cat (cuBLAS + one fused
 elementwise kernel), torch_eager (if PyTorch has CUDA), and every registered
 sparse implementation; eager and CUDA-graph medians (CUDA events), speedup vs
 the fastest dense.  CPU: dense_numpy (float32) and twell.reference.gated_ffn,
-timed with perf_counter.  See the twell.bench module docstring for details.
+timed with perf_counter.  See the twell.bench package docstring for details.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench  # noqa: PLC0415
+    from .bench import cli as bench_cli  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(prog="python -m twell",
                                      description="twell: activation-sparse transformer FFN kernels")
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark dense baselines and registered sparse implementations",
                        description=_BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_bench_arguments(p)
+    bench_cli.add_bench_arguments(p)
     p.set_defaults(func=_cmd_bench, subparser=p)
 
     p = sub.add_parser("plot", help="plot speedup vs realised mean active from a bench JSON")
