@@ -44,10 +44,11 @@ def make_ffn(rng, m, d, n, dtype, mean_active=12.0, row_bias=None):
 
 
 def dense_same_precision(cp, x, wg, wu, wd):
-    """The dense computation in the inputs' precision (what the bf16 tolerance is relative to)."""
+    """The dense computation in the inputs' precision (what the bf16 tolerance is relative to): cuBLAS
+    GEMMs and h = relu(z) * u rounded once, an inactive neuron giving exactly 0."""
     from twell.kernels import ffn_forward
     z = cp.matmul(x, wg.T)
-    h = ffn_forward.gate_mul(z, cp.matmul(x, wu.T), relu=True)
+    h = ffn_forward.dense_gate_mul(z, cp.matmul(x, wu.T))
     return cp.matmul(h, wd)
 
 
@@ -89,7 +90,7 @@ def test_gated_ffn_matches_reference(cp, m, d, n, dtype, tile_width, mean, gate_
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gated_ffn_empty_full_and_overflow_rows(cp, dtype):
     rng = np.random.default_rng(5)
-    m, d, n = 100, 256, 700
+    m, d, n = 600, 256, 700                 # over the small-batch limit: the sparse path with backup rows
     bias = np.ones(m, np.float32)
     bias[0] = 100.0    # nothing active
     bias[1] = -100.0   # all n active -> overflow -> dense backup
@@ -105,9 +106,9 @@ def test_gated_ffn_empty_full_and_overflow_rows(cp, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 5, 64])
+@pytest.mark.parametrize("m", [1, 5, 64, 512])
 def test_decode_path_exact_for_any_row_activity(cp, dtype, m):
-    """Decode batches (M <= 64) run straight from z: empty, heavy and all-active rows are all exact."""
+    """Small batches run straight from z: empty, heavy and all-active rows are all exact."""
     rng = np.random.default_rng(m)
     d, n = 256, 1500
     bias = np.ones(m, np.float32)
@@ -131,8 +132,9 @@ def test_decode_fused_exact_deterministic_batch_invariant(cp, dtype, m, d, n, ga
     """The fused decode kernels (gate GEMV + up/down + reduction; M <= 8 rows of a 16-bit dtype with
     d = 256 k): exact against float64 for empty, all-active, heavy and ordinary rows, every output element
     written (poisoned out), bitwise repeatable, each row's y bitwise the same when computed alone, and what
-    the op returns for batches up to ops.DECODE_FUSED_ROWS."""
-    from twell.kernels import ffn_forward, ops
+    the op returns for batches up to inference.FUSED_DECODE_ROWS."""
+    from twell.gpu import inference
+    from twell.kernels import ffn_forward
     rng = np.random.default_rng(1000 * m + n + d)
     bias = np.ones(m, np.float32)
     bias[0] = -100.0                  # all n active
@@ -148,7 +150,7 @@ def test_decode_fused_exact_deterministic_batch_invariant(cp, dtype, m, d, n, ga
         return ffn_forward.decode_fused(x, dev[1], dev[2] if gated else dev[1], dev[3], out, gated=gated)
 
     y = run(dev[0])
-    if m <= ops.DECODE_FUSED_ROWS:
+    if m <= inference.FUSED_DECODE_ROWS:
         op = twell.gated_ffn(*dev) if gated else twell.ffn(dev[0], dev[1], dev[3])
         np.testing.assert_array_equal(op.view(cp.uint16).get(), y.view(cp.uint16).get())
     # against float64, within 2x the error of the same computation in the inputs' precision (z and y
@@ -200,11 +202,12 @@ def test_decode_fused_rejects_unsupported_operands(cp):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gated", [True, False])
 def test_every_row_dense(cp, dtype, gated):
-    """A dense batch (every row over the threshold) takes the plain cuBLAS path and stays exact."""
+    """A dense batch (every row over the threshold) takes the plain cuBLAS backup for every row and stays
+    exact."""
     rng = np.random.default_rng(11)
-    arrays = make_ffn(rng, 200, 128, 400, dtype, mean_active=150)
+    arrays = make_ffn(rng, 600, 128, 400, dtype, mean_active=150)
     dev = [cp.asarray(a) for a in arrays]
-    out = cp.full((200, 128), np.nan, dtype=dev[0].dtype)
+    out = cp.full((600, 128), np.nan, dtype=dev[0].dtype)
     if gated:
         y, stats = twell.gated_ffn(*dev, dense_row_threshold=10, return_stats=True, out=out)
         _check(cp, y, arrays, dtype)
@@ -212,7 +215,7 @@ def test_every_row_dense(cp, dtype, gated):
         y, stats = twell.ffn(dev[0], dev[1], dev[3], dense_row_threshold=10, return_stats=True, out=out)
         ref = reference.ffn_dense(*[a.astype(np.float64) for a in (arrays[0], arrays[1], arrays[3])])
         assert rel_error(y, ref) < 4 * HALF_ULP[dtype] + 1e-6
-    assert stats.n_backup_rows == 200
+    assert stats.n_backup_rows == 600 and stats.path == "sparse"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -155,13 +155,12 @@ def test_fused_gate_kernel_refuses_what_it_cannot_run(cp):
 
 @pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize("presized", [True, False])
-def test_training_forward_with_fused_gate_equals_cublas_gate(cp, dtype, presized, monkeypatch):
+def test_training_forward_with_fused_gate_equals_cublas_gate(cp, dtype, presized):
     """The training forward's gate pattern from the fused GEMM (TwELL -> CSR, recomputed dense rows for
     backup rows and for compact rows that overflow a TwELL tile) is bitwise the cuBLAS + pack one, and so
     are y, the saved values and every gradient (exact integer gates) -- with the compact entries presized
     (queued before the read-back) and sized first."""
-    from twell.kernels import train
-    monkeypatch.setattr(train, "PRESIZE_MAX_BYTES", train.PRESIZE_MAX_BYTES if presized else 0)
+    from twell.gpu import training
     m, d, n, threshold = 700, 256, 1000, 200
     x, wg = integer_gate_problem(cp, m, d, n, dtype, active_rate=0.1, seed=21)
     rng = np.random.default_rng(2)
@@ -177,8 +176,9 @@ def test_training_forward_with_fused_gate_equals_cublas_gate(cp, dtype, presized
     fused = "wgmma" if cp.cuda.Device().compute_capability == "90" else "mma"
     out = {}
     for kernel in ("cublas", fused):
-        y, saved, stats = twell.gated_ffn_forward(x, wg, wu, wd, l1_weight=0.5, dense_row_threshold=threshold,
-                                                  gate_kernel=kernel)
+        y, saved, stats, _ = training.sparse_forward(
+            x, wg, wu, wd, l1_weight=0.5, threshold=threshold, gate_kernel=kernel,
+            presize_max_bytes=training.PRESIZE_MAX_BYTES if presized else 0)
         assert stats.gate_kernel == kernel
         g = saved.gate
         arrays = [y, g.row_ptr, g.col_indices, g.values, g.backup_slot, g.backup_rows, g.backup_values,

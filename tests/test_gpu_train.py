@@ -21,7 +21,7 @@ def dense_train_same_precision(cp, x, wg, wu, wd, dy, l1_weight):
     m = x.shape[0]
     z = cp.matmul(x, wg.T)
     u = cp.matmul(x, wu.T)
-    h = ffn_forward.gate_mul(z, u, relu=True)
+    h = ffn_forward.dense_gate_mul(z, u)
     y = cp.matmul(h, wd)
     dh = cp.matmul(dy, wd.T)
     g = cp.where(z > 0, z, cp.zeros((), z.dtype)).astype(x.dtype)
@@ -160,7 +160,7 @@ def test_training_example_runs_and_learns(cp):
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
 def test_blas_gemm_accumulates(cp, dtype, trans_a, trans_b):
     """blas.gemm: out = op(a) op(b) + beta out, row-major, every transpose combination, vs float64."""
-    from twell.kernels import blas
+    from twell.runtime import blas
     rng = np.random.default_rng(7)
     m, k, n = 37, 53, 29
     a = rng.standard_normal((k, m) if trans_a else (m, k))

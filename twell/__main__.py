@@ -1,6 +1,7 @@
-"""Command line: ``python -m twell {info,check,bench,plot}`` (also the ``twell`` console script).
+"""Command line: ``python -m twell {info,warmup,check,bench,plot}`` (also the ``twell`` console script).
 
 ``info``   versions, CUDA / NVRTC, devices, CuPy cache dir, where ``cuda_src`` is (``--json``).
+``warmup`` compile every kernel family for the current device now (CuPy caches them on disk).
 ``check``  every op against the float64 reference on random problems (:mod:`twell.check`).
 ``bench``  benchmark on synthetic problems (see :mod:`twell.bench` and ``bench --help``).
 ``plot``   ``plot RESULTS.json OUT.png``: speedup vs realised mean active neurons.
@@ -21,6 +22,38 @@ def _cmd_info(args, parser, argv) -> int:
         print(json.dumps(info, indent=1, sort_keys=False))
     else:
         print(format_info(info))
+    return 0
+
+
+def _cmd_warmup(args, parser, argv) -> int:
+    from . import _backend as B  # noqa: PLC0415
+    from .kernels import FAMILIES  # noqa: PLC0415
+    from .runtime.loader import device_arch, warmup  # noqa: PLC0415
+
+    cp = B.cupy_or_none()
+    if cp is None:
+        print("twell warmup: error: no CUDA device (CuPy sees none); kernels are compiled for the device they "
+              "run on", file=sys.stderr)
+        return 2
+    arch = device_arch(args.device)
+    print(f"twell: compiling {len(FAMILIES)} kernel families for {arch} (device {cp.cuda.Device(args.device).id}; "
+          "loaded from CuPy's kernel cache when already compiled)", flush=True)
+    try:
+        from tqdm import tqdm  # noqa: PLC0415
+        bar = tqdm(total=len(FAMILIES), unit="family")
+
+        def progress(name, seconds):
+            bar.set_postfix_str(f"{name} {seconds:.1f} s")
+            bar.update(1)
+    except ImportError:
+        bar = None
+
+        def progress(name, seconds):
+            print(f"  {name}: {seconds:.1f} s", flush=True)
+    done = warmup(FAMILIES, device_id=args.device, progress=progress)
+    if bar is not None:
+        bar.close()
+    print(f"twell: {len(done)} families ready ({max(done.values()):.1f} s)")
     return 0
 
 
@@ -81,12 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python -m twell",
                                      description="twell: activation-sparse transformer FFN kernels")
-    sub = parser.add_subparsers(dest="command", metavar="{info,check,bench,plot}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,warmup,check,bench,plot}")
     sub.required = True
 
     p = sub.add_parser("info", help="versions, CUDA/NVRTC, devices, cache and source locations")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info, subparser=p)
+
+    p = sub.add_parser("warmup", help="compile every kernel family for the current device now")
+    p.add_argument("--device", type=int, default=None, help="CUDA device id (default: the current one)")
+    p.set_defaults(func=_cmd_warmup, subparser=p)
 
     p = sub.add_parser("check", help="check every op against the float64 reference on random problems")
     p.add_argument("--backend", choices=("auto", "gpu", "cpu"), default="auto",

@@ -347,9 +347,10 @@ def make_problem(
     ----------
     m, d, n : int
         Tokens, d_model (>= 2: column 0 is the bias input), d_ff.
-    mean_active : float in (0, n)
+    mean_active : float in (0, n]
         Target active neurons per token (the median token for
-        ``token_skew`` with ``calibrate="median"``).
+        ``token_skew`` with ``calibrate="median"``).  ``n`` (every neuron active on
+        every token: a fully dense batch) only for ``kind="uniform"``.
     kind : {"uniform", "token_skew", "neuron_skew"}
         See the module docstring.
     dtype : {"bfloat16", "float16", "float32", "float64"} or a dtype
@@ -375,7 +376,9 @@ def make_problem(
         raise TypeError(f"kind must be a string, got {type(kind).__name__}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    mean_active = _check_real(mean_active, "mean_active", lo=0.0, hi=float(n))
+    mean_active = _check_real(mean_active, "mean_active", lo=0.0, hi=float(n), hi_open=False)
+    if mean_active == n and kind != "uniform":
+        raise ValueError(f"mean_active = n = {n} (every neuron active) is only available for kind='uniform'")
     dname, _ = _resolve_dtype(dtype)
     seed = _check_seed(seed)
     xp = _resolve_xp(xp)
@@ -405,7 +408,7 @@ def make_problem(
     aux = _aux_rng(seed)
 
     if kind == "uniform":
-        k = float(norm.isf(rate))
+        k = float(norm.isf(rate)) if rate < 1.0 else -DEAD_KAPPA      # rate 1: every neuron always fires
         kappa = np.full(n, k)
         params.update(kappa=k, expected_mean_active=mean_active, expected_median_active=mean_active)
     elif kind == "token_skew":
@@ -497,7 +500,9 @@ def adversarial_problem(
     elif mode == "half":
         k = 0.0
     else:
-        mean_active = _check_real(mean_active, "mean_active", lo=0.0, hi=float(n))
+        mean_active = _check_real(mean_active, "mean_active", lo=0.0, hi=float(n), hi_open=False)
+    if mean_active == n and kind != "uniform":
+        raise ValueError(f"mean_active = n = {n} (every neuron active) is only available for kind='uniform'")
         k = float(_norm().isf(mean_active / n))
         x0 = np.where(np.arange(m) % 2 == 0, -1.0, 1.0)
     kappa = np.full(n, k)

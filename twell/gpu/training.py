@@ -86,12 +86,13 @@ def dense_forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int):
 # --------------------------------------------------------------------------- sparse
 
 
-def sparse_forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int, gate_kernel: str):
+def sparse_forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int, gate_kernel: str,
+                   presize_max_bytes: int = PRESIZE_MAX_BYTES):
     """The hybrid forward.  Order of work, so that the GPU is not left waiting on the host: gate (cuBLAS +
     count kernel, or the fused gate GEMM → TwELL) → the Hybrid's plan and the backward's workspace bounds →
     the one host read-back → compact entries (CSR) → the up/down kernel of the compact rows → only then the
-    host-heavy dense-backup rows (cuBLAS), which queue behind it.  Returns (y, saved, stats, (compact
-    entries, backup rows))."""
+    host-heavy dense-backup rows (cuBLAS), which queue behind it.  ``presize_max_bytes``: the largest
+    presized buffer (0: always size first).  Returns (y, saved, stats, (compact entries, backup rows))."""
     cp = cupy()
     m, d = x.shape
     n = w_gate.shape[0]
@@ -119,7 +120,7 @@ def sparse_forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int,
     # into buffers of the largest possible size (M * min(eff, n) entries), copied to their exact size after
     # it (the GPU is busy with the up/down kernel meanwhile); else they are sized first.
     cap = m * min(eff, n)
-    presized = cap * (4 + 2 * x.dtype.itemsize) <= PRESIZE_MAX_BYTES
+    presized = cap * (4 + 2 * x.dtype.itemsize) <= presize_max_bytes
     if presized:
         n_entries = cap
     else:

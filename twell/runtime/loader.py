@@ -201,6 +201,33 @@ def get_kernel(family: KernelFamily, name_expression: str):
     return fn
 
 
+def warmup(families, *, device_id: int | None = None, threads: int | None = None, progress=None) -> dict:
+    """Compile (or load from CuPy's disk cache) every family of ``families`` for a device, families in
+    parallel threads (NVRTC runs them concurrently).  ``progress(name, seconds)`` is called as each one is
+    ready.  Returns ``{family name: seconds}``."""
+    import concurrent.futures  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    import cupy  # noqa: PLC0415
+    dev = cupy.cuda.Device(device_id).id
+    _announced.set()                       # the caller reports progress itself
+
+    def one(family):
+        t0 = time.perf_counter()
+        with cupy.cuda.Device(dev):
+            get_module(family, dev)
+        return family.name, time.perf_counter() - t0
+
+    done = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads or len(families)) as pool:
+        for fut in concurrent.futures.as_completed([pool.submit(one, f) for f in families]):
+            name, seconds = fut.result()
+            done[name] = seconds
+            if progress is not None:
+                progress(name, seconds)
+    return done
+
+
 @dataclass
 class KernelResources:
     """Resource usage of one compiled kernel (from ptxas ``-v``)."""
