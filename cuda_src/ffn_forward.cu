@@ -717,7 +717,8 @@ __global__ void __launch_bounds__(DG_THREADS) dense_gate_mul(
             Chunk<T, E, VEC> zc, uc;
             if (VEC) { zc.load(z + base + c0); if (GATED) uc.load(u + base + c0); }
             else { zc.load_partial(z + base + c0, n - c0); if (GATED) uc.load_partial(u + base + c0, n - c0); }
-            T hv[E], gv[E];
+            __align__(16) T hv[E];
+            __align__(16) T gv[E];
 #pragma unroll
             for (int k = 0; k < E; ++k) {
                 const bool entry = c0 + k < n && is_entry<RELU>(zc.v[k]);
@@ -732,11 +733,19 @@ __global__ void __launch_bounds__(DG_THREADS) dense_gate_mul(
                     else atomicAdd(neuron_counts + c0 + k, 1);
                 }
             }
+            if (VEC) {                                          // 16-byte stores (E * sizeof(T) is 16 or 32)
 #pragma unroll
-            for (int k = 0; k < E; ++k) {
-                if (c0 + k < n) {
-                    h[base + c0 + k] = hv[k];
-                    if (g_out) g_out[base + c0 + k] = gv[k];
+                for (int q = 0; q < (int)(E * sizeof(T) / 16); ++q) {
+                    reinterpret_cast<uint4*>(h + base + c0)[q] = reinterpret_cast<const uint4*>(hv)[q];
+                    if (g_out) reinterpret_cast<uint4*>(g_out + base + c0)[q] = reinterpret_cast<const uint4*>(gv)[q];
+                }
+            } else {
+#pragma unroll
+                for (int k = 0; k < E; ++k) {
+                    if (c0 + k < n) {
+                        h[base + c0 + k] = hv[k];
+                        if (g_out) g_out[base + c0 + k] = gv[k];
+                    }
                 }
             }
         }
@@ -765,7 +774,7 @@ __global__ void __launch_bounds__(DG_THREADS) dense_gate_mul(
 // neurons or from x stay.  Row r of the coefficients is row out_rows[r] of out (out_rows nullptr: r).
 // One CTA per row.
 template <typename T, bool RELU>
-__global__ void __launch_bounds__(DG_THREADS) fix_nonfinite_rows(
+__global__ void __launch_bounds__(DG_THREADS, 4) fix_nonfinite_rows(
     T* __restrict__ out, const int* __restrict__ out_rows, int R, int d, int n, const T* __restrict__ gate,
     const T* __restrict__ a1, const T* __restrict__ w1, const T* __restrict__ a2, const T* __restrict__ w2)
 {

@@ -58,7 +58,10 @@ def _check(cp, out, arrays, dtype):
     dense = dense_same_precision(cp, *[cp.asarray(a) for a in arrays])
     err = rel_error(out, ref)
     err_dense = rel_error(dense, ref)
-    assert err <= 2.0 * err_dense + HALF_ULP[dtype], f"rel err {err:.3g} vs same-precision dense {err_dense:.3g}"
+    # + the fp32 accumulation noise of one length-K dot product (K = max(d, n)): on a tiny float32 problem
+    # the dense computation's own error is one random draw of it, so 2x that alone fails on luck
+    floor = HALF_ULP[dtype] + 4 * 2.0**-24 * np.sqrt(max(x.shape[1], wg.shape[0]))
+    assert err <= 2.0 * err_dense + floor, f"rel err {err:.3g} vs same-precision dense {err_dense:.3g}"
     return err, err_dense
 
 

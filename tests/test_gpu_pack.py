@@ -240,7 +240,7 @@ def test_weight_grad_plan_kernels(cp, n):
     col_ptr = cp.asarray(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
     item_ptr = cp.empty(n + 1, dtype=cp.int32)
     partial_ptr = cp.empty(n + 1, dtype=cp.int32)
-    fb.get_kernel("ffn_backward", "weight_grad_items")((1,), (fb.PLAN_THREADS,),
+    fb.get_kernel(fb.FAMILY, "weight_grad_items")((1,), (fb.PLAN_THREADS,),
                                                         (col_ptr, np.int32(n), item_ptr, partial_ptr))
     np.testing.assert_array_equal(cp.asnumpy(item_ptr), np.concatenate([[0], np.cumsum(items)]))
     np.testing.assert_array_equal(cp.asnumpy(partial_ptr), np.concatenate([[0], np.cumsum(partials)]))

@@ -180,11 +180,11 @@ def test_capture_under_torch_cuda_graph(cp):
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
-        with cp.cuda.Stream.from_external(s.cuda_stream):
+        with cp.cuda.ExternalStream(s.cuda_stream):
             twell.gated_ffn(*dev, out=out)                      # warm-up on the capture stream
     torch.cuda.synchronize()
     with torch.cuda.graph(g, stream=s):
-        with cp.cuda.Stream.from_external(torch.cuda.current_stream().cuda_stream):
+        with cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
             twell.gated_ffn(*dev, out=out)
     out_t.fill_(float("nan"))
     g.replay()
@@ -200,7 +200,7 @@ def _offset_view(cp, a, offset):
     buf = cp.empty(a.size + offset, dtype=a.dtype)
     view = buf[offset:].reshape(a.shape)
     view[...] = a
-    assert view.flags.c_contiguous and (offset == 0 or view.data.ptr % 16)
+    assert view.flags.c_contiguous and view.data.ptr % 16 == offset * a.dtype.itemsize % 16
     return view
 
 
@@ -250,9 +250,10 @@ def test_inactive_neuron_weights_do_not_matter_on_any_path(cp, dtype, m, path):
     bias = np.ones(m, np.float32)
     bias[: m // 3] = -2.5                                       # heavy rows: backup rows on the sparse path
     arrays = make_ffn(rng, m, 256, 1000, dtype, mean_active=20, row_bias=bias)
+    arrays[1][[10, 20]] = 0                                     # z = 0: neurons 10, 20 never fire
     z = arrays[0].astype(np.float32) @ arrays[1].astype(np.float32).T
     dead = np.flatnonzero((z <= 0).all(axis=0))
-    assert dead.size >= 2
+    assert {10, 20} <= set(dead.tolist())
     bad = [a.copy() for a in arrays]
     bad[2][dead[0], 3] = np.inf                                 # w_up
     bad[3][dead[1], 5] = np.nan                                 # w_down
@@ -279,7 +280,7 @@ def _same_but_rounding(bad, good, dtype):
     b, g = bad.get().astype(np.float64), good.get().astype(np.float64)
     assert np.isfinite(b).all()
     scale = np.abs(g).max() + 1e-30
-    assert np.abs(b - g).max() <= 4 * HALF_ULP[dtype] * scale
+    assert np.abs(b - g).max() <= (4 * HALF_ULP[dtype] + 4 * 2.0**-24 * np.sqrt(1000)) * scale
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -293,11 +294,12 @@ def test_nan_inf_in_x_and_active_weights_propagate(cp, dtype, m):
     live = int(np.flatnonzero(z[0] > 0)[0])
     arrays[3][live, 4] = np.inf                                 # an active neuron of row 0
     dev = [cp.asarray(a) for a in arrays]
-    dense = dense_same_precision(cp, *dev).get().astype(np.float32)
+    ref = reference.gated_ffn(*arrays).astype(np.float64)     # the rule: only active neurons count
+    assert np.isnan(ref).any() and np.isinf(ref).any()
     for path in ("sparse", "dense"):
         y = twell.gated_ffn(*dev, path=path).get().astype(np.float32)
-        np.testing.assert_array_equal(np.isnan(y), np.isnan(dense))
-        np.testing.assert_array_equal(np.isinf(y), np.isinf(dense))
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+        np.testing.assert_array_equal(np.isinf(y), np.isinf(ref))
 
 
 # --------------------------------------------------------------------------- user containers

@@ -153,7 +153,9 @@ def _register_builtins():
                   description="twell.reference.gated_ffn on float32 inputs"))
     # ---- sparse implementations: one registration each --------------------------------
     register_sparse("twell", make=twell_impls.make_twell, available=gpu_unavailable,
-                    description="twell.gated_ffn (TwELL kernels)")
+                    description="twell.gated_ffn with a DensityTracker and a preallocated out (as a layer runs it)")
+    register(Impl("twell_stateless", twell_impls.make_twell_stateless, backend="cupy", available=gpu_unavailable,
+                  default=False, description="twell.gated_ffn without a tracker (always the sparse path)"))
     register_sparse("twell_fused_gate", make=twell_impls.make_twell_fused_gate, available=gpu_unavailable,
                     description="twell.gated_ffn(gate_kernel='fused'): gate GEMM with the TwELL epilogue fused")
     # ---- training steps (--mode train) ------------------------------------------------
@@ -169,7 +171,11 @@ def _register_builtins():
                    description="twell.gated_ffn_forward/backward on float32 NumPy arrays (twell.reference)")
     register_train("twell_train", twell_impls.make_twell_train, available=gpu_unavailable,
                    capture=twell_impls.refuse_capture(twell_impls.TWELL_TRAIN_NO_GRAPH),
-                   description="twell.gated_ffn_forward + twell.gated_ffn_backward (hybrid training kernels)")
+                   description="twell.gated_ffn_forward + twell.gated_ffn_backward with a DensityTracker "
+                               "(hybrid training kernels, or the dense path for dense batches)")
+    register(Impl("twell_train_stateless", twell_impls.make_twell_train_stateless, backend="cupy",
+                  capture=twell_impls.refuse_capture(twell_impls.TWELL_TRAIN_NO_GRAPH), available=gpu_unavailable,
+                  default=False, task="train", description="twell training step without a tracker (always sparse)"))
 
 
 _register_builtins()

@@ -39,6 +39,8 @@ def forward(x, w_first, w_up, w_down, *, gated: bool, tile_width: int, compressi
     in_capture = capturing(cp)
     if in_capture:
         require_out(out, "gated_ffn" if gated else "ffn")
+    if gate_kernel in ("wgmma", "mma"):
+        gate_gemm.choose_gate_kernel(gate_kernel, x, w_first)   # an explicit kernel that cannot run raises on any path
     if path == "auto":
         path = tracker.choose(m, n, d, x.dtype.itemsize, training=False) if tracker is not None else "sparse"
     with capture_allocations(cp, in_capture):

@@ -55,8 +55,8 @@ def _load():
             except Exception:  # noqa: BLE001 - fall back to the loader's search path
                 path = None
             if path is None:
-                import ctypes.util  # noqa: PLC0415
-                path = ctypes.util.find_library("cublas")
+                from ctypes.util import find_library  # noqa: PLC0415
+                path = find_library("cublas")
             if path is None:
                 raise RuntimeError("libcublas was not found: install the CUDA extra of twell "
                                    "(pip install 'twell[cuda13]' or 'twell[cuda12]')")
