@@ -1,0 +1,394 @@
+"""twell.torch on CUDA tensors: forward and gradients vs PyTorch's dense autograd, CUDA graphs, streams,
+torch.compile, the module.  Skips without PyTorch, without CUDA in PyTorch, or without a CuPy device."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import twell  # noqa: E402
+from twell import _backend  # noqa: E402
+from twell.gpu.streams import CaptureError  # noqa: E402
+from twell.synthetic import make_problem  # noqa: E402
+
+_CUDA = torch.cuda.is_available() and _backend.cupy_or_none() is not None
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not _CUDA, reason="needs PyTorch with CUDA and CuPy with a CUDA device")]
+
+if _CUDA:
+    import twell.torch as tt
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Half an ulp (relative) of each dtype: the one final rounding of an output.
+HALF_ULP = {"bfloat16": 2.0 ** -9, "float16": 2.0 ** -12, "float32": 2.0 ** -25}
+# (kind, mean active neurons per token); mean None: every neuron active on every token.
+SPARSITY = [("uniform", 29.0), ("token_skew", 29.0), ("neuron_skew", 29.0), ("uniform", None)]
+
+
+def to_torch(a, device="cuda"):
+    """A NumPy array (bfloat16 through ml_dtypes) as a torch tensor on ``device``."""
+    a = np.ascontiguousarray(a)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).to(device)
+    return torch.from_numpy(a).to(device)
+
+
+def problem(m, d, n, dtype, kind="uniform", mean=29.0, seed=0):
+    """x (m, d) and neuron-major weights (n, d) on the GPU, from twell.synthetic.make_problem."""
+    p = make_problem(m, d=d, n=n, mean_active=float(n) if mean is None else min(mean, n / 3), kind=kind, dtype=dtype,
+                     seed=seed, xp=np)
+    return [to_torch(a) for a in (p.x, p.w_gate, p.w_up, p.w_down)]
+
+
+def rel_error(out, ref) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    den = torch.linalg.vector_norm(ref)
+    num = torch.linalg.vector_norm(out - ref)
+    return float(num / den) if den > 0 else float(num)
+
+
+def dense_autograd(arrays, dy, l1_weight, *, dtype=None, gated=True):
+    """PyTorch's dense computation and autograd (in ``dtype``, default the inputs'): y and the gradients of
+    (y · dy).sum() + λ (1/M) Σ|h| w.r.t. x and the weights."""
+    a = [t.detach().to(dtype or t.dtype).requires_grad_() for t in arrays]
+    if gated:
+        x, wg, wu, wd = a
+        h = torch.relu(x @ wg.mT) * (x @ wu.mT)
+    else:
+        x, wu, wd = a
+        h = torch.relu(x @ wu.mT)
+    y = h @ wd
+    m = x.shape[0]
+    torch.autograd.backward([y, h.abs().double().sum() * (l1_weight / m)],
+                            [dy.to(y.dtype), torch.ones((), dtype=torch.float64, device=y.device)])
+    return [y.detach()] + [t.grad for t in a]
+
+
+def check_against_dense(arrays, dy, dtype, l1_weight, *, gated=True, **kw):
+    """twell's y and gradients vs float64 dense autograd: error at most twice the same-precision dense
+    computation's, plus half an ulp and the fp32 accumulation noise of one length-max(d, n) dot product."""
+    a = [t.detach().clone().requires_grad_() for t in arrays]
+    y = (tt.gated_ffn if gated else tt.ffn)(*a, l1_weight=l1_weight, **kw)
+    y.backward(dy)
+    got = [y.detach()] + [t.grad for t in a]
+    ref = dense_autograd(arrays, dy, l1_weight, dtype=torch.float64, gated=gated)
+    dense = dense_autograd(arrays, dy, l1_weight, gated=gated)
+    d, n = arrays[0].shape[1], arrays[1].shape[0]
+    floor = HALF_ULP[dtype] + 4 * 2.0 ** -24 * np.sqrt(max(d, n))
+    names = ["y", "dx"] + (["dw_gate", "dw_up", "dw_down"] if gated else ["dw_up", "dw_down"])
+    for name, out, r, den in zip(names, got, ref, dense):
+        assert out.dtype == arrays[0].dtype and out.shape == r.shape and out.device == r.device, name
+        err, err_dense = rel_error(out, r), rel_error(den, r)
+        assert err <= 2.0 * err_dense + floor, f"{name}: rel err {err:.3g} vs same-precision dense {err_dense:.3g}"
+
+
+def dy_for(arrays, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = arrays[0]
+    return (torch.randn(x.shape, generator=g, device="cuda") * 2.0 ** -6).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- forward and gradients
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("kind,mean", SPARSITY)
+@pytest.mark.parametrize("m,d,n", [(37, 200, 1000), (4096, 2048, 5632)])
+def test_gated_forward_and_gradients_vs_dense_autograd(m, d, n, dtype, kind, mean):
+    arrays = problem(m, d, n, dtype, kind, mean, seed=m + d)
+    check_against_dense(arrays, dy_for(arrays), dtype, 0.01)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_backup_rows_and_l1(dtype):
+    arrays = problem(300, 256, 900, dtype, mean=60.0, seed=4)
+    check_against_dense(arrays, dy_for(arrays), dtype, 0.5, dense_row_threshold=40)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("m", [3, 700])
+def test_non_gated_ffn_vs_dense_autograd(dtype, m):
+    x, _, wu, wd = problem(m, 256, 1000, dtype, seed=m)
+    check_against_dense([x, wu, wd], dy_for([x]), dtype, 0.05, gated=False)
+
+
+@pytest.mark.parametrize("m", [1, 4, 64, 513, 3000])
+def test_inference_matches_the_cupy_call_bitwise(m):
+    """Without autograd the adapter is the inference op on the same data, on the same stream: bitwise."""
+    x, wg, wu, wd = problem(m, 2048, 5632, "bfloat16", seed=m)
+    y = tt.gated_ffn(x, wg, wu, wd)
+    dev = x.device.index
+    with tt._on_device(dev):
+        ref = twell.gated_ffn(*(tt._view(t, dev, "t") for t in (x, wg, wu, wd)))
+        ref = tt._to_torch(ref, dev)
+    torch.cuda.synchronize()
+    assert torch.equal(y.view(torch.int16), ref.view(torch.int16))
+    assert tt.saved_state_count() == 0
+
+
+def test_leading_dims_and_misaligned_views():
+    x, wg, wu, wd = problem(24, 256, 1000, "bfloat16", seed=3)
+    flat = tt.gated_ffn(x, wg, wu, wd)
+    assert torch.equal(tt.gated_ffn(x.view(2, 3, 4, 256), wg, wu, wd).view(24, 256), flat)
+    buf = torch.empty(24 * 256 + 1, dtype=x.dtype, device="cuda")
+    xm = buf[1:].view(24, 256)                      # contiguous, 2 bytes off alignment: the core copies it
+    xm.copy_(x)
+    assert xm.data_ptr() % 16
+    assert torch.equal(tt.gated_ffn(xm, wg, wu, wd), flat)
+
+
+def test_return_l1_explicit_equals_implicit():
+    arrays = problem(500, 256, 1000, "bfloat16", seed=8)
+    dy = dy_for(arrays)
+    a = [t.clone().requires_grad_() for t in arrays]
+    tt.gated_ffn(*a, l1_weight=0.25).backward(dy)
+    b = [t.clone().requires_grad_() for t in arrays]
+    y, l1 = tt.gated_ffn(*b, return_l1=True)
+    assert l1.dtype == torch.float32 and l1.device.type == "cuda"
+    torch.autograd.backward([y, 0.25 * l1], [dy, None])
+    for u, v in zip(a, b):
+        assert torch.equal(u.grad, v.grad)
+    with torch.no_grad():
+        h = torch.relu(arrays[0].float() @ arrays[1].float().mT) * (arrays[0].float() @ arrays[2].float().mT)
+    assert float(l1) == pytest.approx(float(h.abs().sum() / 500), rel=2e-2)
+
+
+def test_gradients_only_where_required():
+    x, wg, wu, wd = problem(200, 256, 1000, "bfloat16", seed=2)
+    wu = wu.clone().requires_grad_()
+    y = tt.gated_ffn(x, wg, wu, wd)
+    y.backward(dy_for([x]))
+    assert wu.grad is not None and wu.grad.shape == wu.shape
+    assert all(t.grad is None for t in (x, wg, wd))
+
+
+def test_retain_graph_second_backward_raises():
+    a = [t.requires_grad_() for t in problem(200, 256, 1000, "bfloat16", seed=5)]
+    y = tt.gated_ffn(*a)
+    y.float().sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="consumed"):
+        y.float().sum().backward()
+    del y
+    gc.collect()
+    assert tt.saved_state_count() == 0
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+
+def _bitwise(a, b):
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.parametrize("m", [1, 3, 64, 512])
+def test_cuda_graph_capture_replay_bitwise(m):
+    x, wg, wu, wd = problem(m, 2048, 5632, "bfloat16", seed=m)
+    x2 = problem(m, 2048, 5632, "bfloat16", seed=m + 100)[0]
+    static_x = x.clone()
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                   # warm-up: kernels compiled, launch plans built
+            for _ in range(3):
+                tt.gated_ffn(static_x, wg, wu, wd)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = tt.gated_ffn(static_x, wg, wu, wd)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _bitwise(static_y, tt.gated_ffn(x, wg, wu, wd))
+        static_x.copy_(x2)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _bitwise(static_y, tt.gated_ffn(x2, wg, wu, wd))
+
+
+def test_cuda_graph_dense_path_and_large_batches():
+    x, wg, wu, wd = problem(1024, 256, 1000, "bfloat16", seed=7)
+    with torch.no_grad():
+        eager = tt.gated_ffn(x, wg, wu, wd, path="dense")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):                   # path="dense": capturable at any M
+            static_y = tt.gated_ffn(x, wg, wu, wd, path="dense")
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _bitwise(static_y, eager)
+        with pytest.raises(Exception) as info:          # the sparse path at M > 512 reads back: refused
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                tt.gated_ffn(x, wg, wu, wd)
+        err = info.value
+        assert isinstance(err, CaptureError) or isinstance(err.__context__, CaptureError), repr(err)
+    torch.cuda.synchronize()
+
+
+def test_module_in_cuda_graph_has_no_stats():
+    m = tt.SparseGatedFFN(256, 1000, dtype=torch.bfloat16, device="cuda")
+    x = problem(64, 256, 1000, "bfloat16")[0]
+    with torch.no_grad():
+        eager = m(x)
+        assert m.last_stats is not None and m.last_stats.path == "small_batch"
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = m(x)
+        assert m.last_stats is None                     # a captured call records no statistics
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _bitwise(static_y, eager)
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def test_runs_on_torch_current_stream():
+    """Work is queued on torch's current stream: behind a long sleep and a copy on a side stream, the op must
+    see the copied input (on another stream it would read the zeros)."""
+    x, wg, wu, wd = problem(300, 256, 1000, "bfloat16", seed=9)
+    expected = tt.gated_ffn(x, wg, wu, wd)
+    a = [t.clone().requires_grad_() for t in (x, wg, wu, wd)]
+    tt.gated_ffn(*a).backward(dy_for([x]))
+    buf = torch.zeros_like(x)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert tt._stream(torch.cuda.current_device()).ptr == side.cuda_stream
+        torch.cuda._sleep(int(2e8))
+        buf.copy_(x)
+        with torch.no_grad():
+            y = tt.gated_ffn(buf, wg, wu, wd)
+        torch.cuda._sleep(int(2e8))
+        buf.copy_(x)
+        b = [buf.clone().requires_grad_()] + [t.clone().requires_grad_() for t in (wg, wu, wd)]
+        tt.gated_ffn(*b).backward(dy_for([x]))
+    torch.cuda.synchronize()
+    assert torch.equal(y, expected)
+    for u, v in zip(a, b):
+        assert torch.equal(u.grad, v.grad)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d, n):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d, device="cuda", dtype=torch.bfloat16)
+        self.ffn = tt.SparseGatedFFN(d, n, l1_weight=1e-3, device="cuda", dtype=torch.bfloat16) if _CUDA else None
+
+    def forward(self, x):
+        return x + self.ffn(self.norm(x))
+
+
+def test_torch_compile_inductor():
+    torch.manual_seed(0)
+    block = _Block(256, 1024)
+    compiled = torch.compile(block, fullgraph=True)
+    x = torch.randn(4, 300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = compiled(x)
+    y.float().square().mean().backward()
+    got = [y.detach(), x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+    x.grad = None
+    block.zero_grad()
+    y_ref = block(x)
+    y_ref.float().square().mean().backward()
+    want = [y_ref.detach(), x.grad] + [p.grad for p in block.parameters()]
+    for a, b in zip(got, want):
+        assert rel_error(a, b) < 2e-2
+    with torch.no_grad():
+        assert rel_error(compiled(x), y_ref) < 2e-2
+    assert tt.saved_state_count() == 0
+
+
+# --------------------------------------------------------------------------- module
+
+
+def test_module_training_step_decreases_loss():
+    torch.manual_seed(0)
+    d, n, m = 256, 1024, 2048
+    teacher = tt.SparseGatedFFN(d, n, device="cuda")
+    student = tt.SparseGatedFFN(d, n, l1_weight=1e-4, device="cuda")
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    x = torch.randn(m, d, device="cuda")
+    with torch.no_grad():
+        target = teacher(x)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(student(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    s = student.last_stats
+    assert s.l1 is not None and s.l1.device.type == "cuda" and float(s.l0) > 0
+    assert s.neuron_counts.shape == (n,) and s.neuron_counts.device.type == "cuda"
+
+
+def test_module_stats_and_paths():
+    m = tt.SparseGatedFFN(256, 1000, dtype=torch.bfloat16, device="cuda")
+    x = problem(2000, 256, 1000, "bfloat16")[0]
+    with torch.no_grad():
+        m(x)
+    s = m.last_stats
+    assert s.path in ("sparse", "dense") and s.n_rows == 2000 and s.l1 is None
+    with torch.no_grad():
+        z = x @ m.w_gate.mT
+    assert int(s.nnz) == pytest.approx(int((z > 0).sum()), rel=0.02)
+    assert int(s.neuron_counts.sum()) == int(s.nnz)
+    m.path = "dense"
+    with torch.no_grad():
+        y_dense = m(x)
+    assert m.last_stats.path == "dense"
+    m.path = "sparse"
+    with torch.no_grad():
+        y_sparse = m(x)
+    assert rel_error(y_sparse, y_dense) < 1e-2
+    assert m.density_tracker.calls["dense"] >= 1
+
+
+@pytest.mark.parametrize("torch_memory", [True, False])
+def test_training_memory_pool(monkeypatch, torch_memory):
+    monkeypatch.setattr(tt, "TORCH_MEMORY", torch_memory)
+    arrays = problem(1000, 256, 1000, "bfloat16", seed=12)
+    a = [t.clone().requires_grad_() for t in arrays]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    y = tt.gated_ffn(*a, l1_weight=0.01)
+    grown = torch.cuda.memory_allocated() - before
+    if torch_memory:        # y and the saved state come from PyTorch's caching allocator
+        assert grown >= y.numel() * y.element_size()
+    else:                   # only l1's float32 copy
+        assert grown < y.numel() * y.element_size()
+    y.backward(dy_for(arrays))
+    b = [t.clone().requires_grad_() for t in arrays]
+    monkeypatch.setattr(tt, "TORCH_MEMORY", not torch_memory)
+    tt.gated_ffn(*b, l1_weight=0.01).backward(dy_for(arrays))
+    for u, v in zip(a, b):
+        assert torch.equal(u.grad, v.grad)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_errors_name_the_argument():
+    x, wg, wu, wd = problem(16, 256, 1000, "bfloat16")
+    with pytest.raises(TypeError, match="x has dtype float64"):
+        tt.gated_ffn(x.double(), wg.double(), wu.double(), wd.double())
+    with pytest.raises(TypeError, match="w_up on cpu"):
+        tt.gated_ffn(x, wg, wu.cpu(), wd)
+    with pytest.raises(ValueError, match="x must be C-contiguous"):
+        tt.gated_ffn(x.t().contiguous().t(), wg, wu, wd)
+    with pytest.raises(ValueError, match="x must be C-contiguous"):
+        tt.gated_ffn(x.view(4, 4, 256).transpose(0, 1), wg, wu, wd)
+    with pytest.raises(ValueError, match="w_down must be C-contiguous"):
+        tt.gated_ffn(x, wg, wu, wd.t().contiguous().t())
+    with pytest.raises(TypeError, match="w_gate must have the dtype of x"):
+        tt.gated_ffn(x, wg.float(), wu, wd)
+    with pytest.raises(TypeError, match="w_gate must have the dtype of x"):
+        tt.gated_ffn(x.requires_grad_(), wg.float(), wu, wd)
