@@ -1,37 +1,77 @@
-"""Session-8 probe (perf-notes.md, v20): the fused decode kernels against the split decode path, per
-batch size, to place the cut-over (``ffn_forward.DECODE_FUSED_MAX_ROWS`` bounds what the kernel takes,
-``ops.DECODE_FUSED_ROWS`` what the ops send to it).  Eager timings with the L2 flushed before each call
-(the bench's rule for M <= 4096), uniform problem, mean 29 active, d 2048, n 5632, bf16; outputs compared.
+"""Decode-sized batches (M = 1 … 64; bf16, d 2048, n 5632, uniform, mean 29 active): the inference paths
+of ``twell.gated_ffn`` side by side, eager and replayed from a CUDA graph.
 
-Run on the GPU from the repository root:  PYTHONPATH=. python docs/perf/decode_probe.py
+* ``op``: ``twell.gated_ffn(..., out=y)`` as a caller runs it (fused decode kernels for M ≤ 4, the
+  small-batch path up to 512 rows);
+* ``fused decode``: the two fused decode kernels (``ffn_forward.decode_fused``; the kernel takes M ≤ 8);
+* ``small batch``: cuBLAS gate + ``ffn_forward.dense_gate_up_down`` (the small-batch path without counts);
+* ``dense path``: ``twell.gated_ffn(..., path="dense", out=y)``;
+* ``dense cuBLAS``: the bench's ``dense_cupy`` baseline (3 GEMMs + one fused elementwise kernel).
+
+Eager: one call, then a host sync (``time_gpu(sync_each=True)``); graph: replays queued back to back on the
+capturing stream.  The L2 is flushed before every timed call (the bench's rule for M ≤ 4096).  Each path's
+y is compared with the dense path's (max |diff| / max |y|).
+
+    PYTHONPATH=. python docs/perf/decode_probe.py [--m 1,2,4,8,16,64] [--budget 0.3]
 """
 
+import argparse
 import json
 
 import cupy as cp
-from twell import bench, synthetic
-from twell.kernels import ffn_forward, ops
+
+import twell
+from twell.bench.dense_cupy import make_dense_cupy
+from twell.bench.timing import L2Flusher, capture_cupy_graph, time_gpu
+from twell.kernels import ffn_forward
+from twell.runtime import blas
+from twell.synthetic import make_problem
+
+
+def paths(p):
+    """name -> run() writing its own preallocated y (the graph replays write the same buffers)."""
+    x, wg, wu, wd = p.arrays()
+    out = {}
+
+    def op(**kw):
+        y = cp.empty_like(x)
+        return lambda: twell.gated_ffn(x, wg, wu, wd, out=y, **kw)
+
+    out["op"] = op()
+    y_fd = cp.empty_like(x)
+    if ffn_forward.decode_fused_supported(x, wg, wu, wd, y_fd):
+        out["fused decode"] = lambda: ffn_forward.decode_fused(x, wg, wu, wd, y_fd)
+    y_sb = cp.empty_like(x)
+    out["small batch"] = lambda: ffn_forward.dense_gate_up_down(x, blas.gemm(x, wg, trans_b=True), wu, wd, y_sb)
+    out["dense path"] = op(path="dense")
+    out["dense cuBLAS"] = make_dense_cupy(p)
+    return out
 
 
 def main():
-    flusher = bench.L2Flusher(cp.cuda.Device().attributes["L2CacheSize"])
-    for m in (1, 2, 3, 4, 6, 8):
-        p = synthetic.make_problem(m, kind="uniform", xp=cp)
-        x, wg, wu, wd = p.x, p.w_gate, p.w_up, p.w_down
-        y = cp.empty_like(x)
-
-        def fused():
-            return ffn_forward.decode_fused(x, wg, wu, wd, y)
-
-        def split():
-            return ops._decode_forward(x, cp.matmul(x, wg.T), wu, wd, False, True, None)
-
-        a, b = fused().astype(cp.float32), split().astype(cp.float32)
-        res = {"M": m, "max rel diff fused vs split": float(cp.abs(a - b).max() / cp.abs(b).max())}
-        for rnd in range(2):
-            for name, fn in (("fused", fused), ("split", split)):
-                t = bench.time_gpu(fn, budget_s=0.15, warmup=3, flush=flusher)
-                res[f"{name} r{rnd}"] = round(t.to_dict()["median_ms"], 4)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--m", default="1,2,4,8,16,64", help="comma-separated batch sizes")
+    ap.add_argument("--mean", type=float, default=29.0)
+    ap.add_argument("--budget", type=float, default=0.3, help="seconds per timing")
+    args = ap.parse_args()
+    flush = L2Flusher(cp.cuda.Device().attributes["L2CacheSize"])
+    stream = cp.cuda.Stream(non_blocking=True)
+    for m in (int(v) for v in args.m.split(",")):
+        p = make_problem(m, mean_active=args.mean, kind="uniform", dtype="bfloat16", seed=0, xp=cp)
+        runs = paths(p)
+        ref = runs["dense path"]().astype(cp.float32)
+        scale = float(cp.abs(ref).max()) or 1.0
+        res = {"M": m}
+        for name, run in runs.items():
+            y = run().astype(cp.float32)
+            eager = time_gpu(run, budget_s=args.budget, warmup=3, flush=flush).to_dict()
+            graph = capture_cupy_graph(run, stream)
+            with stream:
+                replay = time_gpu(graph.launch, budget_s=args.budget, warmup=3, flush=flush,
+                                  sync_each=False).to_dict()
+            graph.release()
+            res[name] = {"eager_ms": round(eager["median_ms"], 4), "graph_ms": round(replay["median_ms"], 4),
+                         "diff": float(cp.abs(y - ref).max()) / scale}
         print(json.dumps(res), flush=True)
 
 

@@ -1,76 +1,72 @@
-"""Timing probe of the fused gate GEMM (perf-notes.md, v3): the kernel alone, with and without the TwELL
-packing, into preallocated or fresh buffers, against cuBLAS (z stored) and cuBLAS + pack.
+"""The gate GEMM alone, at M = 16,384 by default (bf16, d 2048, n 5632, uniform, mean 29 active):
 
-Run on the GPU from the repository root:  PYTHONPATH=. python docs/perf/gate_gemm_probe.py
-(Medians of CUDA-event timings through cupyx.profiler.benchmark.)
+* cuBLAS ``z = x w_gateᵀ`` (z stored), and cuBLAS + the pack kernel (what ``gate_kernel="cublas"`` runs);
+* the Hopper GEMM → TwELL kernel with its routing kernel (``gate_gemm.gate_twell_async``, what
+  ``gate_kernel="auto"`` runs on Hopper), per cluster size;
+* the same kernel's mainloop without the epilogue (``gate_gemm.gate_gemm_mainloop``): the difference is
+  the epilogue's share;
+* the portable mma.sync kernel (``kernel="mma"``).
+
+Device times of calls queued back to back (CUDA events, ``twell.bench.timing.time_gpu``), median and
+p20–p80; TFLOP/s of the 2·M·n·d GEMM; entries found (cuBLAS + pack vs the fused kernel: equal up to the
+few z values whose rounding differs).  Needs a Hopper GPU (compute capability 9.0).
+
+    PYTHONPATH=. python docs/perf/gate_gemm_probe.py [--m 16384] [--mean 29] [--budget 0.5]
 """
 
+import argparse
 import json
 
 import cupy as cp
-import cupyx.profiler as prof
-import ml_dtypes
-import numpy as np
-from scipy.stats import norm
 
-from twell._kernels import get_kernel
+from twell.bench.timing import time_gpu
 from twell.kernels import gate_gemm, pack
-from twell.kernels._launch import NULL, i32
+from twell.runtime import blas
+from twell.synthetic import make_problem
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
-def med(fn, n=25):
-    r = prof.benchmark(fn, n_repeat=n, n_warmup=3)
-    return round(float(np.median(r.gpu_times[0] * 1e3)), 4)
-
-
-def problem(m, d=2048, n=5632, mean=29, seed=0):
-    rng = cp.random.default_rng(seed)
-    x = rng.standard_normal((m, d), dtype=cp.float32)
-    x[:, 0] = 1
-    wg = rng.standard_normal((n, d), dtype=cp.float32) / np.sqrt(d)
-    wg[:, 0] = -norm.isf(mean / n) * np.sqrt((d - 1) / d)
-    return x.astype(BF16), wg.astype(BF16)
+TILE_WIDTH, COMPRESSION, THRESHOLD = 256, 8, 128      # the inference ops' defaults
 
 
 def main():
-    for m in (16384, 131072):
-        x, wg = problem(m)
-        n, d = wg.shape
-        n_tiles, slots = 22, 32
-        res = {"M": m, "cublas_gemm": med(lambda: cp.matmul(x, wg.T))}
-        z = cp.matmul(x, wg.T)
-        res["pack_kernel"] = med(lambda: pack.pack_twell_async(z, 256, 8, 128, relu=True))
-        z = None
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--m", type=int, default=16384)
+    ap.add_argument("--mean", type=float, default=29.0)
+    ap.add_argument("--budget", type=float, default=0.5, help="seconds per timing")
+    args = ap.parse_args()
+    if cp.cuda.Device().compute_capability != "90":
+        raise SystemExit("gate_gemm_probe: the Hopper kernel needs compute capability 9.0")
+    p = make_problem(args.m, mean_active=args.mean, kind="uniform", dtype="bfloat16", seed=0, xp=cp)
+    x, wg = p.x, p.w_gate
+    m, d = x.shape
+    n = wg.shape[0]
+    z = cp.empty((m, n), dtype=x.dtype)
 
-        def buffers():
-            return (cp.empty((m, n_tiles), cp.int32), cp.empty((m, n_tiles, slots), cp.uint8),
-                    cp.empty((m, n_tiles, slots), x.dtype))
+    def cublas_pack():
+        return pack.pack_twell_async(blas.gemm(x, wg, z, trans_b=True), TILE_WIDTH, COMPRESSION, THRESHOLD,
+                                     relu=True)
 
-        pre = buffers()
-        for cluster in (1, 2):
-            for do_pack in (True, False):
-                k = get_kernel("gate_gemm",
-                               f"gate_twell_wgmma<__nv_bfloat16, 256, {cluster}, {'true' if do_pack else 'false'}, 0, 0>")
-                k.max_dynamic_shared_size_bytes = gate_gemm.WGMMA_SMEM
-                mx, mw = gate_gemm.tensor_map(x, 128), gate_gemm.tensor_map(wg, 256 // cluster)
-                grid = 132 if cluster == 1 else 2 * gate_gemm.max_active_clusters(k, 384, gate_gemm.WGMMA_SMEM, 2)
+    def fused(kernel, cluster=gate_gemm.DEFAULT_CLUSTER):
+        return lambda: gate_gemm.gate_twell_async(x, wg, TILE_WIDTH, COMPRESSION, THRESHOLD, kernel=kernel,
+                                                  cluster=cluster)
 
-                def launch(b, k=k, mx=mx, mw=mw, grid=grid):
-                    k((grid,), (384,), (mx, mw, i32(m), i32(n), i32(d), i32(n_tiles), i32(slots), b[0], b[1], b[2],
-                                        NULL, NULL, NULL, NULL, NULL, i32(0), NULL, NULL, NULL, i32(0), i32(0)),
-                      shared_mem=gate_gemm.WGMMA_SMEM)
-                    return b
+    cases = {"cublas (z stored)": lambda: blas.gemm(x, wg, z, trans_b=True), "cublas + pack": cublas_pack}
+    for cluster in gate_gemm.WGMMA_CLUSTERS:
+        cases[f"wgmma mainloop only, cluster {cluster}"] = (
+            lambda c=cluster: gate_gemm.gate_gemm_mainloop(x, wg, cluster=c))
+        cases[f"wgmma -> TwELL + route, cluster {cluster}"] = fused("wgmma", cluster)
+    cases["mma -> TwELL + route"] = fused("mma")
 
-                res[f"kernel cluster={cluster} pack={do_pack} preallocated"] = med(lambda: launch(pre))
-                if do_pack:
-                    res[f"kernel cluster={cluster} pack=True fresh buffers"] = med(lambda: launch(buffers()))
-        res["gate_twell_async (kernel + routing)"] = med(
-            lambda: gate_gemm.gate_twell_async(x, wg, 256, 8, 128, kernel="wgmma", cluster=1))
-        print(json.dumps(res), flush=True)
-        x = wg = pre = None  # free before the next size
-        cp.get_default_memory_pool().free_all_blocks()
+    entries = {"cublas + pack": int(cublas_pack().row_nnz.sum()),
+               "wgmma": int(fused("wgmma")().row_nnz.sum())}
+    print(json.dumps({"M": m, "d": d, "n": n, "mean": args.mean, "entries": entries}), flush=True)
+    base = None
+    for name, fn in cases.items():
+        t = time_gpu(fn, budget_s=args.budget, warmup=3, sync_each=False).to_dict()
+        base = t["median_ms"] if base is None else base
+        print(json.dumps({"case": name, "median_ms": round(t["median_ms"], 4),
+                          "p20_p80_ms": [round(t["p20_ms"], 4), round(t["p80_ms"], 4)],
+                          "tflops": round(2.0 * m * n * d / (t["median_ms"] * 1e-3) / 1e12, 1),
+                          "cublas_time_over_this": round(base / t["median_ms"], 3)}), flush=True)
 
 
 if __name__ == "__main__":
