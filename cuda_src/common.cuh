@@ -1,5 +1,5 @@
 // common.cuh -- dtype traits, warp helpers and layout constants shared by every kernel family.
-// Inlined into each family's source by twell/_kernels.py (CuPy's cache key hashes the source text only).
+// Inlined into each family's source by twell/runtime/loader.py (CuPy's cache key hashes the source text only).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

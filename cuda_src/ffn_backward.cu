@@ -5,7 +5,7 @@
 //   du_e = dh_e * g_e,  dz_e = dh_e * u_e        (the pattern is where z > 0)
 //   dx[t] = sum_e du_e w_up[j] + dz_e w_gate[j]  (token-major, one accumulator)
 //   dw_up[j] = sum_e du_e x[t], dw_gate[j] = sum_e dz_e x[t], dw_down[j] = sum_e h_e dy[t]
-// Three passes, each gathering one kind of row (docs/perf-notes.md, v8):
+// Three passes, each gathering one kind of row (docs/performance-history.md, v8):
 //   dh_dw_down  neuron-major, gathers dy rows: each dy[t] serves both dh_e (dot with the CTA's one
 //               w_down[j] row) and dw_down[j]; writes du, dz per entry (fp32).
 //   dw_up_gate  neuron-major, gathers x rows: each x[t] serves dw_up[j] and dw_gate[j].

@@ -688,13 +688,13 @@ __global__ void reduce_split_rows(const float* __restrict__ partial, const int* 
 // Optional outputs (nullptr: skipped): g_out = relu(z) (NaN kept); for row r, stored at index
 // rows[r] (rows nullptr: r) of row_nnz (entries) and row_l1 (sum |h| of the rounded h, fp32, fixed
 // order); neuron_counts (+1 per entry; per-CTA counts in shared memory when smem_counts, flushed with one
-// integer atomic per column); nnz_total (+= entries, 64-bit).  One CTA of DG_THREADS per DG_ROWS rows;
-// each thread owns chunks of 8 columns (16-byte loads when VEC: n % 8 == 0 and aligned arrays).
+// integer atomic per column); nnz_total (+= entries, 64-bit).  One CTA of DG_THREADS per rows_per_cta rows
+// (the launcher picks enough CTAs to fill the device); each thread owns chunks of 8 columns (16-byte loads
+// and stores when VEC: n % 8 == 0 and aligned arrays).
 #define DG_THREADS 256
-#define DG_ROWS 32
 template <typename T, bool GATED, bool RELU, bool VEC>
 __global__ void __launch_bounds__(DG_THREADS) dense_gate_mul(
-    const T* __restrict__ z, const T* __restrict__ u, int R, int n, const int* __restrict__ rows,
+    const T* __restrict__ z, const T* __restrict__ u, int R, int n, int rows_per_cta, const int* __restrict__ rows,
     T* __restrict__ h, T* __restrict__ g_out, int* __restrict__ row_nnz, float* __restrict__ row_l1,
     int* __restrict__ neuron_counts, int smem_counts, unsigned long long* __restrict__ nnz_total)
 {
@@ -708,8 +708,8 @@ __global__ void __launch_bounds__(DG_THREADS) dense_gate_mul(
         for (int c = tid; c < n; c += DG_THREADS) col_counts[c] = 0;
     __syncthreads();
     long long cta_entries = 0;
-    const int r0 = blockIdx.x * DG_ROWS;
-    for (int r = r0; r < min(r0 + DG_ROWS, R); ++r) {
+    const int r0 = blockIdx.x * rows_per_cta;
+    for (int r = r0; r < min(r0 + rows_per_cta, R); ++r) {
         const long long base = (long long)r * n;
         int cnt = 0;
         float l1 = 0.f;

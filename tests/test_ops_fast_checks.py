@@ -1,4 +1,4 @@
-"""The GPU ops' fast argument check (``twell.ops._fast_cupy_args``) on stand-in device arrays (no GPU):
+"""The GPU ops' fast argument check (``twell.ops.fast_cupy_args``) on stand-in device arrays (no GPU):
 it must accept exactly the common valid case and hand everything else to the full checks, which raise
 the precise error.  Also the memoized dtype -> C++ type lookup of the launchers."""
 
@@ -45,11 +45,11 @@ def _args(**over):
 
 def test_fast_check_accepts_the_common_case(fake_cupy):
     x, w = _args()
-    assert ops._fast_cupy_args(x, w) == (fake_cupy, 100)
+    assert ops.fast_cupy_args(x, w) == (fake_cupy, 100)
     for dt in ("float16", "float32"):
         x, w = _args(x=FakeNdarray((64, 32), dt), w_gate=FakeNdarray((100, 32), dt),
                      w_up=FakeNdarray((100, 32), dt), w_down=FakeNdarray((100, 32), dt))
-        assert ops._fast_cupy_args(x, w) == (fake_cupy, 100)
+        assert ops.fast_cupy_args(x, w) == (fake_cupy, 100)
 
 
 @pytest.mark.parametrize("case", [
@@ -71,13 +71,13 @@ def test_fast_check_accepts_the_common_case(fake_cupy):
 ])
 def test_fast_check_hands_anything_else_to_the_full_checks(fake_cupy, case):
     x, w = _args(**case)
-    assert ops._fast_cupy_args(x, w) is None
+    assert ops.fast_cupy_args(x, w) is None
 
 
 def test_fast_check_off_without_cupy(monkeypatch):
     monkeypatch.setattr(B, "cupy_or_none", lambda: None)
     x, w = _args()
-    assert ops._fast_cupy_args(x, w) is None
+    assert ops.fast_cupy_args(x, w) is None
 
 
 @pytest.mark.parametrize("dtype, ct", [("bfloat16", "__nv_bfloat16"), ("float16", "__half"), ("float32", "float")])

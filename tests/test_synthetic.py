@@ -88,7 +88,7 @@ def test_uniform_mean_close_to_target(m, d, n, target):
 def test_token_skew_paper_like():
     p = make_problem(4096, 256, 5632, kind="token_skew", mean_active=29.0, seed=0)
     assert p.params["calibrate"] == "median" and p.params["skew_sigma"] == synthetic.DEFAULT_TOKEN_SIGMA
-    assert 36 < p.params["expected_mean_active"] < 42  # median 29 -> mean ~39 (REFERENCE.md)
+    assert 36 < p.params["expected_mean_active"] < 42  # median 29 -> mean ~39
     s = describe(p)["token"]
     assert abs(s["p50"] - 29) <= 3
     assert abs(s["mean"] - p.params["expected_mean_active"]) <= 0.1 * p.params["expected_mean_active"]
@@ -104,7 +104,7 @@ def test_token_skew_mean_calibration_and_heavy_case():
     heavy = make_problem(4096, 256, 5632, kind="token_skew", skew_sigma=0.35, seed=2)
     t = describe(heavy)["token"]
     assert abs(t["p50"] - 29) <= 3
-    assert t["p99"] > 400  # REFERENCE.md: median 29, p99 ~700
+    assert t["p99"] > 400  # the heavy case: median 29, p99 ~700
     assert t["mean"] > 2 * t["p50"]
 
 
@@ -191,7 +191,7 @@ def test_float64_matches_float32_statistics():
     (dict(kind=3), TypeError, "kind"),
     (dict(mean_active=0), ValueError, "mean_active"),
     (dict(mean_active=-1.0), ValueError, "mean_active"),
-    (dict(mean_active=256), ValueError, "mean_active"),
+    (dict(mean_active=256, kind="token_skew"), ValueError, "mean_active"),     # n: uniform only
     (dict(mean_active=300.0), ValueError, "mean_active"),
     (dict(mean_active=float("nan")), ValueError, "mean_active"),
     (dict(mean_active="29"), TypeError, "mean_active"),
@@ -243,3 +243,10 @@ def test_gpu_generation(cp, kind):
     s_host = describe(make_problem(4096, 256, 2048, kind=kind, seed=0))
     assert abs(s["token"]["mean"] - s_host["token"]["mean"]) <= 0.1 * s_host["token"]["mean"]
     assert s["neuron"]["frac_dead"] == pytest.approx(s_host["neuron"]["frac_dead"], abs=0.03)
+
+
+def test_uniform_all_active():
+    """mean_active = n: every neuron fires on every token (a fully dense batch)."""
+    p = make_problem(64, d=64, n=128, mean_active=128, dtype="float32", seed=3)
+    z = p.x.astype(np.float64) @ p.w_gate.astype(np.float64).T
+    assert (z > 0).all()

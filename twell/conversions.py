@@ -27,8 +27,16 @@ def _gpu_pack():
     return pack
 
 
+def _not_capturing(what: str):
+    from .gpu.streams import CaptureError, capturing  # noqa: PLC0415
+    if capturing(B.cupy_or_none()):
+        raise CaptureError(f"{what} checks a user's container with a host read-back and cannot be captured in a "
+                           "CUDA graph; call it outside the capture")
+
+
 def checked_device_twell(tw: TwELL, name: str):
     """A device TwELL on the current device, its invariants checked on the GPU (raises ValueError)."""
+    _not_capturing(f"an op on the TwELL {name!r}")
     B.check_on_current_device({name: tw.counts})
     _gpu_pack().validate_twell(tw, name)
     return tw
@@ -36,6 +44,7 @@ def checked_device_twell(tw: TwELL, name: str):
 
 def checked_device_hybrid(hy: Hybrid, name: str):
     """A device Hybrid on the current device, its invariants checked on the GPU (raises ValueError)."""
+    _not_capturing(f"an op on the Hybrid {name!r}")
     B.check_on_current_device({name: hy.row_ptr})
     _gpu_pack().validate_hybrid(hy, name)
     return hy

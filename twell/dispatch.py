@@ -88,13 +88,24 @@ class DensityTracker:
         How many calls took each path.
     """
 
+    #: Small batches (decode) report their density only every this many calls: a report costs an
+    #: asynchronous copy and an event (~10 µs of host time), and a model's density changes slowly.
+    SMALL_BATCH_INTERVAL = 16
+
     def __init__(self, dense_row_threshold: int = 128):
         self._lock = threading.Lock()
+        self._small_calls = 0
         self._obs: _Observation | None = None
         self._pending = None           # (event, pinned row counts, m) of a dense call
         self.dense_row_threshold = int(dense_row_threshold)
         self.last_path: str | None = None
         self.calls = {"sparse": 0, "dense": 0}
+
+    def wants_small_batch_observation(self) -> bool:
+        """Whether this small-batch call should report its density (every SMALL_BATCH_INTERVAL-th)."""
+        with self._lock:
+            self._small_calls += 1
+            return self._small_calls % self.SMALL_BATCH_INTERVAL == 1 or self._obs is None and self._pending is None
 
     def observe_sparse(self, m: int, compact_entries: int, backup_rows: int):
         """Record a sparse call's density (host integers)."""
@@ -122,32 +133,25 @@ class DensityTracker:
             self.last_path = path
             self.calls[path] = self.calls.get(path, 0) + 1
 
-    def observe_host_rows(self, row_nnz: np.ndarray, *, path: str):
-        """Record a call from host per-row entry counts (the NumPy reference path)."""
-        row_nnz = np.asarray(row_nnz)
-        with self._lock:
-            self._obs = self._summarise(row_nnz)
-            self._pending = None
-            self.last_path = path
-            self.calls[path] = self.calls.get(path, 0) + 1
-
     def _summarise(self, row_nnz: np.ndarray) -> _Observation:
         over = row_nnz > self.dense_row_threshold
         return _Observation(int(row_nnz.shape[0]), int(row_nnz[~over].sum(dtype=np.int64)), int(over.sum()))
 
-    def observation(self) -> _Observation | None:
-        """The last call's density (waits for a pending copy from a dense call)."""
+    def observation(self, wait: bool = True) -> _Observation | None:
+        """The last call's density.  A pending copy from a dense call is waited for, unless ``wait`` is False
+        (inside a CUDA-graph capture, where synchronising is not allowed): then it is used only if done."""
         with self._lock:
-            if self._pending is not None:
+            if self._pending is not None and (wait or self._pending[0].done):
                 event, _host, buf, _dev = self._pending
                 event.synchronize()
                 self._obs = self._summarise(buf)
                 self._pending = None
             return self._obs
 
-    def choose(self, m: int, n: int, d: int, itemsize: int, *, training: bool) -> str:
-        """"sparse" or "dense" for a call of M tokens, from the last observation scaled to M."""
-        obs = self.observation()
+    def choose(self, m: int, n: int, d: int, itemsize: int, *, training: bool, wait: bool = True) -> str:
+        """"sparse" or "dense" for a call of M tokens, from the last observation scaled to M (``wait``: see
+        :meth:`observation`)."""
+        obs = self.observation(wait)
         if obs is None or obs.m == 0:
             return "sparse"
         scale = m / obs.m

@@ -1,11 +1,10 @@
 """Sparse activation formats: TwELL (inference) and Hybrid (training).
 
 The exact layout of every array is specified in ``docs/format.md``; this module
-holds the containers, their validation, and the public pack / unpack / SciPy
-conversion functions.  Containers are plain dataclasses of arrays and are
-array-module agnostic: the arrays are all NumPy or all CuPy.  NumPy inputs are
-packed by :mod:`twell.reference`, CuPy (or ``__dlpack__`` GPU) inputs by the CUDA
-kernels in :mod:`twell.kernels.pack`.
+holds the containers and their validation and knows nothing of how they are built
+(pack / unpack / SciPy conversions: :mod:`twell.conversions`).  Containers are plain
+dataclasses of arrays and are array-module agnostic: the arrays are all NumPy or
+all CuPy.
 
 No value is ever dropped: a row whose tile overflows (TwELL) or whose non-zero
 count exceeds ``dense_row_threshold`` is routed whole to the dense backup.

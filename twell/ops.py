@@ -46,8 +46,10 @@ def _gpu():
 # --------------------------------------------------------------------------- argument checks
 
 
-def _fast_cupy_args(x, weights: dict):
-    """The common GPU case in few operations (every call pays this before its first launch): CuPy arrays,
+def fast_cupy_args(x, weights: dict):
+    """The common GPU case in few operations (every call pays this before its first launch; the framework
+    adapters call it with :func:`inference_threshold` and :func:`check_gate_kernel` before
+    :func:`twell.gpu.inference.forward` to skip the rest of the checks): CuPy arrays,
     C-contiguous, 16-byte aligned, on the current device, a kernel dtype, consistent shapes.  Returns
     (cupy, n), or None and :func:`_check_ffn_args` runs the full checks (and raises the precise error, or
     copies misaligned views)."""
@@ -79,7 +81,7 @@ def _fast_cupy_args(x, weights: dict):
 
 def _check_ffn_args(x, weights: dict):
     """Validate x (M, d) and neuron-major weights (n, d); return (xp, x, weights, n)."""
-    fast = _fast_cupy_args(x, weights)
+    fast = fast_cupy_args(x, weights)
     if fast is not None:
         return fast[0], x, weights, fast[1]
     arrays = {"x": x, **weights}
@@ -162,7 +164,7 @@ def _into(res, out, with_stats):
     return (out, res[1]) if with_stats else out
 
 
-def _check_gate_kernel(value):
+def check_gate_kernel(value):
     if not isinstance(value, str) or value not in GATE_KERNELS:
         raise ValueError(f"gate_kernel must be one of {GATE_KERNELS}, got {value!r}")
     return value
@@ -177,7 +179,7 @@ def _check_tracker(tracker):
 _thresholds: dict = {}      # memo of the inference threshold checks: (value, n, layout) -> threshold
 
 
-def _inference_threshold(value, n, tile_width, compression):
+def inference_threshold(value, n, tile_width, compression):
     if isinstance(value, str):
         if value != "auto":
             raise ValueError(f"dense_row_threshold must be 'auto', None or an integer >= 0, got {value!r}")
@@ -218,9 +220,9 @@ def _check_l1(l1_weight) -> float:
 def _inference(x, w_first, w_up, w_down, weights, *, gated, tile_width, compression, dense_row_threshold,
                return_stats, check_finite, out, gate_kernel, path, tracker):
     xp, x, w, n = _check_ffn_args(x, weights)
-    threshold = _inference_threshold(dense_row_threshold, n, tile_width, compression)
+    threshold = inference_threshold(dense_row_threshold, n, tile_width, compression)
     B.check_bool(return_stats, "return_stats")
-    gate_kernel = _check_gate_kernel(gate_kernel)
+    gate_kernel = check_gate_kernel(gate_kernel)
     path = check_path(path)
     tracker = _check_tracker(tracker)
     out = _check_out(out, xp, x, inputs=[("x", x), *w.items()])
@@ -294,7 +296,7 @@ def gated_ffn(x, w_gate, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compres
     -----
     GPU paths (docs/design.md): fused decode kernels (M ≤ 4, no statistics), small batches (M ≤ 512:
     cuBLAS gate, then every row sparse and exact, no host sync, capturable in a CUDA graph), the sparse
-    path (gate → TwELL → fused up/down for the compact rows and cuBLAS for the backup rows, one 16-byte
+    path (gate → TwELL → fused up/down for the compact rows and cuBLAS for the backup rows, one 12-byte
     host read-back), the dense path (capturable).  Bitwise deterministic.
     """
     return _inference(x, w_gate, w_up, w_down, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down}, gated=True,
@@ -428,7 +430,7 @@ def gated_ffn_forward(x, w_gate, w_up, w_down, *, l1_weight=0.0, dense_row_thres
     xp, x, w, n = _check_ffn_args(x, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down})
     threshold = check_dense_row_threshold(dense_row_threshold, n)
     l1_weight = _check_l1(l1_weight)
-    gate_kernel = _check_gate_kernel(gate_kernel)
+    gate_kernel = check_gate_kernel(gate_kernel)
     path = check_path(path)
     tracker = _check_tracker(tracker)
     if xp is np:

@@ -1,6 +1,6 @@
 """Seeded synthetic FFN problems with controlled activation sparsity.
 
-Construction (``shared/REFERENCE.md`` §4), all three weights neuron-major
+Construction, all three weights neuron-major
 ``(n, d)`` row-major (``w_gate``, ``w_up`` as in ``nn.Linear``; ``w_down`` is the
 transpose of ``nn.Linear``'s down weight)::
 
@@ -29,7 +29,7 @@ Kinds
     rate, so the realised *median* count is ≈ ``mean_active`` and the mean is
     higher (sigma 0.13, target 29 → median ≈ 29, mean ≈ 39, max ≈ 9–10× mean at
     M = 16k, the paper-like case; sigma 0.35 → median 29, mean ≈ 95, p99 ≈ 700,
-    the heavy case of REFERENCE.md).  ``calibrate="mean"`` solves
+    a heavy case).  ``calibrate="mean"`` solves
     ``n · E_s[Φ̄(kappa / s)] = mean_active`` (Gauss–Hermite quadrature over the
     lognormal, 201 nodes) so the *mean* count is the target.
 ``"neuron_skew"``
@@ -500,9 +500,7 @@ def adversarial_problem(
     elif mode == "half":
         k = 0.0
     else:
-        mean_active = _check_real(mean_active, "mean_active", lo=0.0, hi=float(n), hi_open=False)
-    if mean_active == n and kind != "uniform":
-        raise ValueError(f"mean_active = n = {n} (every neuron active) is only available for kind='uniform'")
+        mean_active = _check_real(mean_active, "mean_active", lo=0.0, hi=float(n))
         k = float(_norm().isf(mean_active / n))
         x0 = np.where(np.arange(m) % 2 == 0, -1.0, 1.0)
     kappa = np.full(n, k)

@@ -3,7 +3,8 @@ step's inputs (:class:`TrainProblem`, :func:`make_dy`).
 
 Without ``--sweep`` the cases are every ``--m`` × ``--kind`` × ``--mean`` (default M per task and
 backend: :mod:`twell.bench.config`).  ``--sweep``: one sweep per ``--kind`` over the sweep means at one
-M (``--sweep-m``), the same for inference and training; means outside ``(0, n)`` are skipped with a note.
+M (``--sweep-m``), the same for inference and training; means outside ``(0, n)`` (``(0, n]`` for uniform
+problems: mean n is a fully dense batch) are skipped with a note.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def plan_cases(cfg: BenchConfig, gpu: bool, task: str = "infer") -> tuple[list, 
         m = cfg.sweep_m or (GPU_DEFAULT_SWEEP_M if gpu else CPU_DEFAULT_SWEEP_M)
         for kind in cfg.kinds:
             for mean in cfg.sweep_means:
-                if not 0 < mean < cfg.n:
-                    note = f"sweep mean {mean:g} skipped: not in (0, n={cfg.n})"
+                if not (0 < mean < cfg.n or (kind == "uniform" and mean == cfg.n)):
+                    note = f"sweep mean {mean:g} skipped for {kind}: not in (0, n={cfg.n})"
                     if note not in notes:
                         notes.append(note)
                     continue

@@ -137,7 +137,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--sweep", action="store_true",
                    help=f"sweep the mean over {','.join(map(str, SWEEP_MEANS))} at one M (--sweep-m), one sweep "
-                        "per --kind (default uniform), for every task of --mode; means >= --n are skipped "
+                        "per --kind (default uniform), for every task of --mode; means >= --n are skipped (but mean = n for uniform) "
                         "with a note")
     p.add_argument("--sweep-m", type=_pos_int, default=None,
                    help=f"M of the sweep (default GPU {GPU_DEFAULT_SWEEP_M}, CPU {CPU_DEFAULT_SWEEP_M})")

@@ -7,7 +7,7 @@
   host synchronisation: capturable in a CUDA graph).
 * **sparse** (larger M): gate GEMM → TwELL (the fused Hopper kernel, or cuBLAS + the pack kernel) →
   fused up/down for the compact rows while the host reads back how many rows need the dense backup →
-  cuBLAS for those rows.  One 16-byte read-back: not capturable.
+  cuBLAS for those rows.  One 12-byte read-back: not capturable.
 * **dense** (``path="dense"``, or what a :class:`~twell.DensityTracker` picks for a dense batch): three
   cuBLAS GEMMs and one elementwise kernel that also counts the entries.  Capturable.
 
@@ -42,10 +42,12 @@ def forward(x, w_first, w_up, w_down, *, gated: bool, tile_width: int, compressi
     if gate_kernel in ("wgmma", "mma"):
         gate_gemm.choose_gate_kernel(gate_kernel, x, w_first)   # an explicit kernel that cannot run raises on any path
     if path == "auto":
-        path = tracker.choose(m, n, d, x.dtype.itemsize, training=False) if tracker is not None else "sparse"
+        path = ("sparse" if tracker is None else
+                tracker.choose(m, n, d, x.dtype.itemsize, training=False, wait=not in_capture))
     with capture_allocations(cp, in_capture):
         y = cp.empty((m, d), dtype=x.dtype) if out is None else out
-        observe = tracker is not None and not in_capture
+        observe = tracker is not None and not in_capture and (
+            m > SMALL_BATCH_ROWS or path == "dense" or tracker.wants_small_batch_observation())
         if path == "dense":
             row_nnz, counts, kernel = dense_forward(x, w_first, w_up, w_down, y, gated=gated,
                                                     neuron_counts=return_stats)

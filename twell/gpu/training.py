@@ -36,6 +36,8 @@ def forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int, gate_k
                            "graph; capture inference (gated_ffn / ffn) instead")
     m, d = x.shape
     n = w_gate.shape[0]
+    if gate_kernel in ("wgmma", "mma"):
+        gate_gemm.choose_gate_kernel(gate_kernel, x, w_gate)    # an explicit kernel that cannot run raises on any path
     if path == "auto":
         path = tracker.choose(m, n, d, x.dtype.itemsize, training=True) if tracker is not None else "sparse"
     if path == "dense":

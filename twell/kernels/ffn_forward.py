@@ -210,8 +210,9 @@ def train_stats(row_l1, nnz_all):
     return out
 
 
-#: Rows per CTA of dense_gate_mul (cuda_src/ffn_forward.cu DG_ROWS) and its threads.
-_DG_ROWS, _DG_THREADS = 32, 256
+#: Threads of dense_gate_mul, and the most rows one of its CTAs takes (more rows per CTA: fewer per-CTA
+#: neuron-count flushes; but always enough CTAs to fill the device).
+_DG_THREADS, _DG_MAX_ROWS_PER_CTA = 256, 32
 #: Widest n whose per-CTA neuron counts dense_gate_mul keeps in (default-limit) shared memory.
 _DG_SMEM_COUNTS_MAX_N = 12 * 1024
 
@@ -236,8 +237,9 @@ def dense_gate_mul(z, u, *, gated: bool = True, relu: bool = True, h=None, g_out
     vec = n % 8 == 0 and vec_ok(z.dtype, 8, z, *((u,) if gated else ()), h, *((g_out,) if g_out is not None else ()))
     k = get_kernel(FAMILY, f"dense_gate_mul<{ctype_of(z.dtype, 'z')}, {cbool(gated)}, {cbool(relu)}, {cbool(vec)}>")
     smem_counts = neuron_counts is not None and n <= _DG_SMEM_COUNTS_MAX_N
-    k((-(-r // _DG_ROWS),), (_DG_THREADS,),
-      (z, u if gated else z, i32(r), i32(n), NULL if rows is None else rows, h,
+    per_cta = max(1, min(_DG_MAX_ROWS_PER_CTA, r // (8 * sm_count())))
+    k((-(-r // per_cta),), (_DG_THREADS,),
+      (z, u if gated else z, i32(r), i32(n), i32(per_cta), NULL if rows is None else rows, h,
        NULL if g_out is None else g_out, NULL if row_nnz is None else row_nnz, NULL if row_l1 is None else row_l1,
        NULL if neuron_counts is None else neuron_counts, i32(1 if smem_counts else 0),
        NULL if nnz_total is None else nnz_total),

@@ -469,10 +469,12 @@ def validate_twell(tw: TwELL, name: str = "tw"):
 
 def validate_hybrid(hy: Hybrid, name: str = "hy", max_len: int | None = None):
     """Check a device Hybrid's data invariants (docs/format.md) before any kernel reads it (its transposed
-    pattern, if any, on the host: it is read only by the training backward).  Raises ``ValueError``."""
+    pattern is not checked: no op reads a user's).  Raises ``ValueError``."""
     cp = cupy()
     _check_contiguous(hy, ("row_ptr", "col_indices", "values", "backup_slot", "backup_rows", "backup_values"), name)
     m = hy.n_rows
+    if m == 0 and hy.nnz:
+        raise ValueError(f"{name} is not a valid Hybrid (row 0): {_VALID_RULES[6]}")
     err = _routing_and_err(cp, hy.backup_slot, hy.backup_rows, m)
     if m:
         get_kernel(FAMILY, "validate_hybrid_rows")(

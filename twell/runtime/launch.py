@@ -139,7 +139,7 @@ class DriverLaunch:
     For the first launch of an op, where the host time before the GPU starts is paid in full by an eager
     caller: a CuPy ``RawKernel`` call of the 21-argument gate GEMM costs 24–31 µs of host time on the
     H200's host; with this launch (and the memoized plan around it) the whole ``gate_twell_async`` call
-    fell from 178 to 48 µs (docs/perf-notes.md, v13).  ``args`` are what the CuPy call would get:
+    fell from 178 to 48 µs (docs/performance-history.md, v13).  ``args`` are what the CuPy call would get:
     NumPy scalars (``np.int32``, ``np.uint64``), CuPy arrays (their pointer, fixed), 1-element NumPy
     ``void`` arrays (by-value structs such as a ``CUtensorMap``) and ``SLOT``.  The kernel's dynamic
     shared-memory limit must already be set (as for the CuPy call).
