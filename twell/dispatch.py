@@ -16,6 +16,11 @@ Cost model (times of one call; constants measured on an H200, bf16, docs/perform
 
 Calibrated against the measured break-even of the sweeps (about 70-80 active neurons per token of
 5,632 for inference and training at M = 16,384).
+
+Inference batches of at most 512 rows (the small-batch path: latency-bound, launch overheads matter)
+use measured times instead: the small-batch path's time as a function of the batch's entries and the
+best dense time as a function of M, both CUDA-graph replays on the H200 at d = 2048, n = 5,632, bf16
+(docs/benchmarks.md, decode table), interpolated and scaled by n·d for other shapes.
 """
 
 from __future__ import annotations
@@ -41,6 +46,23 @@ GATHER_ROWS_INFERENCE, GATHER_ROWS_TRAINING = 2, 7
 BACKUP_ROW_OVERHEAD = 1.15
 
 
+#: Small-batch path: (entries of the batch, ms) and best dense: (M, ms), measured (see the module docstring).
+SMALL_BATCH_MS = ((24, 0.0211), (207, 0.0306), (1894, 0.0489), (14746, 0.0990))
+SMALL_DENSE_MS = ((1, 0.0332), (64, 0.0375), (512, 0.0634))
+_SMALL_SHAPE = 2048 * 5632
+SMALL_BATCH_ROWS = 512
+
+
+def _interp(points, v: float) -> float:
+    """Piecewise-linear through ``points``, extended linearly beyond both ends."""
+    (x0, y0), (x1, y1) = points[0], points[1]
+    for a, b in zip(points, points[1:]):
+        (x0, y0), (x1, y1) = a, b
+        if v <= x1:
+            break
+    return y0 + (y1 - y0) * (v - x0) / (x1 - x0)
+
+
 def check_path(path) -> str:
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -48,8 +70,16 @@ def check_path(path) -> str:
 
 
 def predict_times(m: int, n: int, d: int, itemsize: int, compact_entries: int, backup_rows: int, *,
-                  training: bool) -> tuple[float, float]:
-    """Predicted ``(sparse, dense)`` seconds of one call with this density (see the module docstring)."""
+                  training: bool, entries: int | None = None) -> tuple[float, float]:
+    """Predicted ``(sparse, dense)`` seconds of one call with this density (see the module docstring).
+    ``entries``: every row's entries (the small-batch path's work; default: the compact entries plus the
+    backup rows at twice the usual row threshold each)."""
+    if not training and m <= SMALL_BATCH_ROWS:
+        scale = n * d / _SMALL_SHAPE
+        if entries is None:
+            entries = compact_entries + backup_rows * min(256, n)
+        return (max(_interp(SMALL_BATCH_MS, entries / max(scale, 1e-9)) * scale, 0.0) * 1e-3,
+                _interp(SMALL_DENSE_MS, m) * scale * 1e-3)
     gemm = 2.0 * m * n * d / GEMM_FLOPS
     weights = n * d * itemsize / MEMORY_BYTES_PER_S
     gemms = 9 if training else 3
@@ -66,6 +96,7 @@ class _Observation:
     m: int
     compact_entries: int
     backup_rows: int
+    entries: int | None = None          # every row's entries, when known
 
 
 class DensityTracker:
@@ -135,7 +166,8 @@ class DensityTracker:
 
     def _summarise(self, row_nnz: np.ndarray) -> _Observation:
         over = row_nnz > self.dense_row_threshold
-        return _Observation(int(row_nnz.shape[0]), int(row_nnz[~over].sum(dtype=np.int64)), int(over.sum()))
+        return _Observation(int(row_nnz.shape[0]), int(row_nnz[~over].sum(dtype=np.int64)), int(over.sum()),
+                            int(row_nnz.sum(dtype=np.int64)))
 
     def observation(self, wait: bool = True) -> _Observation | None:
         """The last call's density.  A pending copy from a dense call is waited for, unless ``wait`` is False
@@ -156,7 +188,8 @@ class DensityTracker:
             return "sparse"
         scale = m / obs.m
         sparse, dense = predict_times(m, n, d, itemsize, round(obs.compact_entries * scale),
-                                      round(obs.backup_rows * scale), training=training)
+                                      round(obs.backup_rows * scale), training=training,
+                                      entries=None if obs.entries is None else round(obs.entries * scale))
         return "dense" if sparse > dense else "sparse"
 
     def __repr__(self) -> str:
