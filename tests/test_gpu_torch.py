@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.gpu,
 
 if _CUDA:
     import twell.torch as tt
+    from twell.torch import interop
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Half an ulp (relative) of each dtype: the one final rounding of an output.
@@ -124,9 +125,9 @@ def test_inference_matches_the_cupy_call_bitwise(m):
     x, wg, wu, wd = problem(m, 2048, 5632, "bfloat16", seed=m)
     y = tt.gated_ffn(x, wg, wu, wd)
     dev = x.device.index
-    with tt._on_device(dev):
-        ref = twell.gated_ffn(*(tt._view(t, dev, "t") for t in (x, wg, wu, wd)))
-        ref = tt._to_torch(ref, dev)
+    with interop.on_device(dev):
+        ref = twell.gated_ffn(*(interop.view(t, dev, "t") for t in (x, wg, wu, wd)))
+        ref = interop.to_torch(ref, dev)
     torch.cuda.synchronize()
     assert torch.equal(y.view(torch.int16), ref.view(torch.int16))
     assert tt.saved_state_count() == 0
@@ -257,7 +258,7 @@ def test_runs_on_torch_current_stream():
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
-        assert tt._stream(torch.cuda.current_device()).ptr == side.cuda_stream
+        assert interop.stream(torch.cuda.current_device()).ptr == side.cuda_stream
         torch.cuda._sleep(int(2e8))
         buf.copy_(x)
         with torch.no_grad():
@@ -353,13 +354,12 @@ def test_module_stats_and_paths():
 
 
 @pytest.mark.parametrize("torch_memory", [True, False])
-def test_training_memory_pool(monkeypatch, torch_memory):
-    monkeypatch.setattr(tt, "TORCH_MEMORY", torch_memory)
+def test_training_memory_pool(torch_memory):
     arrays = problem(1000, 256, 1000, "bfloat16", seed=12)
     a = [t.clone().requires_grad_() for t in arrays]
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    y = tt.gated_ffn(*a, l1_weight=0.01)
+    y = tt.gated_ffn(*a, l1_weight=0.01, torch_memory=torch_memory)
     grown = torch.cuda.memory_allocated() - before
     if torch_memory:        # y and the saved state come from PyTorch's caching allocator
         assert grown >= y.numel() * y.element_size()
@@ -367,8 +367,7 @@ def test_training_memory_pool(monkeypatch, torch_memory):
         assert grown < y.numel() * y.element_size()
     y.backward(dy_for(arrays))
     b = [t.clone().requires_grad_() for t in arrays]
-    monkeypatch.setattr(tt, "TORCH_MEMORY", not torch_memory)
-    tt.gated_ffn(*b, l1_weight=0.01).backward(dy_for(arrays))
+    tt.gated_ffn(*b, l1_weight=0.01, torch_memory=not torch_memory).backward(dy_for(arrays))
     for u, v in zip(a, b):
         assert torch.equal(u.grad, v.grad)
 

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 import twell  # noqa: E402
 import twell.torch as tt  # noqa: E402
 from twell import reference  # noqa: E402
+from twell.torch import interop, registry  # noqa: E402
 
 F64 = torch.float64
 
@@ -103,8 +104,8 @@ def test_half_precision_cpu_tensors_run_the_reference(dtype):
     x, wg, wu, wd = [a.to(dtype) for a in away_from_kinks(7, 16, 32)]
     y = tt.gated_ffn(x, wg, wu, wd)
     assert y.dtype == dtype
-    ref = reference.gated_ffn(*(tt._host_array(a, "a") for a in (x, wg, wu, wd)))
-    np.testing.assert_array_equal(tt._host_array(y, "y"), ref)
+    ref = reference.gated_ffn(*(interop.host_array(a, "a") for a in (x, wg, wu, wd)))
+    np.testing.assert_array_equal(interop.host_array(y, "y"), ref)
     xl, wgl, wul, wdl = leaves((x, wg, wu, wd))
     y2 = tt.gated_ffn(xl, wgl, wul, wdl)
     y2.float().sum().backward()
@@ -199,19 +200,28 @@ def test_grad_mode_off_runs_inference_op():
     assert tt.saved_state_count() == 0
 
 
-def test_eager_inference_skips_the_dispatcher(monkeypatch):
+def dispatcher_calls(fn, op_name="twell::gated_ffn"):
+    """(fn's result, how many times the registered op ``op_name`` went through PyTorch's dispatcher)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, sum(1 for e in prof.events() if e.name == op_name)
+
+
+def test_eager_inference_skips_the_dispatcher():
     """Plain eager inference calls the op's implementation directly; under a TorchFunctionMode (here the
     torch.device context) the registered op runs; the results are the same."""
     x, wg, wu, wd = away_from_kinks(5, 8, 16)
-    calls = []
-    op = tt._gated_ffn_op
-    monkeypatch.setattr(tt, "_gated_ffn_op", lambda *a: calls.append(1) or op(*a))
-    with torch.no_grad():
-        y = tt.gated_ffn(x, wg, wu, wd)
-        assert calls == []
+
+    def under_mode():
         with torch.device("cpu"):
-            y2 = tt.gated_ffn(x, wg, wu, wd)
-        assert calls == [1]
+            return tt.gated_ffn(x, wg, wu, wd)
+
+    with torch.no_grad():
+        y, calls = dispatcher_calls(lambda: tt.gated_ffn(x, wg, wu, wd))
+        assert calls == 0
+        y2, calls = dispatcher_calls(under_mode)
+        assert calls == 1
     torch.testing.assert_close(y, y2, rtol=0, atol=0)
 
 
@@ -259,18 +269,26 @@ def test_saved_state_freed_with_the_graph():
     assert tt.saved_state_count() == 0
 
 
-def test_eviction_beyond_max_saved_states(monkeypatch):
-    monkeypatch.setattr(tt, "MAX_SAVED_STATES", 2)
-    a = leaves(away_from_kinks(5, 8, 16))
-    ys = [tt.gated_ffn(*a), tt.gated_ffn(*a)]
-    with pytest.warns(RuntimeWarning, match="evicted 1"):
-        ys.append(tt.gated_ffn(*a))
-    with pytest.raises(RuntimeError, match="MAX_SAVED_STATES"):
-        ys[0].sum().backward()
-    ys[2].sum().backward()
-    del ys
-    gc.collect()
-    assert tt.saved_state_count() == 0
+def test_eviction_beyond_max_saved_states():
+    assert tt.max_saved_states() == tt.MAX_SAVED_STATES == 512
+    previous = tt.set_max_saved_states(2)
+    try:
+        assert previous == tt.MAX_SAVED_STATES and tt.max_saved_states() == 2
+        a = leaves(away_from_kinks(5, 8, 16))
+        ys = [tt.gated_ffn(*a), tt.gated_ffn(*a)]
+        with pytest.warns(RuntimeWarning, match="evicted 1"):
+            ys.append(tt.gated_ffn(*a))
+        with pytest.raises(RuntimeError, match="MAX_SAVED_STATES"):
+            ys[0].sum().backward()
+        ys[2].sum().backward()
+        del ys
+        gc.collect()
+        assert tt.saved_state_count() == 0
+    finally:
+        tt.set_max_saved_states(previous)
+    assert tt.max_saved_states() == 512
+    with pytest.raises(ValueError, match="integer >= 1"):
+        tt.set_max_saved_states(0)
 
 
 def test_gradient_of_unused_output_is_not_needed():
@@ -549,30 +567,46 @@ def test_tracker_accepted():
     tracker = twell.DensityTracker()
     y = tt.gated_ffn(x, wg, wu, wd, tracker=tracker)
     torch.testing.assert_close(y, tt.gated_ffn(x, wg, wu, wd, tracker=tracker), rtol=0, atol=0)
-    assert tt._tracker_of(tracker._twell_torch_id) is tracker
+    assert registry.tracker_of(tracker._twell_torch_id) is tracker
 
 
 # --------------------------------------------------------------------------- CuPy views (built without a device)
 
 
-def test_cupy_views_and_streams_are_memoised(monkeypatch):
+def test_cupy_views_and_streams_are_memoised():
     cupy = pytest.importorskip("cupy")
-    monkeypatch.setattr(tt, "_cp", cupy)
-    monkeypatch.setattr(tt, "_views", {})
-    monkeypatch.setattr(tt, "_streams", {})
+    ci = interop.CudaInterop(cupy, raw_stream=lambda dev: 0x1234 + dev)
     base = torch.zeros(6, 10, dtype=torch.float32)
     t = base[1:, 2:9]                                       # strided: ptr offset, row stride 10
-    v = tt._view(t, 0, "x")
+    v = ci.view(t, 0, "x")
     assert v.shape == (5, 7) and v.strides == (40, 4) and v.data.ptr == t.data_ptr()
     assert v.data.mem.size == 4 * (4 * 10 + 6 + 1)          # the span the view reaches
-    assert tt._view(t, 0, "x") is v                         # memoised by (ptr, shape, strides, dtype, device)
-    assert tt._view(base[1:, 2:8], 0, "x") is not v
+    assert ci.view(t, 0, "x") is v                          # memoised by (ptr, shape, strides, dtype, device)
+    assert ci.view(base[1:, 2:8], 0, "x") is not v
     assert sys.getrefcount(t) == 2                          # the cache holds no reference to the tensor
     if twell._backend.bfloat16_dtype() is not None:
-        vb = tt._view(torch.zeros(3, 4, dtype=torch.bfloat16), 0, "w_up")
+        vb = ci.view(torch.zeros(3, 4, dtype=torch.bfloat16), 0, "w_up")
         assert vb.dtype == twell._backend.bfloat16_dtype() and vb.strides == (8, 2)
     with pytest.raises(TypeError, match="w_up must have dtype"):
-        tt._view(torch.zeros(3, 4, dtype=torch.uint8), 0, "w_up")
-    monkeypatch.setattr(tt, "_raw_stream", lambda dev: 0x1234 + dev)
-    s = tt._stream(0)
-    assert s.ptr == 0x1234 and tt._stream(0) is s and tt._stream(1).ptr == 0x1235
+        ci.view(torch.zeros(3, 4, dtype=torch.uint8), 0, "w_up")
+    s = ci.stream(0)
+    assert s.ptr == 0x1234 and ci.stream(0) is s and ci.stream(1).ptr == 0x1235
+
+
+def test_torch_memory_option_is_passed_through():
+    """torch_memory chooses the GPU memory pool (no effect on CPU tensors): accepted by every entry point, the
+    op schemas and the module (kept by copies)."""
+    x, wg, wu, wd = away_from_kinks(5, 8, 16)
+    ref = tt.gated_ffn(x, wg, wu, wd)
+    torch.testing.assert_close(tt.gated_ffn(x, wg, wu, wd, torch_memory=False), ref, rtol=0, atol=0)
+    torch.testing.assert_close(tt.ffn(x, wu, wd, torch_memory=False), tt.ffn(x, wu, wd), rtol=0, atol=0)
+    a = leaves((x, wg, wu, wd))
+    tt.gated_ffn(*a, torch_memory=False).sum().backward()
+    assert all(t.grad is not None for t in a)
+    for name in ("gated_ffn", "ffn", "gated_ffn_fwd", "gated_ffn_bwd"):
+        assert "bool torch_memory=True" in str(getattr(torch.ops.twell, name).default._schema)
+    m = tt.SparseGatedFFN(8, 16, dtype=F64, torch_memory=False)
+    assert m.torch_memory is False and copy.deepcopy(m).torch_memory is False
+    assert tt.SparseGatedFFN(8, 16).torch_memory is True
+    m(x).sum().backward()
+    assert m.w_up.grad is not None and tt.saved_state_count() == 0

@@ -66,6 +66,7 @@ def main(argv=None):
     import twell
     import twell.torch as tt
     from twell.synthetic import make_problem
+    from twell.torch.interop import to_torch
 
     p = make_problem(args.m, d=args.d, n=args.n, mean_active=args.mean_active, dtype="bfloat16", seed=0, xp=np)
     host = [np.ascontiguousarray(a) for a in (p.x, p.w_gate, p.w_up, p.w_down)]
@@ -88,7 +89,7 @@ def main(argv=None):
     with torch.no_grad():
         ys = [fn() for fn in variants.values()]
         torch.cuda.synchronize()
-        y0 = tt._to_torch(ys[0], torch.cuda.current_device())          # the CuPy result, zero-copy
+        y0 = to_torch(ys[0], torch.cuda.current_device())              # the CuPy result, zero-copy
         same = all(torch.equal(y0.view(torch.int16), y.view(torch.int16)) for y in ys[1:])
         for name, fn in variants.items():
             for _ in range(200):                                  # warm-up: kernels, plans, caches
