@@ -1,7 +1,7 @@
 """Train and serve a small byte-level Llama-style LM twice, dense and L1-sparse (twell), and write the paper's
 Table 1 at small scale.
 
-    python docs/examples/sparse_lm.py --out runs/lm                          # the full run (H200: ~5-7 min)
+    python docs/examples/sparse_lm.py --out runs/lm                          # the full run (H200: < 10 min)
     python docs/examples/sparse_lm.py --out runs/cal --steps 200 --layers 2  # a short calibration run
 
 What one run does (docs/model.md is the product page):
