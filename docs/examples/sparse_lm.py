@@ -352,9 +352,11 @@ class LM(nn.Module):
             make = lambda: DenseGatedFFN(cfg.d_model, cfg.d_ff, dtype=dtype, device=device)  # noqa: E731
         elif ffn_kind == "sparse":
             import twell.torch as tt  # noqa: PLC0415
+            # torch_memory=True: twell's training allocations come from PyTorch's caching allocator, so
+            # torch.cuda.max_memory_allocated() covers them
             make = lambda: tt.SparseGatedFFN(cfg.d_model, cfg.d_ff, l1_weight=0.0,  # noqa: E731
                                              dense_row_threshold=dense_row_threshold, path="auto",
-                                             dtype=dtype, device=device)
+                                             torch_memory=True, dtype=dtype, device=device)
         else:
             raise ValueError(f"ffn_kind must be 'dense' or 'sparse', got {ffn_kind!r}")
         self.embed = nn.Embedding(cfg.vocab, cfg.d_model, dtype=dtype, device=device)
@@ -1397,11 +1399,6 @@ def environment(device) -> dict:
         env["git_revision"] = rev.stdout.strip() or None
     except Exception:  # noqa: BLE001
         env["git_revision"] = None
-    try:
-        import twell.torch as tt  # noqa: PLC0415
-        env["twell_torch_memory"] = bool(tt.TORCH_MEMORY)
-    except Exception:  # noqa: BLE001
-        env["twell_torch_memory"] = None
     return env
 
 
@@ -1570,6 +1567,7 @@ def main(argv=None) -> dict:
                                   shared=args.l1_shared)
         res["train"]["sparse"] = train_model("sparse", sparse, data, val, args, steps=steps, planned=planned,
                                              controller=controller, meter=meter, progress=progress)
+        res["train"]["sparse"]["twell_torch_memory"] = all(getattr(f, "torch_memory", False) for f in sparse.ffns)
     del state
     dense.to(device)
     per_step = sum(res["train"][k]["wall_seconds"] for k in ("dense", "sparse")) / max(steps, 1)
