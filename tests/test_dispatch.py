@@ -60,3 +60,31 @@ def test_small_batch_observations_are_sampled():
     tr.observe_sparse(4, 100, 0)
     wants = [tr.wants_small_batch_observation() for _ in range(48)]
     assert sum(wants) == 3                                  # then every SMALL_BATCH_INTERVAL-th call
+
+
+class _Event:
+    """A stand-in CUDA event that records whether it was queried or waited for."""
+
+    def __init__(self):
+        self.touched = False
+
+    @property
+    def done(self):
+        self.touched = True
+        return True
+
+    def synchronize(self):
+        self.touched = True
+
+
+def test_choose_without_waiting_touches_no_event():
+    """Inside a CUDA-graph capture (wait=False) the tracker must not query or wait for a pending copy (a
+    query invalidates a global-mode capture): it decides from the last resolved observation."""
+    tr = twell.DensityTracker()
+    tr.observe_sparse(16384, 16384 * 20, 0)
+    event = _Event()
+    tr._pending = (event, None, np.full(16384, 1000, np.int32), None)      # a dense call's copy in flight
+    assert tr.choose(16384, 5632, 2048, 2, training=False, wait=False) == "sparse"
+    assert not event.touched
+    assert tr.choose(16384, 5632, 2048, 2, training=False) == "dense"        # outside a capture: resolved
+    assert event.touched

@@ -171,9 +171,10 @@ class DensityTracker:
 
     def observation(self, wait: bool = True) -> _Observation | None:
         """The last call's density.  A pending copy from a dense call is waited for, unless ``wait`` is False
-        (inside a CUDA-graph capture, where synchronising is not allowed): then it is used only if done."""
+        (inside a CUDA-graph capture, where even querying an event is not allowed): then the last resolved
+        observation is used."""
         with self._lock:
-            if self._pending is not None and (wait or self._pending[0].done):
+            if self._pending is not None and wait:
                 event, _host, buf, _dev = self._pending
                 event.synchronize()
                 self._obs = self._summarise(buf)

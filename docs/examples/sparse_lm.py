@@ -1636,8 +1636,13 @@ def main(argv=None) -> dict:
                              + ("(CUDA graph)" if r.get("graph") else f"(eager: {r.get('graph_reason')})"))
         with progress.phase("FFN share"):
             for name, model in (("dense", dense), ("sparse", sparse)):
-                serve["ffn_share"][name] = measure_ffn_share(model, prefill_tokens, max(3, args.prefill_runs // 2),
-                                                             device)
+                try:
+                    serve["ffn_share"][name] = measure_ffn_share(model, prefill_tokens,
+                                                                 max(3, args.prefill_runs // 2), device)
+                except Exception as exc:  # noqa: BLE001 - keep every other result (the report is written below)
+                    serve["ffn_share"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                    progress(f"{name} FFN share failed: {serve['ffn_share'][name]['error']}")
+                    continue
                 f = serve["ffn_share"][name]
                 th = res["train"][name]["throughput"]
                 step_ms = 1e3 * args.batch * args.context / (th["second_half"] or th["all"])["tokens_per_s"]

@@ -47,7 +47,7 @@ def forward(x, w_first, w_up, w_down, *, gated: bool, tile_width: int, compressi
     with capture_allocations(cp, in_capture):
         y = cp.empty((m, d), dtype=x.dtype) if out is None else out
         observe = tracker is not None and not in_capture and (
-            m > SMALL_BATCH_ROWS or path == "dense" or tracker.wants_small_batch_observation())
+            m > SMALL_BATCH_ROWS or tracker.wants_small_batch_observation())
         if path == "dense":
             row_nnz, counts, kernel = dense_forward(x, w_first, w_up, w_down, y, gated=gated,
                                                     neuron_counts=return_stats)

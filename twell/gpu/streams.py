@@ -27,11 +27,12 @@ class _StreamOrdered:
     __slots__ = ("runtime", "ptr", "stream")
 
     def __init__(self, runtime, size: int, stream: int):
-        self.runtime, self.stream = runtime, stream
+        self.runtime, self.stream, self.ptr = runtime, stream, 0
         self.ptr = runtime.mallocAsync(size, stream)
 
     def __del__(self):
-        self.runtime.freeAsync(self.ptr, self.stream)
+        if self.ptr:                                   # 0 when the allocation itself failed
+            self.runtime.freeAsync(self.ptr, self.stream)
 
 
 def _stream_ordered_malloc(size: int):
