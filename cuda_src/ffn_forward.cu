@@ -686,83 +686,152 @@ __global__ void reduce_split_rows(const float* __restrict__ partial, const int* 
 // RELU = false: z holds gate values given by the user (a TwELL's): every non-zero is an entry, negative
 // ones included, and g = z.
 // Optional outputs (nullptr: skipped): g_out = relu(z) (NaN kept); for row r, stored at index
-// rows[r] (rows nullptr: r) of row_nnz (entries) and row_l1 (sum |h| of the rounded h, fp32, fixed
-// order); neuron_counts (+1 per entry; per-CTA counts in shared memory when smem_counts, flushed with one
-// integer atomic per column); nnz_total (+= entries, 64-bit).  One CTA of DG_THREADS per rows_per_cta rows
-// (the launcher picks enough CTAs to fill the device); each thread owns chunks of 8 columns (16-byte loads
-// and stores when VEC: n % 8 == 0 and aligned arrays).
+// rows[r] (rows nullptr: r) of row_nnz (entries) and row_l1 (sum |h| of the rounded h, fp32); neuron_counts
+// (+= entries per column); nnz_total (+= entries, 64-bit); summary (3 x 64-bit, added to: the entries of
+// rows with at most summary_threshold entries, the rows with more, all entries -- what a density tracker
+// needs, so that only 24 bytes go back to the host).
+// Work split (a streaming kernel: it must run at the copy rate): one CTA of DG_THREADS per rows_per_cta
+// (<= DG_MAX_ROWS) rows and every column.  Lane l of warp w owns the 8-column chunk c = 32 w + l (+ DG_THREADS
+// chunks per step) and walks the CTA's rows DG_UNROLL at a time, every load of the group issued first; a
+// column's entries are counted in registers over the CTA's rows (one integer atomic per column and CTA).  A
+// row's entries and L1 over the warp's 256 columns are reduced in the warp and added by lane 0 to the warp's
+// shared-memory slot of the row; after the one barrier the slots are summed in warp order.  No per-row
+// barrier, and a fixed summation order: bitwise deterministic.
 #define DG_THREADS 256
+#define DG_WARPS (DG_THREADS / 32)
+#define DG_MAX_ROWS 64
+#define DG_UNROLL 4
+// g_out may be z itself (relu(z) in place: each element is read, then written, by the same thread), so
+// neither is __restrict__.
 template <typename T, bool GATED, bool RELU, bool VEC>
 __global__ void __launch_bounds__(DG_THREADS) dense_gate_mul(
-    const T* __restrict__ z, const T* __restrict__ u, int R, int n, int rows_per_cta, const int* __restrict__ rows,
-    T* __restrict__ h, T* __restrict__ g_out, int* __restrict__ row_nnz, float* __restrict__ row_l1,
-    int* __restrict__ neuron_counts, int smem_counts, unsigned long long* __restrict__ nnz_total)
+    const T* z, const T* __restrict__ u, int R, int n, int rows_per_cta, const int* __restrict__ rows,
+    T* __restrict__ h, T* g_out, int* __restrict__ row_nnz, float* __restrict__ row_l1,
+    int* __restrict__ neuron_counts, unsigned long long* __restrict__ nnz_total, int summary_threshold,
+    unsigned long long* __restrict__ summary)
 {
     constexpr int E = 8;
-    extern __shared__ int col_counts[];                           // n ints when smem_counts
-    __shared__ float wsum_f[DG_THREADS / 32];
-    __shared__ int wsum_i[DG_THREADS / 32];
-    const int tid = threadIdx.x;
-    const bool counting = neuron_counts != nullptr;
-    if (counting && smem_counts)
-        for (int c = tid; c < n; c += DG_THREADS) col_counts[c] = 0;
-    __syncthreads();
-    long long cta_entries = 0;
+    __shared__ int s_cnt[DG_MAX_ROWS][DG_WARPS];
+    __shared__ float s_l1[DG_MAX_ROWS][DG_WARPS];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int r0 = blockIdx.x * rows_per_cta;
-    for (int r = r0; r < min(r0 + rows_per_cta, R); ++r) {
-        const long long base = (long long)r * n;
-        int cnt = 0;
-        float l1 = 0.f;
-        for (int c0 = tid * E; c0 < n; c0 += DG_THREADS * E) {
-            Chunk<T, E, VEC> zc, uc;
-            if (VEC) { zc.load(z + base + c0); if (GATED) uc.load(u + base + c0); }
-            else { zc.load_partial(z + base + c0, n - c0); if (GATED) uc.load_partial(u + base + c0, n - c0); }
-            __align__(16) T hv[E];
-            __align__(16) T gv[E];
+    const int rn = min(rows_per_cta, R - r0);
+    if (rn <= 0) return;
+    const bool want_cnt = row_nnz != nullptr || nnz_total != nullptr || summary != nullptr;
+    const bool want_l1 = row_l1 != nullptr;
+    if (want_cnt || want_l1) {
+        for (int i = tid; i < DG_MAX_ROWS * DG_WARPS; i += DG_THREADS) {
+            (&s_cnt[0][0])[i] = 0;
+            (&s_l1[0][0])[i] = 0.f;
+        }
+        __syncthreads();
+    }
+    const int n_chunks = (n + E - 1) / E;
+    for (int cw = warp * 32; cw < n_chunks; cw += DG_THREADS) {      // warp-uniform: every lane reduces
+        const int c0 = (cw + lane) * E;
+        const int valid = cw + lane < n_chunks ? min(E, n - c0) : 0;  // VEC: E or 0
+        int col[E];
 #pragma unroll
-            for (int k = 0; k < E; ++k) {
-                const bool entry = c0 + k < n && is_entry<RELU>(zc.v[k]);
-                const float g = entry ? to_f<T>(zc.v[k]) : 0.f;
-                const float hf = entry ? (GATED ? g * to_f<T>(uc.v[k]) : g) : 0.f;
-                hv[k] = from_f<T>(hf);
-                gv[k] = from_f<T>(g);
-                cnt += entry;
-                l1 += fabsf(to_f<T>(hv[k]));
-                if (entry && counting) {
-                    if (smem_counts) atomicAdd(col_counts + c0 + k, 1);
-                    else atomicAdd(neuron_counts + c0 + k, 1);
+        for (int k = 0; k < E; ++k) col[k] = 0;
+        for (int rr = 0; rr < rn; rr += DG_UNROLL) {
+            Chunk<T, E, VEC> zc[DG_UNROLL], uc[DG_UNROLL];
+#pragma unroll
+            for (int q = 0; q < DG_UNROLL; ++q) {
+                const long long base = (long long)(r0 + rr + q) * n + c0;
+                const int v = rr + q < rn ? valid : 0;
+                if (VEC && v == E) {
+                    zc[q].load(z + base);
+                    if (GATED) uc[q].load(u + base);
+                } else {
+                    zc[q].load_partial(z + base, v);
+                    if (GATED) uc[q].load_partial(u + base, v);
                 }
             }
-            if (VEC) {                                          // 16-byte stores (E * sizeof(T) is 16 or 32)
 #pragma unroll
-                for (int q = 0; q < (int)(E * sizeof(T) / 16); ++q) {
-                    reinterpret_cast<uint4*>(h + base + c0)[q] = reinterpret_cast<const uint4*>(hv)[q];
-                    if (g_out) reinterpret_cast<uint4*>(g_out + base + c0)[q] = reinterpret_cast<const uint4*>(gv)[q];
-                }
-            } else {
+            for (int q = 0; q < DG_UNROLL; ++q) {
+                if (rr + q >= rn) break;                               // warp-uniform
+                const long long base = (long long)(r0 + rr + q) * n + c0;
+                __align__(16) T hv[E];
+                __align__(16) T gv[E];
+                int cnt = 0;
+                float l1 = 0.f;
 #pragma unroll
                 for (int k = 0; k < E; ++k) {
-                    if (c0 + k < n) {
-                        h[base + c0 + k] = hv[k];
-                        if (g_out) g_out[base + c0 + k] = gv[k];
+                    const bool entry = k < valid && is_entry<RELU>(zc[q].v[k]);
+                    const float g = entry ? to_f<T>(zc[q].v[k]) : 0.f;
+                    const float hf = entry ? (GATED ? g * to_f<T>(uc[q].v[k]) : g) : 0.f;
+                    hv[k] = from_f<T>(hf);
+                    gv[k] = from_f<T>(g);
+                    cnt += entry;
+                    col[k] += entry;
+                    l1 += fabsf(to_f<T>(hv[k]));
+                }
+                if (VEC && valid == E) {                               // 16-byte stores (E * sizeof(T) is 16 or 32)
+#pragma unroll
+                    for (int s = 0; s < (int)(E * sizeof(T) / 16); ++s) {
+                        reinterpret_cast<uint4*>(h + base)[s] = reinterpret_cast<const uint4*>(hv)[s];
+                        if (g_out) reinterpret_cast<uint4*>(g_out + base)[s] = reinterpret_cast<const uint4*>(gv)[s];
                     }
+                } else {
+#pragma unroll
+                    for (int k = 0; k < E; ++k) {
+                        if (k < valid) {
+                            h[base + k] = hv[k];
+                            if (g_out) g_out[base + k] = gv[k];
+                        }
+                    }
+                }
+                if (want_cnt) {
+                    cnt = __reduce_add_sync(0xffffffffu, cnt);
+                    if (lane == 0) s_cnt[rr + q][warp] += cnt;
+                }
+                if (want_l1) {
+                    l1 = warp_sum(l1);
+                    if (lane == 0) s_l1[rr + q][warp] += l1;
                 }
             }
         }
-        const int row_cnt = block_sum_n<DG_THREADS>(cnt, wsum_i);
-        const float row_sum = block_sum_n<DG_THREADS>(l1, wsum_f);
-        if (tid == 0) {
-            const int out = rows != nullptr ? rows[r] : r;
-            if (row_nnz) row_nnz[out] = row_cnt;
-            if (row_l1) row_l1[out] = row_sum;
+        if (neuron_counts != nullptr) {
+#pragma unroll
+            for (int k = 0; k < E; ++k)
+                if (k < valid && col[k]) atomicAdd(neuron_counts + c0 + k, col[k]);
         }
-        cta_entries += row_cnt;
     }
-    if (tid == 0 && nnz_total) atomicAdd(nnz_total, (unsigned long long)cta_entries);
-    if (counting && smem_counts) {
-        __syncthreads();
-        for (int c = tid; c < n; c += DG_THREADS)
-            if (col_counts[c]) atomicAdd(neuron_counts + c, col_counts[c]);
+    if (!want_cnt && !want_l1) return;
+    __syncthreads();
+    if (warp == 0) {
+        long long cta_entries = 0, compact_entries = 0, over_rows = 0;
+        for (int r = lane; r < rn; r += 32) {
+            int cnt = 0;
+            float l1 = 0.f;
+#pragma unroll
+            for (int w = 0; w < DG_WARPS; ++w) {
+                cnt += s_cnt[r][w];
+                l1 += s_l1[r][w];
+            }
+            const int out = rows != nullptr ? rows[r0 + r] : r0 + r;
+            if (row_nnz) row_nnz[out] = cnt;
+            if (row_l1) row_l1[out] = l1;
+            cta_entries += cnt;
+            if (cnt > summary_threshold) ++over_rows;
+            else compact_entries += cnt;
+        }
+        if (nnz_total || summary) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                cta_entries += __shfl_xor_sync(0xffffffffu, cta_entries, o);
+                compact_entries += __shfl_xor_sync(0xffffffffu, compact_entries, o);
+                over_rows += __shfl_xor_sync(0xffffffffu, over_rows, o);
+            }
+            if (lane == 0) {
+                if (nnz_total) atomicAdd(nnz_total, (unsigned long long)cta_entries);
+                if (summary) {                      // the density tracker's summary of the call
+                    atomicAdd(summary, (unsigned long long)compact_entries);
+                    atomicAdd(summary + 1, (unsigned long long)over_rows);
+                    atomicAdd(summary + 2, (unsigned long long)cta_entries);
+                }
+            }
+        }
     }
 }
 
@@ -770,27 +839,48 @@ __global__ void __launch_bounds__(DG_THREADS) dense_gate_mul(
 // of the dense forward and the backup rows; dx = du w_up + dz w_gate of the dense backward): a GEMM turns
 // 0 * Inf into NaN, so every non-finite out[r, c] is recomputed as the sum over the row's active neurons j
 // (is_entry<RELU>(gate[r, j])) of a1[r, j] w1[j, c] (+ a2[r, j] w2[j, c]), in fp32 and neuron order.  Finite
-// outputs are left alone (the common case costs one read of the rows); NaN / Inf that come from active
+// outputs are left alone: the common case is one streaming read of the rows (a warp per row, 8-element
+// chunks, 16-byte loads when VEC: d % 8 == 0 and out 16-byte aligned).  NaN / Inf that come from active
 // neurons or from x stay.  Row r of the coefficients is row out_rows[r] of out (out_rows nullptr: r).
-// One CTA per row.
+#define FIX_WARPS 8
 template <typename T, bool RELU>
-__global__ void __launch_bounds__(DG_THREADS, 4) fix_nonfinite_rows(
+__device__ __noinline__ float fix_recompute(int d, int n, long long base, int c, const T* __restrict__ gate,
+                                            const T* __restrict__ a1, const T* __restrict__ w1,
+                                            const T* __restrict__ a2, const T* __restrict__ w2)
+{
+    float s = 0.f;
+    for (int j = 0; j < n; ++j) {
+        if (!is_entry<RELU>(gate[base + j])) continue;
+        s = fmaf(to_f<T>(a1[base + j]), to_f<T>(w1[(long long)j * d + c]), s);
+        if (a2 != nullptr) s = fmaf(to_f<T>(a2[base + j]), to_f<T>(w2[(long long)j * d + c]), s);
+    }
+    return s;
+}
+
+template <typename T, bool RELU, bool VEC>
+__global__ void __launch_bounds__(32 * FIX_WARPS) fix_nonfinite_rows(
     T* __restrict__ out, const int* __restrict__ out_rows, int R, int d, int n, const T* __restrict__ gate,
     const T* __restrict__ a1, const T* __restrict__ w1, const T* __restrict__ a2, const T* __restrict__ w2)
 {
-    const int r = blockIdx.x;
-    if (r >= R) return;
-    T* o = out + (long long)(out_rows != nullptr ? out_rows[r] : r) * d;
-    const long long base = (long long)r * n;
-    for (int c = threadIdx.x; c < d; c += DG_THREADS) {
-        if (isfinite(to_f<T>(o[c]))) continue;
-        float s = 0.f;
-        for (int j = 0; j < n; ++j) {
-            if (!is_entry<RELU>(gate[base + j])) continue;
-            s = fmaf(to_f<T>(a1[base + j]), to_f<T>(w1[(long long)j * d + c]), s);
-            if (a2 != nullptr) s = fmaf(to_f<T>(a2[base + j]), to_f<T>(w2[(long long)j * d + c]), s);
+    constexpr int E = 8;
+    const int lane = threadIdx.x & 31;
+    const int n_chunks = (d + E - 1) / E;
+    for (int r = blockIdx.x * FIX_WARPS + (threadIdx.x >> 5); r < R; r += gridDim.x * FIX_WARPS) {
+        T* o = out + (long long)(out_rows != nullptr ? out_rows[r] : r) * d;
+        const long long base = (long long)r * n;
+#pragma unroll 4
+        for (int c = lane; c < n_chunks; c += 32) {
+            Chunk<T, E, VEC> ch;
+            if (VEC) ch.load(o + c * E);
+            else ch.load_partial(o + c * E, min(E, d - c * E));
+            bool finite = true;
+#pragma unroll
+            for (int k = 0; k < E; ++k) finite &= isfinite(to_f<T>(ch.v[k]));
+            if (finite) continue;                                      // rare: element by element
+            for (int k = 0; k < E && c * E + k < d; ++k)
+                if (!isfinite(to_f<T>(ch.v[k])))
+                    o[c * E + k] = from_f<T>(fix_recompute<T, RELU>(d, n, base, c * E + k, gate, a1, w1, a2, w2));
         }
-        o[c] = from_f<T>(s);
     }
 }
 

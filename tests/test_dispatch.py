@@ -63,18 +63,27 @@ def test_small_batch_observations_are_sampled():
 
 
 class _Event:
-    """A stand-in CUDA event that records whether it was queried or waited for."""
+    """A stand-in CUDA event that records whether it was queried or waited for; ``arrived``: whether its
+    copy has reached the host (a query says so; waiting makes it so)."""
 
-    def __init__(self):
+    def __init__(self, arrived=True):
         self.touched = False
+        self.waited = False
+        self.arrived = arrived
 
     @property
     def done(self):
         self.touched = True
-        return True
+        return self.arrived
 
     def synchronize(self):
-        self.touched = True
+        self.touched = self.waited = self.arrived = True
+
+
+def _pending(tr, event, per_row, m=16384):
+    """A dense call's copy of its row counts in flight, as ``observe_rows`` queues it."""
+    buf = np.full(m, per_row, np.int32)
+    return (event, tr._next_seq("dense"), lambda: tr._summarise(buf), None)
 
 
 def test_choose_without_waiting_touches_no_event():
@@ -83,8 +92,43 @@ def test_choose_without_waiting_touches_no_event():
     tr = twell.DensityTracker()
     tr.observe_sparse(16384, 16384 * 20, 0)
     event = _Event()
-    tr._pending = (event, None, np.full(16384, 1000, np.int32), None)      # a dense call's copy in flight
+    tr._pending.append(_pending(tr, event, 1000))                                # a dense call's copy in flight
     assert tr.choose(16384, 5632, 2048, 2, training=False, wait=False) == "sparse"
     assert not event.touched
     assert tr.choose(16384, 5632, 2048, 2, training=False) == "dense"        # outside a capture: resolved
     assert event.touched
+
+
+def test_choose_does_not_wait_for_copies_still_in_flight():
+    """Outside a capture the tracker reads the copies that have arrived and never waits for one while it
+    knows a density (the host keeps queueing work); the newest arrived copy decides."""
+    tr = twell.DensityTracker()
+    tr.observe_sparse(16384, 16384 * 20, 0)
+    arrived, in_flight = _Event(), _Event(arrived=False)
+    tr._pending.extend([_pending(tr, arrived, 1000), _pending(tr, in_flight, 5)])
+    assert tr.choose(16384, 5632, 2048, 2, training=False) == "dense"        # from the arrived copy
+    assert in_flight.touched and not in_flight.waited
+    assert len(tr._pending) == 1
+    in_flight.arrived = True
+    assert tr.choose(16384, 5632, 2048, 2, training=False) == "sparse"
+    assert not tr._pending
+
+
+def test_choose_waits_only_when_nothing_is_known():
+    tr = twell.DensityTracker()
+    event = _Event(arrived=False)
+    tr._pending.append(_pending(tr, event, 1000))
+    assert tr.choose(16384, 5632, 2048, 2, training=False) == "dense"
+    assert event.waited
+
+
+def test_a_late_copy_never_overrides_a_newer_call():
+    """A dense call's copy that arrives after a later sparse call was observed is ignored."""
+    tr = twell.DensityTracker()
+    event = _Event(arrived=False)
+    tr.observe_sparse(16384, 16384 * 20, 0)
+    tr._pending.append(_pending(tr, event, 1000))
+    tr.observe_sparse(16384, 16384 * 20, 0)                  # newer than the copy in flight
+    event.arrived = True
+    assert tr.choose(16384, 5632, 2048, 2, training=False) == "sparse"
+    assert not tr._pending

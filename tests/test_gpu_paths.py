@@ -79,6 +79,24 @@ def test_dense_training_path_exact(cp, dtype):
     np.testing.assert_array_equal(stats.neuron_counts.get(), stats2.neuron_counts.get())
 
 
+@pytest.mark.parametrize("rows", [1, 63, 64, 65, 3000])
+def test_dense_gate_mul_summary_matches_row_counts(cp, rows):
+    """The tracker's device summary (entries of short rows, long rows, all entries) equals the one from
+    the row counts, for row counts on both sides of the threshold and any CTA split of the rows."""
+    from twell.kernels import ffn_forward
+    rng = np.random.default_rng(rows)
+    n = 1000
+    z = cp.asarray((rng.standard_normal((rows, n)) + rng.uniform(-3.5, 0.5, (rows, 1))).astype(np.float32))
+    u = cp.asarray(rng.standard_normal((rows, n)).astype(np.float32))
+    row_nnz = cp.empty(rows, dtype=cp.int32)
+    summary = cp.zeros(3, dtype=cp.uint64)
+    ffn_forward.dense_gate_mul(z, u, row_nnz=row_nnz, summary=summary, summary_threshold=128)
+    counts = row_nnz.get()
+    np.testing.assert_array_equal(counts, (z.get() > 0).sum(axis=1))
+    over = counts > 128
+    assert summary.get().tolist() == [int(counts[~over].sum()), int(over.sum()), int(counts.sum())]
+
+
 def test_check_train_dense_batch_through_tracker(cp):
     """A tracker that has seen a dense batch sends the next call to the dense path, and back to sparse when
     the batch gets sparse; results stay within the error rule on both."""

@@ -43,7 +43,8 @@ def _module(d=256, n=1024):
 def _grads(mod, x):
     y = mod(x)
     (y.float() ** 2).mean().backward()
-    return [p.grad.detach().clone() for p in (mod.w_gate, mod.w_up, mod.w_down)]
+    inner = getattr(mod, "module", mod)                  # DDP holds the layer as .module
+    return [p.grad.detach().clone() for p in (inner.w_gate, inner.w_up, inner.w_down)]
 
 
 def test_ddp_one_rank_equals_plain(group):
@@ -66,7 +67,8 @@ def test_fsdp_one_rank_equals_plain(group):
     (y1.float() ** 2).mean().backward()
     for name in ("w_gate", "w_up", "w_down"):
         a = getattr(plain, name).grad
-        b = dict(wrapped.named_parameters())[name].grad
+        # FSDP prefixes the names of the wrapped module's parameters
+        b = {k.rsplit(".", 1)[-1]: p for k, p in wrapped.named_parameters()}[name].grad
         torch.testing.assert_close(a, b.view_as(a), rtol=1e-2, atol=1e-3)
 
 

@@ -177,3 +177,32 @@ def test_blas_gemm_accumulates(cp, dtype, trans_a, trans_b):
     assert rel_error(out0, prod) <= 2 * HALF_ULP[dtype] + 1e-6
     with pytest.raises(ValueError, match="shapes"):
         blas.gemm(ad, bd, cp.empty((m + 1, n), dtype=dt), trans_a=trans_a, trans_b=trans_b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["one array", "up first", "apart"])
+def test_blas_gemm_pair_equals_two_gemms(cp, dtype, layout):
+    """blas.gemm_pair: both products of one batched call (weights anywhere in memory, either order), vs
+    float64 and vs two gemm calls."""
+    from twell.runtime import blas
+    rng = np.random.default_rng(8)
+    m, k, n = 37, 64, 29
+    dt = _np_dtype(dtype)
+    a = cp.asarray(rng.standard_normal((m, k)).astype(dt))
+    w = rng.standard_normal((2, n, k)).astype(dt)
+    if layout == "one array":
+        both = cp.asarray(w)
+        b0, b1 = both[0], both[1]
+    elif layout == "up first":
+        both = cp.asarray(w[::-1].copy())
+        b0, b1 = both[1], both[0]
+    else:
+        b0, _gap, b1 = cp.asarray(w[0]), cp.empty(12345, dtype=cp.int8), cp.asarray(w[1])
+    out0, out1 = blas.gemm_pair(a, b0, b1)
+    a64 = cp.asnumpy(a).astype(np.float64)
+    for out, b in ((out0, b0), (out1, b1)):
+        assert out.flags.c_contiguous and out.shape == (m, n)
+        assert rel_error(out, a64 @ cp.asnumpy(b).astype(np.float64).T) <= 2 * HALF_ULP[dtype] + 1e-6
+        assert rel_error(out, blas.gemm(a, b, trans_b=True)) <= 2 * HALF_ULP[dtype] + 1e-6
+    with pytest.raises(ValueError, match="gemm_pair"):
+        blas.gemm_pair(a, b0, b1[:-1])

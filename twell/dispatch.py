@@ -26,6 +26,7 @@ best dense time as a function of M, both CUDA-graph replays on the H200 at d = 2
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,12 +123,20 @@ class DensityTracker:
     #: Small batches (decode) report their density only every this many calls: a report costs an
     #: asynchronous copy and an event (~10 µs of host time), and a model's density changes slowly.
     SMALL_BATCH_INTERVAL = 16
+    #: Dense calls whose counts may still be on their way to the host; one more waits for the oldest.
+    MAX_PENDING = 8
 
     def __init__(self, dense_row_threshold: int = 128):
         self._lock = threading.Lock()
         self._small_calls = 0
         self._obs: _Observation | None = None
-        self._pending = None           # (event, pinned row counts, m) of a dense call
+        self._obs_seq = -1                 # the call the observation comes from
+        self._seq = 0                      # calls observed so far
+        # copies on their way to the host, oldest first: (event, seq, read() -> _Observation, device buffer)
+        self._pending: deque = deque()
+        self._ring = None                  # pinned host slots of the dense calls' summaries (made on first use)
+        self._ring_next = 0
+        self._events: list = []            # events of resolved copies, reused
         self.dense_row_threshold = int(dense_row_threshold)
         self.last_path: str | None = None
         self.calls = {"sparse": 0, "dense": 0}
@@ -136,19 +145,35 @@ class DensityTracker:
         """Whether this small-batch call should report its density (every SMALL_BATCH_INTERVAL-th)."""
         with self._lock:
             self._small_calls += 1
-            return self._small_calls % self.SMALL_BATCH_INTERVAL == 1 or self._obs is None and self._pending is None
+            return self._small_calls % self.SMALL_BATCH_INTERVAL == 1 or self._obs is None and not self._pending
+
+    def _set(self, obs: _Observation, seq: int):
+        if seq > self._obs_seq:                # a copy that arrives late never overrides a newer call
+            self._obs, self._obs_seq = obs, seq
+
+    def _next_seq(self, path: str) -> int:
+        self._seq += 1
+        self.last_path = path
+        self.calls[path] = self.calls.get(path, 0) + 1
+        return self._seq
 
     def observe_sparse(self, m: int, compact_entries: int, backup_rows: int):
         """Record a sparse call's density (host integers)."""
         with self._lock:
-            self._obs = _Observation(int(m), int(compact_entries), int(backup_rows))
-            self._pending = None
-            self.last_path = "sparse"
-            self.calls["sparse"] += 1
+            self._set(_Observation(int(m), int(compact_entries), int(backup_rows)), self._next_seq("sparse"))
+
+    def _queue(self, cp, stream, seq, read, keep):
+        """Record an event after a copy to the host was queued on ``stream``; bounded: beyond MAX_PENDING
+        copies in flight, wait for the oldest."""
+        event = self._events.pop() if self._events else cp.cuda.Event(block=False, disable_timing=True)
+        event.record(stream)
+        self._pending.append((event, seq, read, keep))
+        while len(self._pending) > self.MAX_PENDING:
+            self._resolve(self._pending.popleft(), block=True)
 
     def observe_rows(self, row_nnz, *, path: str):
         """Record a call from its per-row entry counts on the device (int32 (M,)): an asynchronous copy to
-        pinned host memory, read at the next :meth:`choose`."""
+        pinned host memory, summarised by a later :meth:`choose` once it has arrived (small batches)."""
         import cupy as cp  # noqa: PLC0415
         m = int(row_nnz.shape[0])
         host = cp.cuda.alloc_pinned_memory(4 * max(m, 1))
@@ -157,28 +182,56 @@ class DensityTracker:
         if m:
             cp.cuda.runtime.memcpyAsync(buf.ctypes.data, row_nnz.data.ptr, 4 * m, cp.cuda.runtime.memcpyDeviceToHost,
                                         stream.ptr)
-        event = cp.cuda.Event(block=False, disable_timing=True)
-        event.record(stream)
         with self._lock:
-            self._pending = (event, host, buf, row_nnz)
-            self.last_path = path
-            self.calls[path] = self.calls.get(path, 0) + 1
+            self._queue(cp, stream, self._next_seq(path), lambda: self._summarise(buf), (host, row_nnz))
+
+    def observe_summary(self, summary, m: int, *, path: str):
+        """Record a call from its device summary (uint64 (3,): entries of the rows at most
+        ``dense_row_threshold`` long, rows longer, all entries; see ``dense_gate_mul``): a 24-byte asynchronous
+        copy into a pinned slot of this tracker, read by a later :meth:`choose` once it has arrived."""
+        import cupy as cp  # noqa: PLC0415
+        stream = cp.cuda.get_current_stream()
+        with self._lock:
+            if self._ring is None:
+                slots = self.MAX_PENDING + 1          # a slot is reused only after its copy was resolved
+                mem = cp.cuda.alloc_pinned_memory(24 * slots)
+                self._ring = (mem, np.frombuffer(mem, dtype=np.uint64, count=3 * slots).reshape(slots, 3))
+            slot = self._ring[1][self._ring_next]
+            self._ring_next = (self._ring_next + 1) % self._ring[1].shape[0]
+            cp.cuda.runtime.memcpyAsync(slot.ctypes.data, summary.data.ptr, 24, cp.cuda.runtime.memcpyDeviceToHost,
+                                        stream.ptr)
+            m = int(m)
+            self._queue(cp, stream, self._next_seq(path),
+                        lambda: _Observation(m, int(slot[0]), int(slot[1]), int(slot[2])), summary)
 
     def _summarise(self, row_nnz: np.ndarray) -> _Observation:
         over = row_nnz > self.dense_row_threshold
         return _Observation(int(row_nnz.shape[0]), int(row_nnz[~over].sum(dtype=np.int64)), int(over.sum()),
                             int(row_nnz.sum(dtype=np.int64)))
 
+    def _resolve(self, pending, *, block: bool) -> bool:
+        """Turn one pending copy into the observation once it has arrived (``block``: wait for it)."""
+        event, seq, read, _keep = pending
+        if block:
+            event.synchronize()
+        elif not event.done:
+            return False
+        self._set(read(), seq)
+        self._events.append(event)
+        return True
+
     def observation(self, wait: bool = True) -> _Observation | None:
-        """The last call's density.  A pending copy from a dense call is waited for, unless ``wait`` is False
-        (inside a CUDA-graph capture, where even querying an event is not allowed): then the last resolved
-        observation is used."""
+        """The latest call's density that has reached the host.  Copies from dense calls that have arrived are
+        read without waiting (the host keeps queueing work while the GPU runs: a decision may use a call a
+        few steps old, the density changes slowly); it waits for one only when nothing else is known.
+        ``wait`` False (inside a CUDA-graph capture, where even querying an event is not allowed): only what
+        is already resolved."""
         with self._lock:
-            if self._pending is not None and wait:
-                event, _host, buf, _dev = self._pending
-                event.synchronize()
-                self._obs = self._summarise(buf)
-                self._pending = None
+            if wait:
+                while self._pending and self._resolve(self._pending[0], block=False):
+                    self._pending.popleft()
+                if self._obs is None and self._pending:
+                    self._resolve(self._pending.popleft(), block=True)
             return self._obs
 
     def choose(self, m: int, n: int, d: int, itemsize: int, *, training: bool, wait: bool = True) -> str:

@@ -128,6 +128,8 @@ def run_one_gpu(impl: Impl, problem, cfg: BenchConfig, ref, tol, flush, stream) 
         def on_graph(y):
             r["graph_rel_err"] = rel_error(rows_f64(y, ref.shape[0]), ref)
         _time_gpu_impl(r, impl, run, cfg, flush, stream, on_graph if ref is not None else None)
+        if callable(getattr(run, "extra", None)):
+            r.update(run.extra())
     except Exception as exc:
         r["error"] = err_str(exc)
     finally:

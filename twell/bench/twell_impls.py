@@ -35,7 +35,13 @@ def _inference_run(p, **options):
     import cupy as cp  # noqa: PLC0415
     x, wg, wu, wd = p.arrays()
     out = cp.empty(x.shape, dtype=x.dtype)            # preallocated: what a captured graph writes
-    return lambda: as_y(twell.gated_ffn(x, wg, wu, wd, out=out, **options))
+
+    def run():
+        return as_y(twell.gated_ffn(x, wg, wu, wd, out=out, **options))
+    tracker = options.get("tracker")
+    if tracker is not None:
+        run.extra = lambda: {"paths": dict(tracker.calls), "last_path": tracker.last_path}
+    return run
 
 
 def make_twell(p):

@@ -49,8 +49,9 @@ def forward(x, w_first, w_up, w_down, *, gated: bool, tile_width: int, compressi
         observe = tracker is not None and not in_capture and (
             m > SMALL_BATCH_ROWS or tracker.wants_small_batch_observation())
         if path == "dense":
-            row_nnz, counts, kernel = dense_forward(x, w_first, w_up, w_down, y, gated=gated,
-                                                    neuron_counts=return_stats)
+            row_nnz, counts, kernel, density = dense_forward(
+                x, w_first, w_up, w_down, y, gated=gated, row_counts=return_stats, neuron_counts=return_stats,
+                summary_threshold=tracker.dense_row_threshold if observe else None)
             summary = None
         elif m <= SMALL_BATCH_ROWS:
             row_nnz, counts, kernel = small_batch_forward(x, w_first, w_up, w_down, y, gated=gated,
@@ -71,8 +72,10 @@ def forward(x, w_first, w_up, w_down, *, gated: bool, tile_width: int, compressi
         if observe:
             if summary is not None:
                 tracker.observe_sparse(m, summary[2], summary[0])
+            elif path == "dense":
+                tracker.observe_summary(density, m, path="dense")
             elif row_nnz is not None:
-                tracker.observe_rows(row_nnz, path="dense" if path == "dense" else "sparse")
+                tracker.observe_rows(row_nnz, path="sparse")
         if not return_stats:
             return y
         nnz = row_nnz.sum(dtype=cp.int64)
@@ -107,21 +110,25 @@ def small_batch_forward(x, w_first, w_up, w_down, y, *, gated: bool, row_counts:
 # --------------------------------------------------------------------------- dense
 
 
-def dense_forward(x, w_first, w_up, w_down, y, *, gated: bool, neuron_counts: bool):
-    """Three cuBLAS GEMMs and one elementwise kernel (h and the entry counts); returns (row_nnz,
-    neuron_counts or None, "cublas")."""
+def dense_forward(x, w_first, w_up, w_down, y, *, gated: bool, row_counts: bool, neuron_counts: bool,
+                  summary_threshold: int | None = None):
+    """The gate and up GEMMs as one batched cuBLAS call, one elementwise kernel (h, the entry counts asked
+    for and, given ``summary_threshold``, a density tracker's summary), the down GEMM; returns (row_nnz or
+    None, neuron_counts or None, "cublas", summary or None).  The GEMMs are queued first: nothing else
+    delays the GPU's start."""
     cp = cupy()
     m = x.shape[0]
     n = w_down.shape[0]
-    z = blas.gemm(x, w_first, trans_b=True)
-    u = blas.gemm(x, w_up, trans_b=True) if gated else None
-    row_nnz = cp.empty(m, dtype=cp.int32)
+    z, u = blas.gemm_pair(x, w_first, w_up) if gated else (blas.gemm(x, w_first, trans_b=True), None)
+    row_nnz = cp.empty(m, dtype=cp.int32) if row_counts else None
     counts = cp.zeros(n, dtype=cp.int32) if neuron_counts else None
-    h = ffn_forward.dense_gate_mul(z, u, gated=gated, row_nnz=row_nnz, neuron_counts=counts)
+    summary = None if summary_threshold is None else cp.zeros(3, dtype=cp.uint64)
+    h = ffn_forward.dense_gate_mul(z, u, gated=gated, row_nnz=row_nnz, neuron_counts=counts, summary=summary,
+                                   summary_threshold=summary_threshold or 0)
     u = None
     blas.gemm(h, w_down, y)
     ffn_forward.fix_nonfinite_rows(y, z, h, w_down)
-    return row_nnz, counts, "cublas"
+    return row_nnz, counts, "cublas", summary
 
 
 # --------------------------------------------------------------------------- sparse

