@@ -208,6 +208,47 @@ def test_time_cpu_statistics():
     assert slow["n_repeat"] == 1
 
 
+def test_time_interleaved_rotates_and_times_every_function():
+    import time as _time
+    calls = []
+
+    def f(name, seconds):
+        def run():
+            calls.append(name)
+            _time.sleep(seconds)
+        return run
+    res = timing.time_interleaved({"a": f("a", 0.001), "b": f("b", 0.003)}, budget_s=0.02, warmup=1, gpu=False)
+    a, b = res["a"].to_dict(), res["b"].to_dict()
+    assert a["n_repeat"] == b["n_repeat"] >= timing.MIN_REPEAT
+    assert b["median_ms"] > a["median_ms"] + 1.0
+    timed = calls[2:]                                   # after one warm-up call each
+    assert timed[:4] == ["a", "b", "b", "a"]            # one call each per round, the order rotating
+    assert timing.time_interleaved({}, budget_s=0.01, warmup=1, gpu=False) == {}
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_bench_interleave_cpu(mode, tmp_path, capsys):
+    """--interleave adds eager_interleaved to every implementation and the speedups against the fastest
+    dense one of that timing."""
+    out = tmp_path / "i.json"
+    impls = "dense_numpy,reference" if mode == "infer" else "dense_numpy_train,reference_train"
+    rc = main(["bench", "--backend", "cpu", "--mode", mode, "--m", "16", "--interleave", "--impl", impls,
+               "--json", str(out), *SMALL])
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    assert "spd inter" in text.out
+    res = json.loads(out.read_text())
+    cases = res["cases"] if mode == "infer" else res["train"]["cases"]
+    for case in cases:
+        dense = case["dense"]
+        assert dense["best_interleaved"] == impls.split(",")[0]
+        for name in impls.split(","):
+            r = case["impls"][name]
+            assert r["eager_interleaved"]["n_repeat"] >= timing.MIN_REPEAT
+            assert r["speedup_interleaved"] == pytest.approx(
+                dense["best_interleaved_ms"] / r["eager_interleaved"]["median_ms"])
+
+
 # ---------------------------------------------------------------------------- bad arguments
 @pytest.mark.parametrize("args,word", [
     (["bench", "--m", "0"], "--m"),
@@ -458,7 +499,7 @@ def test_plot_from_sweep(tmp_path, capsys):
 def test_bench_gpu_small(tmp_path, capsys):
     out = tmp_path / "g.json"
     rc = main(["bench", "--backend", "gpu", "--m", "8,512", "--kind", "uniform,token_skew", "--d", "256", "--n", "1024",
-               "--check", "--check-rows", "64", "--budget", "0.05", "--warmup", "2",
+               "--check", "--check-rows", "64", "--budget", "0.05", "--warmup", "2", "--interleave",
                "--impl", "dense_cupy,dense_cupy_cat,torch_eager", "--json", str(out)])
     text = capsys.readouterr()
     assert rc == 0, text.err
@@ -475,7 +516,9 @@ def test_bench_gpu_small(tmp_path, capsys):
             assert r["eager"]["median_ms"] > 0
             assert r["graph"] is not None, r.get("graph_error")
             assert r["graph_rel_err"] == pytest.approx(r["rel_err"], rel=1e-6, abs=1e-12)
+            assert r["eager_interleaved"]["median_ms"] > 0, r.get("interleave_error")
         assert case["dense"]["cupy_best"] in ("dense_cupy", "dense_cupy_cat")
+        assert case["dense"]["best_interleaved"] in ("dense_cupy", "dense_cupy_cat", "torch_eager")
         if "torch_eager" in case["impls"]:
             t = case["impls"]["torch_eager"]
             assert "error" not in t, t.get("error")

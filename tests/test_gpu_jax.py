@@ -125,28 +125,6 @@ def check_all(arrays, dtype, lam, seed=0):
     return errors
 
 
-CASES = [
-    # m, d, n, kind, mean active per token, λ
-    (37, 200, 1000, "uniform", 30.0, 0.0),
-    (37, 200, 1000, "token_skew", 30.0, 0.05),
-    (37, 200, 1000, "uniform", 1000.0, 0.05),              # every neuron active: every row dense
-    (4096, 2048, 5632, "uniform", 29.0, 0.02),
-    (4096, 2048, 5632, "token_skew", 29.0, 0.0),
-    (4096, 2048, 5632, "neuron_skew", 29.0, 0.02),
-    (4096, 2048, 5632, "uniform", 5632.0, 0.0),
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES, ids=[f"{m}x{d}x{n}-{k}-{a:g}" for m, d, n, k, a, _ in CASES])
-def test_forward_and_gradients_match_dense_autodiff(gpu, fresh_registry, dtype, case):
-    m, d, n, kind, active, lam = case
-    p = make_problem(m, d=d, n=n, mean_active=active, kind=kind, dtype=dtype, seed=3, xp=np)
-    check_all(p.arrays(), dtype, lam)
-    stats = tj.registry_stats()
-    assert stats["entries"] == 0 and stats["recomputes"] == 0
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_leading_dims_and_statistics(gpu, fresh_registry, dtype):
     p = make_problem(1200, d=256, n=1024, mean_active=20.0, kind="token_skew", dtype=dtype, seed=5, xp=np)
@@ -344,3 +322,27 @@ def test_host_overhead_print(gpu, fresh_registry):
         }
         lines.append(f"M={m:5d} d=2048 n=5632 bf16  " + "  ".join(f"{k} {v:.3f} ms" for k, v in row.items()))
     print("\ntwell.jax host overhead (per call, synchronised):\n" + "\n".join(lines))
+
+
+# The matrix of shapes, kinds and dtypes last: the tests above each check one feature and take seconds;
+# these compile XLA programs per case (the 4096-row ones take several seconds each).
+CASES = [
+    # m, d, n, kind, mean active per token, λ
+    (37, 200, 1000, "uniform", 30.0, 0.0),
+    (37, 200, 1000, "token_skew", 30.0, 0.05),
+    (37, 200, 1000, "uniform", 1000.0, 0.05),              # every neuron active: every row dense
+    (4096, 2048, 5632, "uniform", 29.0, 0.02),
+    (4096, 2048, 5632, "token_skew", 29.0, 0.0),
+    (4096, 2048, 5632, "neuron_skew", 29.0, 0.02),
+    (4096, 2048, 5632, "uniform", 5632.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=[f"{m}x{d}x{n}-{k}-{a:g}" for m, d, n, k, a, _ in CASES])
+def test_forward_and_gradients_match_dense_autodiff(gpu, fresh_registry, dtype, case):
+    m, d, n, kind, active, lam = case
+    p = make_problem(m, d=d, n=n, mean_active=active, kind=kind, dtype=dtype, seed=3, xp=np)
+    check_all(p.arrays(), dtype, lam)
+    stats = tj.registry_stats()
+    assert stats["entries"] == 0 and stats["recomputes"] == 0

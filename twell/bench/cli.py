@@ -157,6 +157,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="time budget of each timing (eager and graph separately; default 0.5 s)")
     p.add_argument("--warmup", type=_nonneg_int, default=3, help="untimed calls before timing (default 3)")
     p.add_argument("--no-graph", action="store_true", help="skip CUDA-graph timing")
+    p.add_argument("--interleave", action="store_true",
+                   help="also time the implementations of each case eagerly in turn, one call each per round "
+                        "(a drift of the clocks then moves them alike): 'spd inter' in the table")
     p.add_argument("--flush-l2", choices=("auto", "on", "off"), default="auto",
                    help=f"flush L2 before each timed call (auto: M <= {FLUSH_AUTO_MAX_M})")
     p.add_argument("--impl", type=_name_list, default=None, metavar="NAME[,NAME...]",
@@ -212,7 +215,8 @@ def config_from_args(args, parser: argparse.ArgumentParser) -> BenchConfig:
         dtype=args.dtype, seed=args.seed, sweep=args.sweep, sweep_m=args.sweep_m,
         sweep_means=tuple(args.sweep_means or SWEEP_MEANS), skew_sigma=args.skew_sigma,
         dead_fraction=args.dead_fraction, calibrate=args.calibrate, check=args.check, check_rows=args.check_rows,
-        budget_s=args.budget, warmup=args.warmup, graphs=not args.no_graph, flush_l2=args.flush_l2,
+        budget_s=args.budget, warmup=args.warmup, graphs=not args.no_graph, interleave=args.interleave,
+        flush_l2=args.flush_l2,
         impls=tuple(args.impl) if args.impl else None, backend=args.backend, describe_rows=args.describe_rows,
         mode=args.mode, l1_weight=args.l1_weight,
     )

@@ -68,6 +68,7 @@ class BenchConfig:
     budget_s: float = 0.5
     warmup: int = 3
     graphs: bool = True
+    interleave: bool = False  #: also time every implementation of a case eagerly in turn (time_interleaved)
     flush_l2: str = "auto"
     impls: tuple | None = None
     backend: str = "auto"

@@ -21,9 +21,9 @@ __all__ = ["table_header", "format_table", "all_cases", "write_json", "plot_seri
 _CASE_COLS = [("case", 22, "<"), ("M", 7, ">"), ("mean", 6, ">"), ("p99", 6, ">"), ("max", 6, ">")]
 _INFER_COLS = [("impl", 16, "<"), ("median ms", 10, ">"), ("p20", 9, ">"), ("p80", 9, ">"),
                ("graph ms", 9, ">"), ("queued ms", 10, ">"), ("speedup", 8, ">"), ("spd graph", 9, ">"),
-               ("spd queued", 10, ">"), ("rel err", 9, ">")]
+               ("spd queued", 10, ">"), ("spd inter", 9, ">"), ("rel err", 9, ">")]
 _TRAIN_COLS = [("impl", 17, "<"), ("step ms", 9, ">"), ("p20", 9, ">"), ("p80", 9, ">"), ("graph ms", 9, ">"),
-               ("fwd ms", 9, ">"), ("speedup", 7, ">"), ("spd graph", 9, ">"), ("spd fwd", 7, ">"),
+               ("fwd ms", 9, ">"), ("speedup", 7, ">"), ("spd graph", 9, ">"), ("spd fwd", 7, ">"), ("spd inter", 9, ">"),
                ("peak MiB", 8, ">"), ("saved MiB", 9, ">"), ("l0", 6, ">"), ("backup", 6, ">"),
                ("max err", 9, ">"), ("err/dense", 9, ">")]
 _COLS = _CASE_COLS + _INFER_COLS  # the inference table
@@ -54,7 +54,8 @@ def _infer_cells(r: dict) -> list:
     e, g, q = r.get("eager") or {}, r.get("graph") or {}, r.get("queued") or {}
     return [_f(e.get("median_ms"), ".4f"), _f(e.get("p20_ms"), ".4f"), _f(e.get("p80_ms"), ".4f"),
             _f(g.get("median_ms"), ".4f"), _f(q.get("median_ms"), ".4f"), _f(r.get("speedup"), ".2f"),
-            _f(r.get("speedup_graph"), ".2f"), _f(r.get("speedup_queued"), ".2f"), _err_cell(r.get("rel_err"), r)]
+            _f(r.get("speedup_graph"), ".2f"), _f(r.get("speedup_queued"), ".2f"), _f(r.get("speedup_interleaved"), ".2f"),
+            _err_cell(r.get("rel_err"), r)]
 
 
 def _train_cells(r: dict) -> list:
@@ -62,7 +63,8 @@ def _train_cells(r: dict) -> list:
     st = r.get("stats") or {}
     return [_f(e.get("median_ms"), ".3f"), _f(e.get("p20_ms"), ".3f"), _f(e.get("p80_ms"), ".3f"),
             _f(g.get("median_ms"), ".3f"), _f(fw.get("median_ms"), ".3f"), _f(r.get("speedup"), ".2f"),
-            _f(r.get("speedup_graph"), ".2f"), _f(r.get("speedup_forward"), ".2f"), _f(r.get("peak_mib"), ".0f"),
+            _f(r.get("speedup_graph"), ".2f"), _f(r.get("speedup_forward"), ".2f"),
+            _f(r.get("speedup_interleaved"), ".2f"), _f(r.get("peak_mib"), ".0f"),
             _f(r.get("saved_mib"), ".1f"), _f(st.get("l0"), ".1f"), _f(st.get("n_backup_rows"), "d"),
             _err_cell(r.get("max_rel_err"), r), _f(r.get("err_vs_dense"), ".2f")]
 

@@ -33,7 +33,8 @@ from .config import FLUSH_AUTO_MAX_M, JSON_SCHEMA, MODE_TASKS, BenchConfig
 from .env import environment_info, git_revision
 from .impls import select_impls
 from .report import format_table, table_header
-from .runners import add_speedups, run_one_cpu, run_one_gpu, run_one_train, summarise_dense, train_method
+from .runners import (add_speedups, run_interleaved, run_one_cpu, run_one_gpu, run_one_train, summarise_dense,
+                      train_method)
 from .timing import L2Flusher
 
 __all__ = ["run_bench"]
@@ -172,6 +173,8 @@ def _infer_case_body(out: dict, problem, case: Case, cfg: BenchConfig, impls: li
             out["impls"][impl.name] = run_one_gpu(impl, problem, cfg, ref, tol, flush, stream)
         else:
             out["impls"][impl.name] = run_one_cpu(impl, problem, cfg, ref, tol)
+    if cfg.interleave:
+        run_interleaved(impls, out["impls"], problem, cfg, gpu=gpu, flush=flush)
 
 
 def _train_case_body(out: dict, problem, cfg: BenchConfig, impls: list, *, gpu, stream, flush):
@@ -189,6 +192,8 @@ def _train_case_body(out: dict, problem, cfg: BenchConfig, impls: list, *, gpu, 
     try:
         for impl in impls:
             out["impls"][impl.name] = run_one_train(impl, tp, cfg, ref, gpu=gpu, flush=flush, stream=stream)
+        if cfg.interleave:
+            run_interleaved(impls, out["impls"], tp, cfg, gpu=gpu, flush=flush)
     finally:
         ref = tp = None
     if cfg.check:

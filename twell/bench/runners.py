@@ -19,10 +19,10 @@ from .checks import CHECK_TOLERANCE, TRAIN_CHECK_RULE, rel_error, rows_f64, trai
 from .common import err_str, free_gpu_memory, torch_cuda
 from .config import BenchConfig
 from .impls import Impl
-from .timing import capture_cupy_graph, time_cpu, time_gpu
+from .timing import capture_cupy_graph, time_cpu, time_gpu, time_interleaved
 
-__all__ = ["summarise_dense", "add_speedups", "run_one_gpu", "run_one_cpu", "run_one_train", "train_method",
-           "PEAK_MEMORY_METHOD"]
+__all__ = ["summarise_dense", "add_speedups", "run_one_gpu", "run_one_cpu", "run_one_train", "run_interleaved",
+           "train_method", "PEAK_MEMORY_METHOD"]
 
 
 def summarise_dense(impl_results: dict, *, forward: bool = False) -> dict:
@@ -44,8 +44,10 @@ def summarise_dense(impl_results: dict, *, forward: bool = False) -> dict:
     b_ms, b = best("eager")
     g_ms, g = best("graph")
     q_ms, q = min((t for t in (best("queued"), (g_ms, g)) if t[0] is not None), default=(None, None))
+    i_ms, i = best("eager_interleaved")
     out = {"cupy_best": cb, "cupy_best_ms": cb_ms, "best": b, "best_ms": b_ms,
-           "best_graph": g, "best_graph_ms": g_ms, "best_queued": q, "best_queued_ms": q_ms}
+           "best_graph": g, "best_graph_ms": g_ms, "best_queued": q, "best_queued_ms": q_ms,
+           "best_interleaved": i, "best_interleaved_ms": i_ms}
     if forward:
         f_ms, f = best("forward")
         out.update(best_forward=f, best_forward_ms=f_ms)
@@ -60,6 +62,7 @@ def add_speedups(impl_results: dict, dense: dict):
         r["speedup"] = ratio(dense["best_ms"], r.get("eager"))
         r["speedup_graph"] = ratio(dense["best_graph_ms"], r.get("graph"))
         r["speedup_queued"] = ratio(dense.get("best_queued_ms"), r.get("queued"))
+        r["speedup_interleaved"] = ratio(dense.get("best_interleaved_ms"), r.get("eager_interleaved"))
         if "best_forward_ms" in dense:
             r["speedup_forward"] = ratio(dense["best_forward_ms"], r.get("forward"))
 
@@ -70,6 +73,29 @@ def _new_result(impl: Impl, gpu: bool) -> dict:
     if not gpu:
         r["graph_error"] = "no GPU"
     return r
+
+
+def run_interleaved(impls: list, results: dict, arg, cfg: BenchConfig, *, gpu: bool, flush=None) -> None:
+    """``results[name]["eager_interleaved"]`` for every implementation that timed without error (on the GPU:
+    those that run on it): fresh ``make(arg)`` runs of all of them alive at once, timed in turn
+    (:func:`time_interleaved`, ``cfg.budget_s`` per implementation)."""
+    runs = {}
+    try:
+        for impl in impls:
+            r = results.get(impl.name)
+            if not r or r.get("error") or not r.get("eager") or (gpu and r.get("backend") == "numpy"):
+                continue
+            runs[impl.name] = impl.make(arg)
+        timings = time_interleaved(runs, budget_s=cfg.budget_s, warmup=cfg.warmup, flush=flush, gpu=gpu)
+        for name, t in timings.items():
+            results[name]["eager_interleaved"] = t.to_dict()
+    except Exception as exc:
+        for name in runs:
+            results[name]["interleave_error"] = err_str(exc)
+    finally:
+        runs.clear()
+        if gpu:
+            free_gpu_memory()
 
 
 def _copy_info(r: dict, run) -> None:

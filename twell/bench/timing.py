@@ -19,6 +19,9 @@ GPU measurements (what ``python -m twell bench`` reports):
   *outside* the timed window.
 * **queued** / **graph** (``sync_each=False``): calls (or graph replays) queued back to back in batches,
   each between its own pair of events, no host synchronisation between calls: device time only.
+* **interleaved** (:func:`time_interleaved`): several functions timed eagerly in turn, one call each per
+  round (the order rotating), so that a drift of the clocks over seconds (power, temperature) moves all of
+  them alike: what a speedup between two implementations should be measured with when it is close to 1.
 * **graph capture**: :func:`capture_cupy_graph` captures a call once into a CUDA graph (allocations
   inside the capture come from a private memory pool kept alive with the graph);
   :func:`capture_torch_graph` does the same with ``torch.cuda.CUDAGraph``.
@@ -37,7 +40,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["Timing", "L2Flusher", "time_gpu", "time_cpu", "CapturedGraph", "capture_cupy_graph",
+__all__ = ["Timing", "L2Flusher", "time_gpu", "time_cpu", "time_interleaved", "CapturedGraph", "capture_cupy_graph",
            "capture_torch_graph", "MIN_REPEAT", "MAX_REPEAT", "GRAPH_BATCH"]
 
 MIN_REPEAT = 5
@@ -155,6 +158,55 @@ def time_cpu(fn, *, budget_s: float, warmup: int = 1, min_repeat: int = 3, max_r
         if spent > 2 * budget_s or (len(times) >= min_repeat and spent > budget_s):
             break
     return Timing(times)
+
+
+def time_interleaved(fns: dict, *, budget_s: float, warmup: int, flush=None, gpu: bool = True,
+                     min_repeat: int = MIN_REPEAT, max_repeat: int = MAX_REPEAT) -> dict:
+    """Eager per-call times (ms) of several functions measured in turn: ``{name: Timing}``.
+
+    Each round calls every function once (rotating the order from round to round), each call timed like
+    ``time_gpu(sync_each=True)`` on the GPU (CUDA events on the current CuPy stream around the call, host
+    sync after it; ``flush()`` before it, untimed) or with ``time.perf_counter`` (``gpu=False``).  Rounds
+    continue until every function has ``min_repeat`` samples and ``budget_s`` per function is spent, or
+    ``max_repeat`` rounds.  ``warmup`` untimed calls of each function first.
+    """
+    names = list(fns)
+    if not names:
+        return {}
+    if gpu:
+        import cupy as cp  # noqa: PLC0415
+        stream = cp.cuda.get_current_stream()
+        ev1, ev2 = cp.cuda.Event(), cp.cuda.Event()
+
+        def one(fn):
+            ev1.record(stream)
+            fn()
+            ev2.record(stream)
+            ev2.synchronize()
+            return cp.cuda.get_elapsed_time(ev1, ev2)
+    else:
+        def one(fn):
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+    for name in names:
+        for _ in range(max(0, int(warmup))):
+            if flush is not None:
+                flush()
+            fns[name]()
+    if gpu:
+        stream.synchronize()
+    times: dict = {name: [] for name in names}
+    t0 = time.perf_counter()
+    for r in range(max_repeat):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            if flush is not None:
+                flush()
+            times[name].append(one(fns[name]))
+        if r + 1 >= min_repeat and time.perf_counter() - t0 > budget_s * len(names):
+            break
+    return {name: Timing(t) for name, t in times.items()}
 
 
 @dataclass
