@@ -113,3 +113,10 @@ __device__ __forceinline__ V block_sum_n(V v, V* warp_sums) {
     return t;
 }
 
+// ---------------------------------------------------------------- shared-memory copies (sm_80+)
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+// 16-byte global -> shared copy; src_bytes < 16 zero-fills the rest (0: all zeros, src not read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(src_bytes) : "memory");
+}

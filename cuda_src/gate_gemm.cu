@@ -260,8 +260,6 @@ template <> struct MmaType<__half> { static constexpr bool bf16 = false; };
 // A CUtensorMap (cuda.h), passed by value as a __grid_constant__ parameter.
 struct alignas(64) TensorMap { unsigned long long opaque[16]; };
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define TWELL_HAS_WGMMA 1
 #endif
@@ -517,10 +515,6 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GW_THREADS, 1)
 #define GM_STAGES 3
 #define GM_THREADS 256               // 8 warps: 2 (rows) x 4 (columns), 64 x 64 each
 #define GM_SMEM_BYTES (GM_STAGES * (GG_BM + GG_BN) * GM_LDS * 2)
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(src_bytes) : "memory");
-}
 
 template <bool BF16>
 __device__ __forceinline__ void mma_m16n8k16(float c[4], const unsigned a[4], const unsigned b[2]) {

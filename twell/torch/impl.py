@@ -55,8 +55,11 @@ def infer_impl(x, w_first, w_up, w_down, gated, tile_width, compression, thresho
     stream = ci.stream(dev)
     args = (op, cx, cw, cy, gated, tile_width, compression, threshold, gate_kernel, path, tracker, slot, stream)
     if x.shape[0] <= _TORCH_MEMORY_ROWS and ci.cp.cuda.runtime.getDevice() == dev:
-        with stream:                    # the common case without contextlib's cost
-            res, want = _infer_run(*args)
+        if ci.cp.cuda.get_current_stream().ptr == stream.ptr:
+            res, want = _infer_run(*args)          # already CuPy's current stream (PyTorch's default stream)
+        else:
+            with stream:                # the common case without contextlib's cost
+                res, want = _infer_run(*args)
     else:
         with ci.on_device(dev, torch_memory=torch_memory, stream=stream):
             res, want = _infer_run(*args)
