@@ -454,208 +454,179 @@ __global__ void __launch_bounds__(FFN_THREADS) csr_up_down(
     down_phase<T, VEC, 0>(list_col, list_val, 0, len, w_down, d, y + (long long)row * d, nullptr);
 }
 
-// ---------------------------------------------------------------- decode, fused: one kernel
-// Decode batches of at most DF_MAX_ROWS rows (16-bit T, d = 256 * NC), in two kernels and nothing on the
-// host in between.  CTA c owns the contiguous neurons [c * R, c * R + R) (R <= DF_WARPS * DF_MAX_RPW; one CTA per
-// SM where n allows).  Its w_gate rows are one contiguous block that it copies into a shared-memory ring
-// with cp.async from its first instruction on -- batches of DF_WARPS rows, `stages` of them in flight,
-// the x rows with the first -- so the whole of w_gate is requested at once (the bytes-moved limit needs
-// every SM streaming from the start; a warp with a row in registers and the next in flight leaves HBM
-// half idle).  Warp w dots row w of each batch with every staged x row in fp32, rounds z to T like a
-// GEMM's output and keeps the entries !(z <= 0) (NaN included, as the dense relu keeps it) in its list,
-// in (neuron, row) order.  Then the CTA's entries, in (warp, entry) order, in chunks: their w_up and
-// w_down rows copied into the ring at once, h = g * (x_m . w_up[j]) (warp per entry; h = g if not
-// GATED), and every thread accumulates h * w_down[j] over the chunk for its (row, 4-column) pairs in
-// fp32 registers.  Each CTA writes the mask of the rows it touched (flags[c]) and their fp32 partial
-// rows; decode_reduce sums them.  No memset, no atomics, fixed summation orders: deterministic, and a
-// row's y depends only on its own x row (which CTAs hold which neurons depends on n and the device only).
-#define DF_WARPS 16
+// ---------------------------------------------------------------- decode, fused: gate GEMV + up/down
+// Decode batches of at most DF_MAX_ROWS rows (16-bit T, d = 256 * NC), in two kernels and nothing on
+// the host in between.  decode_fused: CTA c owns neurons [c * 8 * npw, (c + 1) * 8 * npw), warp w of it
+// neurons j = c * 8 * npw + w + 8 * i (i < npw).  Per neuron the warp streams its w_gate row once (the
+// next one in flight) against the staged x rows: z = x_m . w_gate[j] in fp32, rounded to T like a
+// GEMM's output, and entries are !(z <= 0) (NaN included, as the dense relu keeps it).  Entries go to
+// the warp's list in (neuron, row) order; h = g * (x_m . w_up[j]) by the same warp (GATED; else h = g);
+// then every thread owns 16-byte column chunks and accumulates h * w_down[j] over the CTA's lists in
+// (warp, entry) order into fp32 registers per row, written as the CTA's partial (rows x d) with a flag
+// (a CTA without entries writes only flags[c] = 0).  decode_reduce sums the flagged partials of each
+// row in a fixed tree (warp w: CTAs w, w + 8, ...; then the 8 warp sums in order) and rounds once.
+// No atomics, no memset: deterministic, and a row's y depends only on its own x row.
+#define DF_WARPS 8
 #define DF_THREADS (32 * DF_WARPS)
 #define DF_MAX_ROWS 8
-#define DF_MAX_RPW 4                                        // neuron rows per warp: R <= 64
-#define DF_LIST (DF_MAX_RPW * DF_MAX_ROWS)                  // entries per warp list
-#define DF_MAX_PAIRS 8                                      // (row, 4 columns) pairs per thread
+#define DF_MAX_NPW 8                                        // neurons per warp (run-time npw <= this)
+#define DF_WARP_LIST (DF_MAX_NPW * DF_MAX_ROWS)
 
-__device__ __forceinline__ void cp_async_wait_pending(int pending) {
-    switch (pending) {
-        case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
-        case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
-        case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
-        default: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
+template <typename T, int NC>
+__device__ __forceinline__ float dot_row_smem(const uint4 (&w)[NC], const T* xs_row) {
+    const int lane = threadIdx.x & 31;
+    const T* tag = nullptr;
+    const uint4* xr = reinterpret_cast<const uint4*>(xs_row);
+    float dot = 0.f;
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+        float fw[8], fx[8];
+        unpack8(w[k], fw, tag);
+        unpack8(xr[k * 32 + lane], fx, tag);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dot = fmaf(fw[i], fx[i], dot);
     }
+    return warp_sum(dot);
 }
 
 template <typename T, int NC, bool GATED>
-__global__ void __launch_bounds__(DF_THREADS, 1) decode_fused(
+__global__ void __launch_bounds__(DF_THREADS) decode_fused(
     const T* __restrict__ x, const T* __restrict__ w_gate, const T* __restrict__ w_up,
-    const T* __restrict__ w_down, int M, int n, int R, int stages, float* __restrict__ partial,
-    int* __restrict__ flags)
+    const T* __restrict__ w_down, int M, int n, int npw, float* __restrict__ partial, int* __restrict__ flags)
 {
     constexpr int D = NC * 256;
-    constexpr int Q = D / 4;                                // 4-column pairs per row
-    extern __shared__ __align__(16) unsigned char df_smem[];
-    T* ring = reinterpret_cast<T*>(df_smem);                // stages * DF_WARPS rows of D
-    T* xs = ring + stages * DF_WARPS * D;                   // M rows of D
-    __shared__ int e_row[DF_WARPS][DF_LIST];
-    __shared__ int e_col[DF_WARPS][DF_LIST];
-    __shared__ float e_val[DF_WARPS][DF_LIST];
-    __shared__ int w_count[DF_WARPS], w_mask[DF_WARPS];
-    __shared__ int c_row[DF_WARPS * DF_MAX_RPW], c_col[DF_WARPS * DF_MAX_RPW];
-    __shared__ float c_h[DF_WARPS * DF_MAX_RPW];
+    __shared__ __align__(16) T xs[DF_MAX_ROWS * D];
+    __shared__ int e_row[DF_WARPS][DF_WARP_LIST];
+    __shared__ int e_col[DF_WARPS][DF_WARP_LIST];
+    __shared__ float e_val[DF_WARPS][DF_WARP_LIST];
+    __shared__ int w_count[DF_WARPS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const T* tag = nullptr;
-    const int c = blockIdx.x;
-    const int j0 = c * R, rows = min(n - j0, R);
-    const int nb = (rows + DF_WARPS - 1) / DF_WARPS;
-
-    // gate: every copy queued first (x with batch 0), then each batch dotted as it lands
-    for (int q = threadIdx.x; q < M * D / 8; q += DF_THREADS) cp_async16(xs + q * 8, x + q * 8, 16);
-    auto issue = [&](int b) {
-        if (b < nb) {
-            const int r0 = b * DF_WARPS, chunks = min(DF_WARPS, rows - r0) * (D / 8);
-            const T* src = w_gate + (long long)(j0 + r0) * D;
-            T* dst = ring + (b % stages) * DF_WARPS * D;
-            for (int q = threadIdx.x; q < chunks; q += DF_THREADS) cp_async16(dst + q * 8, src + q * 8, 16);
-        }
-        asm volatile("cp.async.commit_group;" ::: "memory");
-    };
-    for (int b = 0; b < stages; ++b) issue(b);
-    int cnt = 0;
-    for (int b = 0; b < nb; ++b) {
-        cp_async_wait_pending(stages - 1);                  // this thread's copies of batch b have landed
-        __syncthreads();                                    // and everyone's
-        const int r = b * DF_WARPS + warp;
-        if (r < rows) {
-            const uint4* wr = reinterpret_cast<const uint4*>(ring + ((b % stages) * DF_WARPS + warp) * D);
-            float fw[NC][8];
-#pragma unroll
-            for (int k = 0; k < NC; ++k) unpack8(wr[k * 32 + lane], fw[k], tag);
-            float dots[DF_MAX_ROWS];
-#pragma unroll
-            for (int m = 0; m < DF_MAX_ROWS; ++m) {
-                dots[m] = 0.f;
-                if (m < M) {
-                    const uint4* xr = reinterpret_cast<const uint4*>(xs + m * D);
-#pragma unroll
-                    for (int k = 0; k < NC; ++k) {
-                        float fx[8];
-                        unpack8(xr[k * 32 + lane], fx, tag);
-#pragma unroll
-                        for (int i = 0; i < 8; ++i) dots[m] = fmaf(fw[k][i], fx[i], dots[m]);
-                    }
-                }
-            }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1)
-#pragma unroll
-                for (int m = 0; m < DF_MAX_ROWS; ++m)
-                    if (m < M) dots[m] += __shfl_xor_sync(0xffffffffu, dots[m], o);
-#pragma unroll
-            for (int m = 0; m < DF_MAX_ROWS; ++m) {
-                if (m < M) {
-                    const T zt = from_f<T>(dots[m]);
-                    if (is_entry<true>(zt)) {
-                        if (lane == 0) {
-                            e_row[warp][cnt] = m;
-                            e_col[warp][cnt] = j0 + r;
-                            e_val[warp][cnt] = to_f<T>(zt);
-                        }
-                        ++cnt;
-                    }
-                }
-            }
-        }
-        __syncthreads();                                    // slot b % stages is free
-        issue(b + stages);
-    }
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-    if (lane == 0) {
-        int mask = 0;
-        for (int e = 0; e < cnt; ++e) mask |= 1 << e_row[warp][e];
-        w_count[warp] = cnt;
-        w_mask[warp] = mask;
-    }
+    for (int c = threadIdx.x; c < M * D / 8; c += DF_THREADS)
+        reinterpret_cast<uint4*>(xs)[c] = __ldg(reinterpret_cast<const uint4*>(x) + c);
     __syncthreads();
 
-    // up and down over the CTA's entries in (warp, entry) order, `chunk` of them at a time
-    int total = 0, mask = 0;
+    // gate: this warp's neurons, the next w_gate row in flight while the current one is reduced
+    const int j0 = blockIdx.x * DF_WARPS * npw + warp;
+    int cnt = 0;
+    uint4 cur[NC], nxt[NC];
+    if (j0 < n) {
+        const uint4* wr = reinterpret_cast<const uint4*>(w_gate + (long long)j0 * D);
 #pragma unroll
-    for (int w = 0; w < DF_WARPS; ++w) { total += w_count[w]; mask |= w_mask[w]; }
-    float acc[DF_MAX_PAIRS][4];
+        for (int k = 0; k < NC; ++k) cur[k] = __ldg(wr + k * 32 + lane);
+    }
+    for (int i = 0; i < npw; ++i) {
+        const int j = j0 + i * DF_WARPS;
+        if (j >= n) break;
+        const int jn = j + DF_WARPS;
+        if (i + 1 < npw && jn < n) {
+            const uint4* wr = reinterpret_cast<const uint4*>(w_gate + (long long)jn * D);
 #pragma unroll
-    for (int i = 0; i < DF_MAX_PAIRS; ++i)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) acc[i][k] = 0.f;
-    const int per_entry = GATED ? 2 : 1;                    // ring rows per entry: w_up, w_down
-    const int chunk = min(stages * DF_WARPS / per_entry, DF_WARPS * DF_MAX_RPW);
-    for (int e0 = 0; e0 < total; e0 += chunk) {
-        const int ke = min(chunk, total - e0);
-        if (threadIdx.x < ke) {                             // entry e0 + t: its warp list and position
-            int e = e0 + threadIdx.x, w = 0;
-            while (e >= w_count[w]) e -= w_count[w++];
-            c_row[threadIdx.x] = e_row[w][e];
-            c_col[threadIdx.x] = e_col[w][e];
-            c_h[threadIdx.x] = e_val[w][e];
+            for (int k = 0; k < NC; ++k) nxt[k] = __ldg(wr + k * 32 + lane);
         }
-        __syncthreads();
-        for (int q = threadIdx.x; q < ke * per_entry * (D / 8); q += DF_THREADS) {
-            const int slot = q / (D / 8), part = q - slot * (D / 8), k = slot / per_entry;
-            const T* src = (GATED && slot % 2 == 0 ? w_up : w_down) + (long long)c_col[k] * D;
-            cp_async16(ring + slot * D + part * 8, src + part * 8, 16);
-        }
-        asm volatile("cp.async.commit_group;" ::: "memory");
-        asm volatile("cp.async.wait_group 0;" ::: "memory");
-        __syncthreads();
-        if (GATED) {
-            for (int k = warp; k < ke; k += DF_WARPS) {
-                const uint4* wr = reinterpret_cast<const uint4*>(ring + (2 * k) * D);
-                const uint4* xr = reinterpret_cast<const uint4*>(xs + c_row[k] * D);
-                float u = 0.f;
+        // every row's partial dot first (the w_gate row unpacked once), then the row reductions
+        // interleaved so that their shuffle latencies overlap
+        float fw[NC][8];
 #pragma unroll
-                for (int kk = 0; kk < NC; ++kk) {
-                    float fw[8], fx[8];
-                    unpack8(wr[kk * 32 + lane], fw, tag);
-                    unpack8(xr[kk * 32 + lane], fx, tag);
+        for (int k = 0; k < NC; ++k) unpack8(cur[k], fw[k], tag);
+        float dots[DF_MAX_ROWS];
 #pragma unroll
-                    for (int i = 0; i < 8; ++i) u = fmaf(fw[i], fx[i], u);
-                }
-                u = warp_sum(u);
-                if (lane == 0) c_h[k] *= u;
-            }
-            __syncthreads();
-        }
+        for (int m = 0; m < DF_MAX_ROWS; ++m) {
+            dots[m] = 0.f;
+            if (m < M) {
+                const uint4* xr = reinterpret_cast<const uint4*>(xs + m * D);
 #pragma unroll
-        for (int i = 0; i < DF_MAX_PAIRS; ++i) {
-            const int p = threadIdx.x + i * DF_THREADS, m = p / Q, q = p - m * Q;
-            if (m < M && ((mask >> m) & 1)) {
-                for (int k = 0; k < ke; ++k) {
-                    if (c_row[k] != m) continue;
-                    const uint2 wv = *reinterpret_cast<const uint2*>(ring + (per_entry * k + per_entry - 1) * D + 4 * q);
-                    const T* wt = reinterpret_cast<const T*>(&wv);
-                    const float h = c_h[k];
+                for (int k = 0; k < NC; ++k) {
+                    float fx[8];
+                    unpack8(xr[k * 32 + lane], fx, tag);
 #pragma unroll
-                    for (int t = 0; t < 4; ++t) acc[i][t] = fmaf(h, to_f<T>(wt[t]), acc[i][t]);
+                    for (int q = 0; q < 8; ++q) dots[m] = fmaf(fw[k][q], fx[q], dots[m]);
                 }
             }
         }
-        __syncthreads();                                    // the ring and the chunk lists are rewritten
-    }
-    if (total) {
 #pragma unroll
-        for (int i = 0; i < DF_MAX_PAIRS; ++i) {
-            const int p = threadIdx.x + i * DF_THREADS, m = p / Q, q = p - m * Q;
-            if (m < M && ((mask >> m) & 1))
-                reinterpret_cast<float4*>(partial + ((long long)c * M + m) * D)[q] =
-                    make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int m = 0; m < DF_MAX_ROWS; ++m)
+                if (m < M) dots[m] += __shfl_xor_sync(0xffffffffu, dots[m], o);
+#pragma unroll
+        for (int m = 0; m < DF_MAX_ROWS; ++m) {
+            if (m < M) {
+                const T zt = from_f<T>(dots[m]);
+                if (is_entry<true>(zt)) {
+                    if (lane == 0) {
+                        e_row[warp][cnt] = m;
+                        e_col[warp][cnt] = j;
+                        e_val[warp][cnt] = to_f<T>(zt);
+                    }
+                    ++cnt;
+                }
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < NC; ++k) cur[k] = nxt[k];
+    }
+    __syncwarp();
+    // up: h = g * (x_m . w_up[j]) for this warp's entries, the next w_up row in flight
+    if (GATED && cnt > 0) {
+        const uint4* wr = reinterpret_cast<const uint4*>(w_up + (long long)e_col[warp][0] * D);
+#pragma unroll
+        for (int k = 0; k < NC; ++k) cur[k] = __ldg(wr + k * 32 + lane);
+        for (int e = 0; e < cnt; ++e) {
+            if (e + 1 < cnt) {
+                const uint4* wn = reinterpret_cast<const uint4*>(w_up + (long long)e_col[warp][e + 1] * D);
+#pragma unroll
+                for (int k = 0; k < NC; ++k) nxt[k] = __ldg(wn + k * 32 + lane);
+            }
+            const float u = dot_row_smem<T, NC>(cur, xs + e_row[warp][e] * D);
+            __syncwarp();
+            if (lane == 0) e_val[warp][e] *= u;
+#pragma unroll
+            for (int k = 0; k < NC; ++k) cur[k] = nxt[k];
         }
     }
-    if (threadIdx.x == 0) flags[c] = mask;
+    if (lane == 0) w_count[warp] = cnt;
+    __syncthreads();
+
+    // down: thread t owns the 16-byte column chunks t, t + DF_THREADS, ... of every row
+    int total = 0;
+#pragma unroll
+    for (int w = 0; w < DF_WARPS; ++w) total += w_count[w];
+    if (threadIdx.x == 0) flags[blockIdx.x] = total > 0;
+    if (total == 0) return;
+    for (int c = threadIdx.x; c < D / 8; c += DF_THREADS) {
+        float acc[DF_MAX_ROWS][8];
+#pragma unroll
+        for (int m = 0; m < DF_MAX_ROWS; ++m)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[m][i] = 0.f;
+        for (int w = 0; w < DF_WARPS; ++w) {
+            for (int e = 0; e < w_count[w]; ++e) {
+                float fd[8];
+                unpack8(__ldg(reinterpret_cast<const uint4*>(w_down + (long long)e_col[w][e] * D) + c), fd, tag);
+                const float h = e_val[w][e];
+                const int row = e_row[w][e];
+#pragma unroll
+                for (int m = 0; m < DF_MAX_ROWS; ++m) {
+                    if (m == row) {
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) acc[m][i] = fmaf(h, fd[i], acc[m][i]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < DF_MAX_ROWS; ++m) {
+            if (m < M) {
+                float4* dst = reinterpret_cast<float4*>(partial + ((long long)blockIdx.x * M + m) * D) + 2 * c;
+                dst[0] = make_float4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
+                dst[1] = make_float4(acc[m][4], acc[m][5], acc[m][6], acc[m][7]);
+            }
+        }
+    }
 }
 
-// y[m, cols] = the sum, in ascending CTA order, of the partials of the CTAs whose mask has row m (see
-// decode_fused); CTA (column group of 256, row m): warp w sums CTAs w, w + DF_WARPS, ..., then warp 0 the
-// DF_WARPS warp sums in order, and rounds once.  Adding a partial that is zero for row m changes nothing, so
-// which other rows a CTA touched does not matter.
+// y[m, cols] = sum of the flagged CTAs' partials (see decode_fused); CTA (column group of 256, row m).
 template <typename T>
 __global__ void __launch_bounds__(DF_THREADS) decode_reduce(const float* __restrict__ partial,
                                                             const int* __restrict__ flags, int G, int M, int d,
@@ -667,7 +638,7 @@ __global__ void __launch_bounds__(DF_THREADS) decode_reduce(const float* __restr
     float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
 #pragma unroll 4
     for (int g = warp; g < G; g += DF_WARPS) {
-        if ((flags[g] >> m) & 1) {
+        if (flags[g]) {
             const float4* p = reinterpret_cast<const float4*>(partial + ((long long)g * M + m) * d + col);
             const float4 p0 = p[0], p1 = p[1];
             a.x += p0.x; a.y += p0.y; a.z += p0.z; a.w += p0.w;

@@ -147,7 +147,7 @@ def test_decode_path_exact_for_any_row_activity(cp, dtype, m):
                                      (8, 2048, 9000)])
 @pytest.mark.parametrize("gated", [True, False])
 def test_decode_fused_exact_deterministic_batch_invariant(cp, dtype, m, d, n, gated):
-    """The fused decode kernel (gate GEMV, up/down and the reduction; M <= 8 rows of a 16-bit dtype with
+    """The fused decode kernels (gate GEMV + up/down + reduction; M <= 8 rows of a 16-bit dtype with
     d = 256 k): exact against float64 for empty, all-active, heavy and ordinary rows, every output element
     written (poisoned out), bitwise repeatable, each row's y bitwise the same when computed alone, and what
     the op returns for batches up to inference.FUSED_DECODE_ROWS."""

@@ -1,5 +1,8 @@
-"""Decode kernel phases of the v26 experiment (one-CTA-per-SM cp.async decode kernel; M = 1, 2, 4; bf16 d 2048 n 5632
-mean 29): eager and graph replays, with the bench's write-flush of L2 and with a read-only flush, plus streaming floors.
+"""The fused decode kernels' phases (M = 1, 2, 4; bf16 d 2048 n 5632 mean 29) beside what bounds them: the op, the
+first kernel alone (with entries and with x = 0: no entries, the gate GEMV only), the reduction alone, cuBLAS's
+gate GEMV, the dense baseline, a kernel that only streams w_gate (plain 16-byte loads; cp.async into shared
+memory) and an empty kernel (the timing floor).  Eager and CUDA-graph replays, each after the bench's L2 flush
+(a write: the L2 is left full of dirty lines) and after a read-only flush (clean lines).
 
     PYTHONPATH=. python docs/perf/decode_phases_probe.py
 """
@@ -83,28 +86,28 @@ for m in (1, 2, 4):
     y = cp.empty_like(x)
     x0 = cp.zeros_like(x)
     d, n = x.shape[1], wg.shape[0]
-    ctas, per_cta, stages, smem = F.decode_plan(m, d, n, sm_count(), F._smem_optin())
+    npw = min(F._DF_MAX_NPW, max(1, -(-n // (F._DF_WARPS * 2 * sm_count()))))   # as ffn_forward.decode_fused
+    ctas = -(-n // (F._DF_WARPS * npw))
     partial = cp.empty((ctas, m, d), dtype=cp.float32)
     flags = cp.empty(ctas, dtype=cp.int32)
     k = get_kernel(F.FAMILY, f"decode_fused<__nv_bfloat16, {d // 256}, true>")
-    F.raise_smem_limit(k, smem, static_bytes=F._DF_STATIC_SMEM)
     r = get_kernel(F.FAMILY, "decode_reduce<__nv_bfloat16>")
     z = cp.empty((m, n), dtype=x.dtype)
     out = cp.zeros(1, dtype=np.int32)
 
-    def k1(xx=x, st=stages):
-        k((ctas,), (512,), (xx, wg, wu, wd, i32(m), i32(n), i32(per_cta), i32(st), partial, flags), shared_mem=smem)
+    def k1(xx=x):
+        k((ctas,), (32 * F._DF_WARPS,), (xx, wg, wu, wd, i32(m), i32(n), i32(npw), partial, flags))
 
     from twell.bench.dense_cupy import make_dense_cupy
     dense = make_dense_cupy(p)
     for fname, fl in (("wflush", wflush), ("rflush", rflush)):
-        res = {"M": m, "flush": fname, "ctas": ctas, "per_cta": per_cta, "stages": stages, "regs": int(k.num_regs),
+        res = {"M": m, "flush": fname, "ctas": ctas, "neurons_per_warp": npw, "regs": int(k.num_regs),
                "op": t(lambda: F.decode_fused(x, wg, wu, wd, y), fl),
                "op x=0": t(lambda: F.decode_fused(x0, wg, wu, wd, y), fl),
                "kernel1": t(k1, fl),
                "kernel1 x=0": t(lambda: k1(x0), fl),
-               "kernel1 x=0 stages=1": t(lambda: k1(x0, 1), fl),
-               "reduce": t(lambda: r((d // 256, m), (512,), (partial, flags, i32(ctas), i32(m), i32(d), y)), fl),
+               "reduce": t(lambda: r((d // 256, m), (32 * F._DF_WARPS,), (partial, flags, i32(ctas), i32(m), i32(d), y)),
+                           fl),
                "cublas gate": t(lambda: blas.gemm(x, wg, z, trans_b=True), fl),
                "dense cuBLAS": t(dense, fl),
                "stream ldg": t(lambda: k_ldg((131,), (512,), (wg, np.int32(43), np.int32(n), out)), fl),

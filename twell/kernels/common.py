@@ -42,12 +42,11 @@ def sm_count() -> int:
     return n
 
 
-def raise_smem_limit(kernel, nbytes: int, static_bytes: int = 0):
-    """Let ``kernel`` take ``nbytes`` of dynamic shared memory (beside at most ``static_bytes`` declared
-    statically: past 48 KiB together the kernel must opt in).  The limit only ever grows, under a lock:
+def raise_smem_limit(kernel, nbytes: int):
+    """Let ``kernel`` take ``nbytes`` of dynamic shared memory.  The limit only ever grows, under a lock:
     two threads launching one kernel with different sizes can never lower it between another thread's
     check and launch."""
-    if nbytes + static_bytes <= 48 * 1024 or kernel.max_dynamic_shared_size_bytes >= nbytes:
+    if nbytes <= 48 * 1024 or kernel.max_dynamic_shared_size_bytes >= nbytes:
         return
     with _smem_lock:
         if kernel.max_dynamic_shared_size_bytes < nbytes:

@@ -19,10 +19,9 @@ from ..runtime.launch import NULL, aligned, cbool, ctype_of, grid_1d, i32
 from ..runtime.loader import KernelFamily, get_kernel
 from .common import (DEVICE_DTYPES, MAX_LIST, THREADS, WARP_KERNEL_MAX_NC, choose_splits, cupy, launch_warp_rows,
                      raise_smem_limit, sm_count, vec_ok, warp_path_nc)
-#: Largest batch of the fused decode kernel (cuda_src/ffn_forward.cu DF_MAX_ROWS), and its CTA shape:
-#: warps, neuron rows per warp at most, shared memory it declares statically (bytes, rounded up).
+#: Largest batch of the fused decode kernel (cuda_src/ffn_forward.cu DF_MAX_ROWS), and its CTA shape.
 DECODE_FUSED_MAX_ROWS = 8
-_DF_WARPS, _DF_MAX_RPW, _DF_STATIC_SMEM = 16, 4, 8 * 1024
+_DF_WARPS, _DF_MAX_NPW = 8, 8
 
 _names = []
 for _d in DEVICE_DTYPES:
@@ -133,51 +132,18 @@ def dense_gate_up_down(x, z, w_up, w_down, y, *, gated: bool = True, splits: int
 
 def decode_fused_supported(x, w_first, w_up, w_down, y) -> bool:
     """Whether :func:`decode_fused` takes these operands: at most DECODE_FUSED_MAX_ROWS rows, a 16-bit
-    dtype, d = 256 * NC with NC <= 8, C-contiguous 16-byte-aligned arrays of one dtype, and room in shared
-    memory for the staged rows (:func:`decode_plan`)."""
+    dtype, d = 256 * NC with NC <= 8, C-contiguous 16-byte-aligned arrays of one dtype."""
     m, d = x.shape
     arrays = (x, w_first, w_up, w_down, y)
     return (1 <= m <= DECODE_FUSED_MAX_ROWS and x.dtype.itemsize == 2 and d % 256 == 0
-            and 1 <= d // 256 <= WARP_KERNEL_MAX_NC and w_first.shape[0] >= 1
-            and all(a.dtype == x.dtype and a.flags.c_contiguous and aligned(a, 16) for a in arrays)
-            and decode_plan(m, d, w_first.shape[0], sm_count(), _smem_optin()) is not None)
-
-
-_optin: dict = {}
-
-
-def _smem_optin() -> int:
-    """Dynamic shared memory one CTA may opt in to on the current device (bytes, memoized per device)."""
-    cp = cupy()
-    dev = cp.cuda.runtime.getDevice()
-    v = _optin.get(dev)
-    if v is None:
-        v = _optin[dev] = cp.cuda.Device(dev).attributes["MaxSharedMemoryPerBlockOptin"]
-    return v
-
-
-def decode_plan(m: int, d: int, n: int, sms: int, smem_optin: int):
-    """(CTAs, neurons per CTA, batches in flight, dynamic shared memory bytes) of :func:`decode_fused`, or
-    None when the staged x rows leave no room for a batch.  One CTA per SM where n allows (at most
-    64 neurons each, so more CTAs for n > 64 * SMs); the ring holds as many 16-row batches of w_gate as
-    fit beside the staged x rows (all of a CTA's rows at once for n = 5632 on 132 SMs).  The CTA layout
-    depends on n, d and the device only, never on m (a row's result must not depend on the batch)."""
-    per_cta = min(-(-n // sms), _DF_WARPS * _DF_MAX_RPW)
-    ctas = -(-n // per_cta)
-    row_bytes = 2 * d
-    batches = -(-per_cta // _DF_WARPS)
-    avail = smem_optin - _DF_STATIC_SMEM - m * row_bytes
-    stages = min(batches, avail // (_DF_WARPS * row_bytes))
-    if stages < 1:
-        return None
-    return ctas, per_cta, stages, stages * _DF_WARPS * row_bytes + m * row_bytes
+            and 1 <= d // 256 <= WARP_KERNEL_MAX_NC
+            and all(a.dtype == x.dtype and a.flags.c_contiguous and aligned(a, 16) for a in arrays))
 
 
 def decode_fused(x, w_first, w_up, w_down, y, *, gated: bool = True):
     """y = (relu(x w_firstᵀ) ⊙ (x w_upᵀ)) w_down (``gated``; else relu(x w_firstᵀ) w_down) for a decode
-    batch without materialising the gate: in one kernel every CTA copies its block of w_first into shared
-    memory at once, keeps the entries and gathers their w_up / w_down rows into an fp32 partial; a second
-    kernel sums the partials in a fixed order.
+    batch, without materialising the gate: one kernel streams w_first once, keeps the entries and gathers
+    their w_up / w_down rows into per-CTA fp32 partials; a second sums the partials in a fixed order.
 
     Parameters
     ----------
@@ -194,16 +160,18 @@ def decode_fused(x, w_first, w_up, w_down, y, *, gated: bool = True):
     if not decode_fused_supported(x, w_first, w_up, w_down, y):
         raise ValueError("decode_fused takes at most 8 rows of a 16-bit dtype, d = 256 * k (k <= 8), and "
                          "C-contiguous 16-byte-aligned arrays of one dtype")
-    ctas, per_cta, stages, smem = decode_plan(m, d, n, sm_count(), _smem_optin())
-    partial = cp.empty((ctas, m, d), dtype=cp.float32)                 # only the rows a CTA touched are written
-    flags = cp.empty(ctas, dtype=cp.int32)                             # each CTA's mask of touched rows
+    nc = d // 256
+    # two CTAs per SM (96 registers, 39 KB of shared memory each) where n allows: one wave, 16 warps per
+    # SM with a w_gate row in flight each
+    npw = min(_DF_MAX_NPW, max(1, -(-n // (_DF_WARPS * 2 * sm_count()))))
+    ctas = -(-n // (_DF_WARPS * npw))
+    partial = cp.empty((ctas, m, d), dtype=cp.float32)                 # only flagged CTAs write theirs
+    flags = cp.empty(ctas, dtype=cp.int32)
     ct = ctype_of(x.dtype, "x")
-    k = get_kernel(FAMILY, f"decode_fused<{ct}, {d // 256}, {cbool(gated)}>")
-    raise_smem_limit(k, smem, static_bytes=_DF_STATIC_SMEM)
-    k((ctas,), (32 * _DF_WARPS,), (x, w_first, w_up, w_down, i32(m), i32(n), i32(per_cta), i32(stages), partial,
-                                  flags), shared_mem=smem)
+    k = get_kernel(FAMILY, f"decode_fused<{ct}, {nc}, {cbool(gated)}>")
+    k((ctas,), (32 * _DF_WARPS,), (x, w_first, w_up, w_down, i32(m), i32(n), i32(npw), partial, flags))
     r = get_kernel(FAMILY, f"decode_reduce<{ct}>")
-    r((d // 256, m), (32 * _DF_WARPS,), (partial, flags, i32(ctas), i32(m), i32(d), y))
+    r((nc, m), (32 * _DF_WARPS,), (partial, flags, i32(ctas), i32(m), i32(d), y))
     return y
 
 
