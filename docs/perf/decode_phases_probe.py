@@ -7,8 +7,11 @@ memory) and an empty kernel (the timing floor).  Eager and CUDA-graph replays, e
     PYTHONPATH=. python docs/perf/decode_phases_probe.py
 """
 import json
+
 import cupy as cp
 import numpy as np
+
+from twell.bench.dense_cupy import make_dense_cupy
 from twell.bench.timing import L2Flusher, capture_cupy_graph, time_gpu
 from twell.kernels import ffn_forward as F
 from twell.kernels.common import sm_count
@@ -86,8 +89,7 @@ for m in (1, 2, 4):
     y = cp.empty_like(x)
     x0 = cp.zeros_like(x)
     d, n = x.shape[1], wg.shape[0]
-    npw = min(F._DF_MAX_NPW, max(1, -(-n // (F._DF_WARPS * 2 * sm_count()))))   # as ffn_forward.decode_fused
-    ctas = -(-n // (F._DF_WARPS * npw))
+    npw, ctas = F.decode_grid(n, sm_count())
     partial = cp.empty((ctas, m, d), dtype=cp.float32)
     flags = cp.empty(ctas, dtype=cp.int32)
     k = get_kernel(F.FAMILY, f"decode_fused<__nv_bfloat16, {d // 256}, true>")
@@ -98,7 +100,6 @@ for m in (1, 2, 4):
     def k1(xx=x):
         k((ctas,), (32 * F._DF_WARPS,), (xx, wg, wu, wd, i32(m), i32(n), i32(npw), partial, flags))
 
-    from twell.bench.dense_cupy import make_dense_cupy
     dense = make_dense_cupy(p)
     for fname, fl in (("wflush", wflush), ("rflush", rflush)):
         res = {"M": m, "flush": fname, "ctas": ctas, "neurons_per_warp": npw, "regs": int(k.num_regs),

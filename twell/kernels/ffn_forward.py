@@ -140,6 +140,14 @@ def decode_fused_supported(x, w_first, w_up, w_down, y) -> bool:
             and all(a.dtype == x.dtype and a.flags.c_contiguous and aligned(a, 16) for a in arrays))
 
 
+def decode_grid(n: int, sms: int) -> tuple:
+    """(neurons per warp, CTAs) of :func:`decode_fused` for n neurons on ``sms`` multiprocessors: two CTAs
+    per SM (96 registers, 39 KB of shared memory each) where n allows -- one wave, 16 warps per SM with a
+    w_gate row in flight each -- and at most _DF_MAX_NPW neurons per warp."""
+    npw = min(_DF_MAX_NPW, max(1, -(-n // (_DF_WARPS * 2 * sms))))
+    return npw, -(-n // (_DF_WARPS * npw))
+
+
 def decode_fused(x, w_first, w_up, w_down, y, *, gated: bool = True):
     """y = (relu(x w_firstᵀ) ⊙ (x w_upᵀ)) w_down (``gated``; else relu(x w_firstᵀ) w_down) for a decode
     batch, without materialising the gate: one kernel streams w_first once, keeps the entries and gathers
@@ -161,10 +169,7 @@ def decode_fused(x, w_first, w_up, w_down, y, *, gated: bool = True):
         raise ValueError("decode_fused takes at most 8 rows of a 16-bit dtype, d = 256 * k (k <= 8), and "
                          "C-contiguous 16-byte-aligned arrays of one dtype")
     nc = d // 256
-    # two CTAs per SM (96 registers, 39 KB of shared memory each) where n allows: one wave, 16 warps per
-    # SM with a w_gate row in flight each
-    npw = min(_DF_MAX_NPW, max(1, -(-n // (_DF_WARPS * 2 * sm_count()))))
-    ctas = -(-n // (_DF_WARPS * npw))
+    npw, ctas = decode_grid(n, sm_count())
     partial = cp.empty((ctas, m, d), dtype=cp.float32)                 # only flagged CTAs write theirs
     flags = cp.empty(ctas, dtype=cp.int32)
     ct = ctype_of(x.dtype, "x")
