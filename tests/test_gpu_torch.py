@@ -133,6 +133,76 @@ def test_inference_matches_the_cupy_call_bitwise(m):
     assert tt.saved_state_count() == 0
 
 
+@pytest.mark.parametrize("m", [1, 3, 4])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("dtype,d", [("bfloat16", 2048), ("float16", 256)])
+def test_eager_decode_plan_matches_the_cupy_call(m, gated, dtype, d):
+    """Eager decode calls after the first reuse its validated launch plan (twell.torch.impl): bitwise the CuPy
+    call, through in-place weight updates, replaced weights, misaligned inputs and on a side stream."""
+    from twell.torch import impl  # noqa: PLC0415
+    x, wg, wu, wd = problem(m, d, 1000, dtype, seed=m + d)
+    f = tt.gated_ffn if gated else tt.ffn
+    ws = (wg, wu, wd) if gated else (wu, wd)
+    dev = x.device.index
+
+    def cupy_call(xx, *w):
+        with interop.on_device(dev):
+            ref = (twell.gated_ffn if gated else twell.ffn)(*(interop.view(t, dev, "t") for t in (xx,) + w))
+            return interop.to_torch(ref, dev)
+
+    before = len(impl._decode_plans)
+    first = f(x, *ws)
+    assert len(impl._decode_plans) == before + 1          # remembered after the validated call
+    poison = torch.full_like(x, float("nan"))
+    del poison                                             # y most likely reuses this block
+    y = f(x, *ws)                                          # the plan
+    torch.cuda.synchronize()
+    assert _bitwise(y, first) and _bitwise(y, cupy_call(x, *ws))
+    ws[-1].mul_(2)                                         # same address, new values: read at launch
+    assert _bitwise(f(x, *ws), cupy_call(x, *ws))
+    new_down = ws[-1].clone()                              # another address: a new plan
+    ws = ws[:-1] + (new_down,)
+    assert _bitwise(f(x, *ws), cupy_call(x, *ws))
+    buf = torch.empty(m * d + 1, dtype=x.dtype, device="cuda")
+    xm = buf[1:].view(m, d)                                # misaligned: the validated (copying) path
+    xm.copy_(x)
+    assert _bitwise(f(xm, *ws), cupy_call(x, *ws))
+    expected = f(x, *ws)
+    slow = torch.zeros_like(x)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side), torch.no_grad():        # queued on the side stream behind its copy
+        torch.cuda._sleep(int(1e8))
+        slow.copy_(x)
+        got = f(slow, *ws)
+    torch.cuda.synchronize()
+    assert _bitwise(got, expected)
+
+
+@pytest.mark.parametrize("mean,path", [(29.0, "sparse"), (None, "dense")])
+def test_module_decode_plan_follows_its_tracker(mean, path):
+    """A layer without statistics decodes through the remembered launch while its tracker picks the sparse
+    path, reports its density every 16th call, and takes the dense path when the tracker says so."""
+    x, wg, wu, wd = problem(1, 2048, 5632, "bfloat16", mean=mean, seed=11)
+    ffn = tt.SparseGatedFFN(2048, 5632, collect_stats=False, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        for p, w in zip((ffn.w_gate, ffn.w_up, ffn.w_down), (wg, wu, wd)):
+            p.copy_(w)
+        ref = tt.gated_ffn(x, wg, wu, wd, path=path)
+        outs = [ffn(x) for _ in range(40)]
+    dev = x.device.index
+    with interop.on_device(dev):                           # a reporting call counts its entries: that kernel
+        counted = twell.gated_ffn(*(interop.view(t, dev, "t") for t in (x, wg, wu, wd)), return_stats=True)[0]
+        counted = interop.to_torch(counted, dev)
+    torch.cuda.synchronize()
+    reports = (0, 16, 32) if path == "sparse" else (0,)   # the first call knows nothing yet: sparse
+    for i, o in enumerate(outs):
+        assert _bitwise(o, counted if i in reports else ref), i
+    calls = ffn.density_tracker.calls
+    assert sum(calls.values()) == 3, calls                 # reports of calls 1, 17 and 33
+    assert ffn.density_tracker.last_path == ("sparse" if path == "sparse" else "dense")
+
+
 def test_leading_dims_and_misaligned_views():
     x, wg, wu, wd = problem(24, 256, 1000, "bfloat16", seed=3)
     flat = tt.gated_ffn(x, wg, wu, wd)

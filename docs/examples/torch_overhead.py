@@ -1,12 +1,14 @@
 """Per-call overhead of twell.torch over the CuPy call, on one decode token (M = 1, d = 2048, n = 5632, bf16).
 
-The same data is called three ways, inference (no autograd), on the default stream:
+The same data is called four ways, inference (no autograd), on the default stream:
 
 * ``twell.gated_ffn`` on CuPy arrays (the baseline; it allocates its output with CuPy),
 * ``twell.torch.gated_ffn`` on torch tensors (PyTorch allocates the output; eager calls skip the
   dispatcher),
 * ``torch.ops.twell.gated_ffn`` (the registered custom op through PyTorch's dispatcher: what a call costs
-  under modes and what ``torch.compile`` pays outside its graph; for reference).
+  under modes and what ``torch.compile`` pays outside its graph; for reference),
+* a ``twell.torch.SparseGatedFFN(collect_stats=False)`` layer holding the same weights (its density tracker
+  consulted on every call; for reference).
 
 Host time: the wall time of each call on the host, calls issued in short bursts with a synchronisation
 between bursts (the launch queue never fills, so a call never waits for the GPU), median over all calls.
@@ -81,13 +83,19 @@ def main(argv=None):
         "torch: torch.ops.twell.gated_ffn (dispatcher)": lambda: torch.ops.twell.gated_ffn(
             *torch_args, 256, 8, 128, "auto", "auto", -1, -1),
     }
+    # the layer as a model decodes with it: its density tracker consulted on every call, no statistics
+    layer = tt.SparseGatedFFN(args.d, args.n, collect_stats=False, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        for p_, w in zip((layer.w_gate, layer.w_up, layer.w_down), torch_args[1:]):
+            p_.copy_(w)
+    variants["torch: SparseGatedFFN(collect_stats=False)"] = lambda: layer(torch_args[0])
 
     def sync():
         torch.cuda.synchronize()
 
     results = {}
     with torch.no_grad():
-        ys = [fn() for fn in variants.values()]
+        ys = [fn() for fn in list(variants.values())[:3]]      # the layer's first call counts entries: not compared
         torch.cuda.synchronize()
         y0 = to_torch(ys[0], torch.cuda.current_device())              # the CuPy result, zero-copy
         same = all(torch.equal(y0.view(torch.int16), y.view(torch.int16)) for y in ys[1:])

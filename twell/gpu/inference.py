@@ -31,8 +31,11 @@ FUSED_DECODE_ROWS = 4
 
 
 def forward(x, w_first, w_up, w_down, *, gated: bool, tile_width: int, compression: int, threshold: int,
-            return_stats: bool, out, gate_kernel: str, path: str, tracker):
-    """The GPU inference op (``gated_ffn`` when ``gated``, else ``ffn`` with ``w_up`` unused)."""
+            return_stats: bool, out, gate_kernel: str, path: str, tracker, observe: bool | None = None):
+    """The GPU inference op (``gated_ffn`` when ``gated``, else ``ffn`` with ``w_up`` unused).
+
+    ``observe``: whether the tracker records this call, when the caller has already asked it (a small batch
+    reports only every ``SMALL_BATCH_INTERVAL``-th call); None: decided here."""
     cp = cupy()
     m, d = x.shape
     n = w_down.shape[0]
@@ -46,8 +49,9 @@ def forward(x, w_first, w_up, w_down, *, gated: bool, tile_width: int, compressi
                 tracker.choose(m, n, d, x.dtype.itemsize, training=False, wait=not in_capture))
     with capture_allocations(cp, in_capture):
         y = cp.empty((m, d), dtype=x.dtype) if out is None else out
-        observe = tracker is not None and not in_capture and (
-            m > SMALL_BATCH_ROWS or tracker.wants_small_batch_observation())
+        if observe is None:
+            observe = tracker is not None and not in_capture and (
+                m > SMALL_BATCH_ROWS or tracker.wants_small_batch_observation())
         if path == "dense":
             row_nnz, counts, kernel, density = dense_forward(
                 x, w_first, w_up, w_down, y, gated=gated, row_counts=return_stats, neuron_counts=return_stats,

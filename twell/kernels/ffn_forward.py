@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from ..runtime.launch import NULL, aligned, cbool, ctype_of, grid_1d, i32
+from ..runtime.launch import NULL, U64, aligned, cbool, ctype_of, grid_1d, i32
 from ..runtime.loader import KernelFamily, get_kernel
 from .common import (DEVICE_DTYPES, MAX_LIST, THREADS, WARP_KERNEL_MAX_NC, choose_splits, cupy, launch_warp_rows,
                      raise_smem_limit, sm_count, vec_ok, warp_path_nc)
@@ -148,6 +148,51 @@ def decode_grid(n: int, sms: int) -> tuple:
     return npw, -(-n // (_DF_WARPS * npw))
 
 
+class DecodePlan:
+    """:func:`decode_fused` for one shape on one device: its two kernels, their grids and the workspace a
+    call needs (the per-CTA fp32 partials of every row, then one int32 flag per CTA).  Made by
+    :func:`decode_plan`; :meth:`launch` takes device addresses, so a caller that has validated its operands
+    once (the PyTorch adapter's eager decode calls) launches without building any array."""
+
+    __slots__ = ("m", "n", "d", "nc", "npw", "ctas", "partial_bytes", "workspace_bytes", "_fused", "_reduce",
+                 "_m", "_n", "_npw", "_ctas", "_d")
+
+    def __init__(self, dtype, m: int, n: int, d: int, gated: bool, sms: int):
+        self.m, self.n, self.d, self.nc = m, n, d, d // 256
+        self.npw, self.ctas = decode_grid(n, sms)
+        self.partial_bytes = 4 * self.ctas * m * d                      # a multiple of 16 bytes (d % 256 == 0)
+        self.workspace_bytes = self.partial_bytes + 4 * self.ctas
+        ct = ctype_of(dtype, "x")
+        self._fused = get_kernel(FAMILY, f"decode_fused<{ct}, {self.nc}, {cbool(gated)}>").kernel
+        self._reduce = get_kernel(FAMILY, f"decode_reduce<{ct}>").kernel
+        self._m, self._n, self._npw, self._ctas, self._d = i32(m), i32(n), i32(self.npw), i32(self.ctas), i32(d)
+
+    def launch(self, x: int, w_first: int, w_up: int, w_down: int, y: int, workspace: int, stream=None):
+        """Queue both kernels on ``stream`` (anything with the stream's address as ``ptr``; None: CuPy's
+        current stream).  Every other argument is a device address (int) of an operand that satisfies
+        :func:`decode_fused_supported` for this plan's shape; ``workspace``: ``workspace_bytes`` bytes,
+        16-byte aligned, owned by the caller until the kernels have run (stream order)."""
+        partial, flags = U64(workspace), U64(workspace + self.partial_bytes)
+        self._fused((self.ctas,), (32 * _DF_WARPS,),
+                    (U64(x), U64(w_first), U64(w_up), U64(w_down), self._m, self._n, self._npw, partial, flags),
+                    0, stream)
+        self._reduce((self.nc, self.m), (32 * _DF_WARPS,), (partial, flags, self._ctas, self._m, self._d, U64(y)),
+                     0, stream)
+
+
+_decode_plans: dict = {}        # (device, dtype, m, n, d, gated) -> DecodePlan
+
+
+def decode_plan(dtype, m: int, n: int, d: int, gated: bool) -> DecodePlan:
+    """The :class:`DecodePlan` of this shape on the current device (memoized)."""
+    dev = cupy().cuda.runtime.getDevice()
+    key = (dev, dtype, m, n, d, gated)
+    plan = _decode_plans.get(key)
+    if plan is None:
+        plan = _decode_plans[key] = DecodePlan(dtype, m, n, d, gated, sm_count())
+    return plan
+
+
 def decode_fused(x, w_first, w_up, w_down, y, *, gated: bool = True):
     """y = (relu(x w_firstᵀ) ⊙ (x w_upᵀ)) w_down (``gated``; else relu(x w_firstᵀ) w_down) for a decode
     batch, without materialising the gate: one kernel streams w_first once, keeps the entries and gathers
@@ -164,19 +209,12 @@ def decode_fused(x, w_first, w_up, w_down, y, *, gated: bool = True):
     """
     cp = cupy()
     m, d = x.shape
-    n = w_first.shape[0]
     if not decode_fused_supported(x, w_first, w_up, w_down, y):
         raise ValueError("decode_fused takes at most 8 rows of a 16-bit dtype, d = 256 * k (k <= 8), and "
                          "C-contiguous 16-byte-aligned arrays of one dtype")
-    nc = d // 256
-    npw, ctas = decode_grid(n, sm_count())
-    partial = cp.empty((ctas, m, d), dtype=cp.float32)                 # only flagged CTAs write theirs
-    flags = cp.empty(ctas, dtype=cp.int32)
-    ct = ctype_of(x.dtype, "x")
-    k = get_kernel(FAMILY, f"decode_fused<{ct}, {nc}, {cbool(gated)}>")
-    k((ctas,), (32 * _DF_WARPS,), (x, w_first, w_up, w_down, i32(m), i32(n), i32(npw), partial, flags))
-    r = get_kernel(FAMILY, f"decode_reduce<{ct}>")
-    r((nc, m), (32 * _DF_WARPS,), (partial, flags, i32(ctas), i32(m), i32(d), y))
+    plan = decode_plan(x.dtype, m, w_first.shape[0], d, gated)
+    workspace = cp.empty(plan.workspace_bytes, dtype=cp.uint8)     # only flagged CTAs write their partials
+    plan.launch(x.data.ptr, w_first.data.ptr, w_up.data.ptr, w_down.data.ptr, y.data.ptr, workspace.data.ptr)
     return y
 
 

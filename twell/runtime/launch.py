@@ -8,6 +8,7 @@ from .. import _backend as B
 from .loader import CTYPE
 
 NULL = np.uint64(0)  # a null device pointer argument
+U64 = np.uint64     # a device address as a kernel argument (8 bytes, as the pointer it stands for)
 _CTYPE_OF_DTYPE: dict = {}  # np.dtype -> C++ type, filled by ctype_of
 
 

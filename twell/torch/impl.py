@@ -10,7 +10,7 @@ import torch
 from twell import ops as core
 from twell.dispatch import check_path
 
-from .interop import check_devices, cuda_interop, from_host, host_array, l1_dtype, to_torch
+from .interop import StreamRef, check_devices, cuda_interop, evict_oldest, from_host, host_array, l1_dtype, to_torch
 from .registry import mark_consumed, register_state, take_state
 
 #: Inference batches above this many rows allocate from PyTorch's pool (with ``torch_memory``); smaller ones
@@ -19,12 +19,36 @@ _TORCH_MEMORY_ROWS = 512
 
 _gpu = []           # twell.gpu.inference, imported by the first CUDA call
 
+#: Eager decode calls whose weights and options were validated by an earlier call: key (device, options,
+#: x's shape and dtype, each weight's address, shape, strides and dtype) -> the fused decode's DecodePlan.
+_decode_plans: dict = {}
+_DECODE_PLAN_CACHE = 256
+_DECODE_KERNELS = ("auto", "cublas")
+
 
 def _gpu_inference():
     if not _gpu:
         from twell.gpu import inference  # noqa: PLC0415 - imported with CuPy, by the first CUDA call
         _gpu.append(inference)
     return _gpu[0]
+
+
+def _decode_key(x, w_first, w_up, w_down, dev, options):
+    return (dev, options, x.shape, x.dtype,
+            w_first.data_ptr(), w_first.shape, w_first.stride(), w_first.dtype,
+            w_up.data_ptr(), w_up.shape, w_up.stride(), w_up.dtype,
+            w_down.data_ptr(), w_down.shape, w_down.stride(), w_down.dtype)
+
+
+def _remember_decode(key, cx, cw_first, cw_up, cw_down, cy, gated, dev, cp):
+    """After a call that ran the fused decode kernels (validated by the core), remember their plan for
+    the next call with the same weights and options."""
+    inference = _gpu_inference()
+    fwd = inference.ffn_forward
+    if cp.cuda.runtime.getDevice() != dev or not fwd.decode_fused_supported(cx, cw_first, cw_up, cw_down, cy):
+        return
+    evict_oldest(_decode_plans, _DECODE_PLAN_CACHE)
+    _decode_plans[key] = fwd.decode_plan(cx.dtype, cx.shape[0], cw_first.shape[0], cx.shape[1], gated)
 
 
 def infer_impl(x, w_first, w_up, w_down, gated, tile_width, compression, threshold, gate_kernel, path, tracker,
@@ -44,6 +68,29 @@ def infer_impl(x, w_first, w_up, w_down, gated, tile_width, compression, thresho
         slot.put(res[1], x.device)
         return from_host(res[0])
     ci = cuda_interop()
+    # Decode without statistics: the weights and options this call names were validated by an earlier call
+    # that could run the fused decode kernels (the key says so); x is checked here.  Two PyTorch allocations
+    # and two launches on PyTorch's current stream -- capturable, as every allocation is PyTorch's and
+    # nothing is read back.  A tracker is asked here as the core would ask it (outside a capture): the
+    # sparse path with no report due takes the plan, anything else goes to the core with its answers.
+    key = observe = None
+    if (slot is None and path != "dense" and gate_kernel in _DECODE_KERNELS
+            and x.shape[0] <= _gpu_inference().FUSED_DECODE_ROWS and x.element_size() == 2 and x.shape[1] % 256 == 0):
+        key = _decode_key(x, w_first, w_up, w_down, dev, (gated, tile_width, compression, threshold))
+        plan = _decode_plans.get(key)
+        if (plan is not None and x.is_contiguous() and x.data_ptr() % 16 == 0
+                and ci.cp.cuda.runtime.getDevice() == dev):
+            stream_ptr = ci.stream_ptr(dev)
+            if tracker is not None and not ci.cp.cuda.runtime.streamIsCapturing(stream_ptr):
+                if path == "auto":
+                    path = tracker.choose(x.shape[0], plan.n, plan.d, 2, training=False)
+                observe = tracker.wants_small_batch_observation()
+            if tracker is None or (observe is False and path == "sparse"):
+                y = x.new_empty(x.shape)
+                workspace = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device=x.device)
+                plan.launch(x.data_ptr(), w_first.data_ptr(), w_up.data_ptr(), w_down.data_ptr(), y.data_ptr(),
+                            workspace.data_ptr(), StreamRef(stream_ptr))
+                return y
     y = x.new_empty(x.shape)           # contiguous, PyTorch-owned
     cx = ci.view(x, dev, "x")
     if gated:
@@ -53,7 +100,8 @@ def infer_impl(x, w_first, w_up, w_down, gated, tile_width, compression, thresho
         cw = {"w_up": ci.view(w_up, dev, "w_up"), "w_down": ci.view(w_down, dev, "w_down")}
     cy = ci.view(y, dev, "out")
     stream = ci.stream(dev)
-    args = (op, cx, cw, cy, gated, tile_width, compression, threshold, gate_kernel, path, tracker, slot, stream)
+    args = (op, cx, cw, cy, gated, tile_width, compression, threshold, gate_kernel, path, tracker, slot, stream,
+            observe)
     if x.shape[0] <= _TORCH_MEMORY_ROWS and ci.cp.cuda.runtime.getDevice() == dev:
         if ci.cp.cuda.get_current_stream().ptr == stream.ptr:
             res, want = _infer_run(*args)          # already CuPy's current stream (PyTorch's default stream)
@@ -65,14 +113,19 @@ def infer_impl(x, w_first, w_up, w_down, gated, tile_width, compression, thresho
             res, want = _infer_run(*args)
     if slot is not None:
         slot.put(res[1] if want else None, x.device)
+    elif key is not None:
+        _remember_decode(key, cx, cw["w_gate"] if gated else cw["w_up"], cw["w_up"], cw["w_down"], cy, gated, dev,
+                         ci.cp)
     return y
 
 
-def _infer_run(op, cx, cw, cy, gated, tile_width, compression, threshold, gate_kernel, path, tracker, slot, stream):
+def _infer_run(op, cx, cw, cy, gated, tile_width, compression, threshold, gate_kernel, path, tracker, slot, stream,
+               observe):
     """The inference call on CuPy views, inside the device / stream context; returns (result, stats asked).
 
     Inside a CUDA-graph capture no statistics are kept (their memory would belong to the graph); the core
-    consults the tracker without synchronising there and records no observation."""
+    consults the tracker without synchronising there and records no observation.  ``observe``: the
+    tracker's answer when the caller already asked it (None: the core asks)."""
     want = slot is not None and not stream.is_capturing()
     fast = core.fast_cupy_args(cx, cw)
     if fast is not None:
@@ -84,7 +137,7 @@ def _infer_run(op, cx, cw, cy, gated, tile_width, compression, threshold, gate_k
         res = _gpu_inference().forward(cx, cw["w_gate"] if gated else cw["w_up"], cw["w_up"], cw["w_down"],
                                        gated=gated, tile_width=tile_width, compression=compression, threshold=thr,
                                        return_stats=want, out=cy, gate_kernel=gate_kernel, path=path,
-                                       tracker=tracker)
+                                       tracker=tracker, observe=observe)
     else:           # the public op: its full checks raise the precise error (or copy a misaligned view)
         res = op(cx, *cw.values(), tile_width=tile_width, compression=compression, dense_row_threshold=threshold,
                  return_stats=want, out=cy, gate_kernel=gate_kernel, path=path, tracker=tracker)

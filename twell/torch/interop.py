@@ -90,7 +90,7 @@ _raw_alloc = getattr(torch._C, "_cuda_cudaCachingAllocator_raw_alloc", None)
 _raw_delete = getattr(torch._C, "_cuda_cudaCachingAllocator_raw_delete", None)
 
 
-def _evict_oldest(cache: dict, size: int):
+def evict_oldest(cache: dict, size: int):
     """Make room in a bounded memo dict (tolerates another thread evicting at the same time)."""
     while len(cache) >= size:
         try:
@@ -99,13 +99,14 @@ def _evict_oldest(cache: dict, size: int):
             break
 
 
-def _current_stream_ptr(dev: int) -> int:
+def current_stream_ptr(dev: int) -> int:
+    """PyTorch's current stream on ``dev`` (its address)."""
     if _raw_stream is not None:
         return _raw_stream(dev)
     return torch.cuda.current_stream(dev).cuda_stream
 
 
-class _StreamRef:
+class StreamRef:
     """The CUDA stream protocol for one raw stream pointer (what ``cupy.cuda.Stream.from_external`` reads)."""
 
     __slots__ = ("ptr",)
@@ -148,7 +149,7 @@ class CudaInterop:
 
     def __init__(self, cp, *, raw_stream=None):
         self.cp = cp
-        self._raw_stream = _current_stream_ptr if raw_stream is None else raw_stream
+        self._raw_stream = current_stream_ptr if raw_stream is None else raw_stream
         self._views: dict = {}          # (ptr, shape, strides, dtype, device) -> view (no reference to any tensor)
         self._streams: dict = {}        # (stream pointer, device) -> cupy Stream wrapping PyTorch's stream
         self._mallocs: dict = {}        # (device, stream pointer) -> CuPy allocator over PyTorch's
@@ -168,7 +169,7 @@ class CudaInterop:
             raise ValueError(f"{name} has negative strides")
         mem = cp.cuda.UnownedMemory(ptr, nbytes, None, dev)
         view = cp.ndarray(tuple(shape), dt, cp.cuda.MemoryPointer(mem, 0), tuple(s * itemsize for s in strides))
-        _evict_oldest(self._views, self.VIEW_CACHE_SIZE)
+        evict_oldest(self._views, self.VIEW_CACHE_SIZE)
         self._views[key] = view
         return view
 
@@ -178,6 +179,10 @@ class CudaInterop:
         v = self._views.get(key)
         return self._make_view(key, name) if v is None else v
 
+    def stream_ptr(self, dev: int) -> int:
+        """PyTorch's current stream on ``dev`` (its address)."""
+        return self._raw_stream(dev)
+
     def stream(self, dev: int):
         """PyTorch's current stream on ``dev`` as a CuPy stream (one wrapper per stream pointer)."""
         ptr = self._raw_stream(dev)
@@ -186,10 +191,10 @@ class CudaInterop:
             cp = self.cp
             from_external = getattr(cp.cuda.Stream, "from_external", None)
             if from_external is not None:
-                s = from_external(_StreamRef(ptr))
+                s = from_external(StreamRef(ptr))
             else:                                                   # CuPy < 14
                 s = cp.cuda.ExternalStream(ptr, dev)
-            _evict_oldest(self._streams, self.STREAM_CACHE_SIZE)
+            evict_oldest(self._streams, self.STREAM_CACHE_SIZE)
             self._streams[(ptr, dev)] = s
         return s
 
@@ -210,7 +215,7 @@ class CudaInterop:
                     ptr = torch.cuda.caching_allocator_alloc(size, dev, stream_ptr)
                 return cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(ptr, size, _TorchBlock(ptr), dev), 0)
 
-            _evict_oldest(self._mallocs, self.STREAM_CACHE_SIZE)
+            evict_oldest(self._mallocs, self.STREAM_CACHE_SIZE)
             self._mallocs[key] = f = malloc
         return f
 
