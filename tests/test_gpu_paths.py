@@ -385,6 +385,17 @@ def test_out_and_threshold_checks(cp):
     x, wg, wu, wd = [cp.asarray(a) for a in make_ffn(rng, 8, 64, 128, "float32")]
     with pytest.raises(ValueError, match="out must not overlap x"):
         twell.gated_ffn(x, wg, wu, wd, out=x)
+    with pytest.raises(ValueError, match="out must not overlap w_down"):          # a view inside w_down
+        twell.gated_ffn(x, wg, wu, wd, out=wd.reshape(-1)[64:64 + 8 * 64].reshape(8, 64))
+    for bad in (cp.empty((8, 64), dtype=cp.float16), cp.empty((8, 65), dtype=x.dtype),
+                cp.empty((8, 128), dtype=x.dtype)[:, ::2], np.empty((8, 64), dtype=np.float32)):
+        with pytest.raises((TypeError, ValueError), match="out"):
+            twell.gated_ffn(x, wg, wu, wd, out=bad)
+    buf = cp.empty((2, 8, 64), dtype=x.dtype)                                      # adjacent, not overlapping
+    buf[0] = x
+    got = twell.gated_ffn(buf[0], wg, wu, wd, out=buf[1])
+    assert got is buf[1] or got.data.ptr == buf[1].data.ptr
+    np.testing.assert_array_equal(_bits(buf[1]), _bits(twell.gated_ffn(x, wg, wu, wd)))
     with pytest.raises(TypeError, match="out must be an array"):
         twell.gated_ffn(x, wg, wu, wd, out=[[0.0] * 64] * 8)
     with pytest.raises(TypeError, match="check_finite must be True or False"):

@@ -138,6 +138,7 @@ class DensityTracker:
         self._ring_next = 0
         self._events: list = []            # events of resolved copies, reused
         self.dense_row_threshold = int(dense_row_threshold)
+        self._choice = None                # ((observation, call shape), path) of the last decision
         self.last_path: str | None = None
         self.calls = {"sparse": 0, "dense": 0}
 
@@ -240,6 +241,16 @@ class DensityTracker:
         obs = self.observation(wait)
         if obs is None or obs.m == 0:
             return "sparse"
+        key = (obs, m, n, d, itemsize, training)
+        last = self._choice
+        if last is not None and last[0] == key:        # the same observation and call shape: the same answer
+            return last[1]
+        choice = self._predict(obs, m, n, d, itemsize, training)
+        self._choice = (key, choice)
+        return choice
+
+    @staticmethod
+    def _predict(obs: _Observation, m: int, n: int, d: int, itemsize: int, training: bool) -> str:
         scale = m / obs.m
         sparse, dense = predict_times(m, n, d, itemsize, round(obs.compact_entries * scale),
                                       round(obs.backup_rows * scale), training=training,

@@ -129,11 +129,30 @@ def _aligned(a):
     return a if a.data.ptr % 16 == 0 else a.copy()
 
 
-def _check_out(out, xp, x, shape=None, inputs=()):
+def _fast_out(out, x, inputs) -> bool:
+    """The common GPU case of :func:`_check_out` in few operations, after :func:`fast_cupy_args` passed (so
+    x and the inputs are C-contiguous CuPy arrays): out a C-contiguous CuPy array of x's shape, dtype and
+    device whose bytes do not meet any input's.  False: the full check decides (and raises the precise
+    error)."""
+    if (type(out) is not type(x) or out.dtype != x.dtype or out.shape != x.shape or not out.flags.c_contiguous
+            or out.data.device_id != x.data.device_id):
+        return False
+    lo = out.data.ptr
+    hi = lo + out.nbytes
+    for _, a in inputs:
+        p = a.data.ptr
+        if p < hi and lo < p + a.nbytes:
+            return False
+    return True
+
+
+def _check_out(out, xp, x, shape=None, inputs=(), fast=False):
     """Validate ``out`` before any work: an array of x's module, dtype and shape, C-contiguous, writable, on
-    x's device, not overlapping an input."""
+    x's device, not overlapping an input.  ``fast``: the operands passed :func:`fast_cupy_args`."""
     if out is None:
         return None
+    if fast and shape is None and _fast_out(out, x, inputs):
+        return out
     shape = tuple(x.shape) if shape is None else shape
     if not hasattr(out, "shape") or not hasattr(out, "dtype"):
         raise TypeError(f"out must be an array of shape {shape}, got {type(out).__name__}")
@@ -219,13 +238,14 @@ def _check_l1(l1_weight) -> float:
 
 def _inference(x, w_first, w_up, w_down, weights, *, gated, tile_width, compression, dense_row_threshold,
                return_stats, check_finite, out, gate_kernel, path, tracker):
-    xp, x, w, n = _check_ffn_args(x, weights)
+    fast = fast_cupy_args(x, weights)
+    xp, x, w, n = (fast[0], x, weights, fast[1]) if fast is not None else _check_ffn_args(x, weights)
     threshold = inference_threshold(dense_row_threshold, n, tile_width, compression)
     B.check_bool(return_stats, "return_stats")
     gate_kernel = check_gate_kernel(gate_kernel)
     path = check_path(path)
     tracker = _check_tracker(tracker)
-    out = _check_out(out, xp, x, inputs=[("x", x), *w.items()])
+    out = _check_out(out, xp, x, inputs=[("x", x), *w.items()], fast=fast is not None)
     _check_finite(xp, w, check_finite)
     if xp is np:
         if gated:
