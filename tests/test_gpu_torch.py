@@ -124,12 +124,14 @@ def test_inference_matches_the_cupy_call_bitwise(m):
     """Without autograd the adapter is the inference op on the same data, on the same stream: bitwise."""
     x, wg, wu, wd = problem(m, 2048, 5632, "bfloat16", seed=m)
     y = tt.gated_ffn(x, wg, wu, wd)
+    y_planned = tt.gated_ffn(x, wg, wu, wd)         # the second call runs on the first one's validated plan
     dev = x.device.index
     with interop.on_device(dev):
         ref = twell.gated_ffn(*(interop.view(t, dev, "t") for t in (x, wg, wu, wd)))
         ref = interop.to_torch(ref, dev)
     torch.cuda.synchronize()
     assert torch.equal(y.view(torch.int16), ref.view(torch.int16))
+    assert torch.equal(y_planned.view(torch.int16), ref.view(torch.int16))
     assert tt.saved_state_count() == 0
 
 
@@ -137,8 +139,9 @@ def test_inference_matches_the_cupy_call_bitwise(m):
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("dtype,d", [("bfloat16", 2048), ("float16", 256)])
 def test_eager_decode_plan_matches_the_cupy_call(m, gated, dtype, d):
-    """Eager decode calls after the first reuse its validated launch plan (twell.torch.impl): bitwise the CuPy
-    call, through in-place weight updates, replaced weights, misaligned inputs and on a side stream."""
+    """Eager decode calls after the first reuse its validated plan and launch the fused decode by address
+    (twell.torch.impl): bitwise the CuPy call, through in-place weight updates, replaced weights, misaligned
+    inputs and on a side stream."""
     from twell.torch import impl  # noqa: PLC0415
     x, wg, wu, wd = problem(m, d, 1000, dtype, seed=m + d)
     f = tt.gated_ffn if gated else tt.ffn
@@ -150,9 +153,10 @@ def test_eager_decode_plan_matches_the_cupy_call(m, gated, dtype, d):
             ref = (twell.gated_ffn if gated else twell.ffn)(*(interop.view(t, dev, "t") for t in (xx,) + w))
             return interop.to_torch(ref, dev)
 
-    before = len(impl._decode_plans)
     first = f(x, *ws)
-    assert len(impl._decode_plans) == before + 1          # remembered after the validated call
+    w3 = (wg, wu, wd) if gated else (wu, wu, wd)
+    key = impl._plan_key(x, *w3, dev, (gated, 256, 8, 128, "auto", "auto"))
+    assert key in impl._plans and impl._plans[key].decode_ok   # remembered after the validated call
     poison = torch.full_like(x, float("nan"))
     del poison                                             # y most likely reuses this block
     y = f(x, *ws)                                          # the plan

@@ -19,10 +19,10 @@ _TORCH_MEMORY_ROWS = 512
 
 _gpu = []           # twell.gpu.inference, imported by the first CUDA call
 
-#: Eager decode calls whose weights and options were validated by an earlier call: key (device, options,
-#: x's shape and dtype, each weight's address, shape, strides and dtype) -> the fused decode's DecodePlan.
-_decode_plans: dict = {}
-_DECODE_PLAN_CACHE = 256
+#: Calls whose weights and options an earlier call validated: key (device, options, x's dtype and width, each
+#: weight's address, shape, strides and dtype) -> _CallPlan.  Bounded; holds no tensor.
+_plans: dict = {}
+_PLAN_CACHE = 256
 _DECODE_KERNELS = ("auto", "cublas")
 
 
@@ -33,22 +33,37 @@ def _gpu_inference():
     return _gpu[0]
 
 
-def _decode_key(x, w_first, w_up, w_down, dev, options):
-    return (dev, options, x.shape, x.dtype,
+class _CallPlan:
+    """What a validated call leaves for the next one with the same key: CuPy views of the weights, the
+    core's row threshold, and whether the fused decode kernels take these weights (their launch plans per
+    batch size)."""
+
+    __slots__ = ("weights", "threshold", "decode_ok", "decode")
+
+    def __init__(self, weights, threshold, decode_ok):
+        self.weights, self.threshold, self.decode_ok = weights, threshold, decode_ok
+        self.decode = {}                # M -> ffn_forward.DecodePlan
+
+
+def _plan_key(x, w_first, w_up, w_down, dev, options):
+    return (dev, options, x.shape[1], x.dtype,
             w_first.data_ptr(), w_first.shape, w_first.stride(), w_first.dtype,
             w_up.data_ptr(), w_up.shape, w_up.stride(), w_up.dtype,
             w_down.data_ptr(), w_down.shape, w_down.stride(), w_down.dtype)
 
 
-def _remember_decode(key, cx, cw_first, cw_up, cw_down, cy, gated, dev, cp):
-    """After a call that ran the fused decode kernels (validated by the core), remember their plan for
-    the next call with the same weights and options."""
-    inference = _gpu_inference()
-    fwd = inference.ffn_forward
-    if cp.cuda.runtime.getDevice() != dev or not fwd.decode_fused_supported(cx, cw_first, cw_up, cw_down, cy):
+def _remember(key, cw, cy, gated, tile_width, compression, threshold, cp):
+    """After a call that the core validated: its plan, if the weights pass the core's fast check against y
+    (fresh, aligned, x's shape and dtype: what the plan's later calls check x for)."""
+    fast = core.fast_cupy_args(cy, cw)
+    if fast is None:
         return
-    evict_oldest(_decode_plans, _DECODE_PLAN_CACHE)
-    _decode_plans[key] = fwd.decode_plan(cx.dtype, cx.shape[0], cw_first.shape[0], cx.shape[1], gated)
+    inference = _gpu_inference()
+    first = cw["w_gate"] if gated else cw["w_up"]
+    weights = (first, cw["w_up"], cw["w_down"])
+    decode_ok = inference.ffn_forward.decode_fused_supported(cy[:1], *weights, cy[:1])
+    evict_oldest(_plans, _PLAN_CACHE)
+    _plans[key] = _CallPlan(weights, core.inference_threshold(threshold, fast[1], tile_width, compression), decode_ok)
 
 
 def infer_impl(x, w_first, w_up, w_down, gated, tile_width, compression, threshold, gate_kernel, path, tracker,
@@ -68,64 +83,84 @@ def infer_impl(x, w_first, w_up, w_down, gated, tile_width, compression, thresho
         slot.put(res[1], x.device)
         return from_host(res[0])
     ci = cuda_interop()
-    # Decode without statistics: the weights and options this call names were validated by an earlier call
-    # that could run the fused decode kernels (the key says so); x is checked here.  Two PyTorch allocations
-    # and two launches on PyTorch's current stream -- capturable, as every allocation is PyTorch's and
-    # nothing is read back.  A tracker is asked here as the core would ask it (outside a capture): the
-    # sparse path with no report due takes the plan, anything else goes to the core with its answers.
-    key = observe = None
-    if (slot is None and path != "dense" and gate_kernel in _DECODE_KERNELS
-            and x.shape[0] <= _gpu_inference().FUSED_DECODE_ROWS and x.element_size() == 2 and x.shape[1] % 256 == 0):
-        key = _decode_key(x, w_first, w_up, w_down, dev, (gated, tile_width, compression, threshold))
-        plan = _decode_plans.get(key)
-        if (plan is not None and x.is_contiguous() and x.data_ptr() % 16 == 0
-                and ci.cp.cuda.runtime.getDevice() == dev):
+    cp = ci.cp
+    m = x.shape[0]
+    key = _plan_key(x, w_first, w_up, w_down, dev, (gated, tile_width, compression, threshold, gate_kernel, path))
+    plan = _plans.get(key)
+    observe = None
+    if plan is not None and m and x.is_contiguous() and x.data_ptr() % 16 == 0 and cp.cuda.runtime.getDevice() == dev:
+        # The weights and options were validated by an earlier call (the key says so); x is checked here.
+        if (plan.decode_ok and slot is None and m <= _gpu_inference().FUSED_DECODE_ROWS and path != "dense"
+                and gate_kernel in _DECODE_KERNELS):
+            # Decode: two PyTorch allocations and the fused decode's two launches by address on PyTorch's
+            # current stream (capturable: every allocation is PyTorch's, nothing is read back).  A tracker is
+            # asked here as the core would ask it (outside a capture): the sparse path with no report due
+            # launches; anything else goes to the core with its answers.
             stream_ptr = ci.stream_ptr(dev)
-            if tracker is not None and not ci.cp.cuda.runtime.streamIsCapturing(stream_ptr):
+            if tracker is not None and not cp.cuda.runtime.streamIsCapturing(stream_ptr):
                 if path == "auto":
-                    path = tracker.choose(x.shape[0], plan.n, plan.d, 2, training=False)
+                    path = tracker.choose(m, w_down.shape[0], x.shape[1], 2, training=False)
                 observe = tracker.wants_small_batch_observation()
             if tracker is None or (observe is False and path == "sparse"):
+                dplan = plan.decode.get(m)
+                if dplan is None:
+                    dplan = plan.decode[m] = _gpu_inference().ffn_forward.decode_plan(
+                        plan.weights[0].dtype, m, w_down.shape[0], x.shape[1], gated)
                 y = x.new_empty(x.shape)
-                workspace = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device=x.device)
-                plan.launch(x.data_ptr(), w_first.data_ptr(), w_up.data_ptr(), w_down.data_ptr(), y.data_ptr(),
-                            workspace.data_ptr(), StreamRef(stream_ptr))
+                workspace = torch.empty(dplan.workspace_bytes, dtype=torch.uint8, device=x.device)
+                dplan.launch(x.data_ptr(), w_first.data_ptr(), w_up.data_ptr(), w_down.data_ptr(), y.data_ptr(),
+                             workspace.data_ptr(), StreamRef(stream_ptr))
                 return y
-    y = x.new_empty(x.shape)           # contiguous, PyTorch-owned
-    cx = ci.view(x, dev, "x")
-    if gated:
-        cw = {"w_gate": ci.view(w_first, dev, "w_gate"), "w_up": ci.view(w_up, dev, "w_up"),
-              "w_down": ci.view(w_down, dev, "w_down")}
+        y = x.new_empty(x.shape)
+        cx, cy = ci.view(x, dev, "x"), ci.view(y, dev, "out")
+        run = (_infer_planned, (plan, cx, cy, gated, tile_width, compression, gate_kernel, path, tracker, slot,
+                                observe))
     else:
-        cw = {"w_up": ci.view(w_up, dev, "w_up"), "w_down": ci.view(w_down, dev, "w_down")}
-    cy = ci.view(y, dev, "out")
+        plan = None
+        y = x.new_empty(x.shape)           # contiguous, PyTorch-owned
+        cx = ci.view(x, dev, "x")
+        if gated:
+            cw = {"w_gate": ci.view(w_first, dev, "w_gate"), "w_up": ci.view(w_up, dev, "w_up"),
+                  "w_down": ci.view(w_down, dev, "w_down")}
+        else:
+            cw = {"w_up": ci.view(w_up, dev, "w_up"), "w_down": ci.view(w_down, dev, "w_down")}
+        cy = ci.view(y, dev, "out")
+        run = (_infer_run, (op, cx, cw, cy, gated, tile_width, compression, threshold, gate_kernel, path, tracker,
+                            slot))
     stream = ci.stream(dev)
-    args = (op, cx, cw, cy, gated, tile_width, compression, threshold, gate_kernel, path, tracker, slot, stream,
-            observe)
-    if x.shape[0] <= _TORCH_MEMORY_ROWS and ci.cp.cuda.runtime.getDevice() == dev:
-        if ci.cp.cuda.get_current_stream().ptr == stream.ptr:
-            res, want = _infer_run(*args)          # already CuPy's current stream (PyTorch's default stream)
+    fn, args = run
+    if m <= _TORCH_MEMORY_ROWS and cp.cuda.runtime.getDevice() == dev:
+        if cp.cuda.get_current_stream().ptr == stream.ptr:
+            res, want = fn(stream, *args)          # already CuPy's current stream (PyTorch's default stream)
         else:
             with stream:                # the common case without contextlib's cost
-                res, want = _infer_run(*args)
+                res, want = fn(stream, *args)
     else:
         with ci.on_device(dev, torch_memory=torch_memory, stream=stream):
-            res, want = _infer_run(*args)
+            res, want = fn(stream, *args)
     if slot is not None:
         slot.put(res[1] if want else None, x.device)
-    elif key is not None:
-        _remember_decode(key, cx, cw["w_gate"] if gated else cw["w_up"], cw["w_up"], cw["w_down"], cy, gated, dev,
-                         ci.cp)
+    if plan is None:
+        _remember(key, cw, cy, gated, tile_width, compression, threshold, cp)
     return y
 
 
-def _infer_run(op, cx, cw, cy, gated, tile_width, compression, threshold, gate_kernel, path, tracker, slot, stream,
-               observe):
+def _infer_planned(stream, plan, cx, cy, gated, tile_width, compression, gate_kernel, path, tracker, slot, observe):
+    """The core's GPU op on the plan's weight views, inside the device / stream context; returns (result,
+    stats asked).  ``observe``: the tracker's answer when the caller already asked it (None: the core asks)."""
+    want = slot is not None and not stream.is_capturing()
+    w_first, w_up, w_down = plan.weights
+    res = _gpu_inference().forward(cx, w_first, w_up, w_down, gated=gated, tile_width=tile_width,
+                                   compression=compression, threshold=plan.threshold, return_stats=want, out=cy,
+                                   gate_kernel=gate_kernel, path=path, tracker=tracker, observe=observe)
+    return res, want
+
+
+def _infer_run(stream, op, cx, cw, cy, gated, tile_width, compression, threshold, gate_kernel, path, tracker, slot):
     """The inference call on CuPy views, inside the device / stream context; returns (result, stats asked).
 
     Inside a CUDA-graph capture no statistics are kept (their memory would belong to the graph); the core
-    consults the tracker without synchronising there and records no observation.  ``observe``: the
-    tracker's answer when the caller already asked it (None: the core asks)."""
+    consults the tracker without synchronising there and records no observation."""
     want = slot is not None and not stream.is_capturing()
     fast = core.fast_cupy_args(cx, cw)
     if fast is not None:
@@ -137,7 +172,7 @@ def _infer_run(op, cx, cw, cy, gated, tile_width, compression, threshold, gate_k
         res = _gpu_inference().forward(cx, cw["w_gate"] if gated else cw["w_up"], cw["w_up"], cw["w_down"],
                                        gated=gated, tile_width=tile_width, compression=compression, threshold=thr,
                                        return_stats=want, out=cy, gate_kernel=gate_kernel, path=path,
-                                       tracker=tracker, observe=observe)
+                                       tracker=tracker)
     else:           # the public op: its full checks raise the precise error (or copy a misaligned view)
         res = op(cx, *cw.values(), tile_width=tile_width, compression=compression, dense_row_threshold=threshold,
                  return_stats=want, out=cy, gate_kernel=gate_kernel, path=path, tracker=tracker)
