@@ -88,7 +88,10 @@ def infer_impl(x, w_first, w_up, w_down, gated, tile_width, compression, thresho
     key = _plan_key(x, w_first, w_up, w_down, dev, (gated, tile_width, compression, threshold, gate_kernel, path))
     plan = _plans.get(key)
     observe = None
-    if plan is not None and m and x.is_contiguous() and x.data_ptr() % 16 == 0 and cp.cuda.runtime.getDevice() == dev:
+    if plan is not None and not (m and x.is_contiguous() and x.data_ptr() % 16 == 0
+                                 and cp.cuda.runtime.getDevice() == dev):
+        plan = False                    # planned weights, but not this x (or device): the full path, no new plan
+    if plan:
         # The weights and options were validated by an earlier call (the key says so); x is checked here.
         if (plan.decode_ok and slot is None and m <= _gpu_inference().FUSED_DECODE_ROWS and path != "dense"
                 and gate_kernel in _DECODE_KERNELS):
@@ -116,7 +119,6 @@ def infer_impl(x, w_first, w_up, w_down, gated, tile_width, compression, thresho
         run = (_infer_planned, (plan, cx, cy, gated, tile_width, compression, gate_kernel, path, tracker, slot,
                                 observe))
     else:
-        plan = None
         y = x.new_empty(x.shape)           # contiguous, PyTorch-owned
         cx = ci.view(x, dev, "x")
         if gated:
@@ -140,7 +142,7 @@ def infer_impl(x, w_first, w_up, w_down, gated, tile_width, compression, thresho
             res, want = fn(stream, *args)
     if slot is not None:
         slot.put(res[1] if want else None, x.device)
-    if plan is None:
+    if plan is None:                    # a new key, validated by the core: remember it
         _remember(key, cw, cy, gated, tile_width, compression, threshold, cp)
     return y
 
