@@ -14,7 +14,7 @@ from twell.format import DEFAULT_COMPRESSION, DEFAULT_TILE_WIDTH
 from twell.ops import DEFAULT_INFERENCE_ROW_THRESHOLD
 
 from .impl import infer_impl
-from .interop import l1_dtype
+from .interop import evict_oldest, l1_dtype
 from .ops import ffn_op, gated_ffn_fwd_op, gated_ffn_op
 from .registry import slot_of, tracker_of
 from .registry import tracker_id as registered_tracker_id
@@ -22,8 +22,29 @@ from .registry import tracker_id as registered_tracker_id
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
+_checked: dict = {}         # options (with their types) that passed check_options -> its result
+_CHECKED_CACHE = 256
+
+
 def check_options(l1_weight, dense_row_threshold, tile_width, compression, gate_kernel, path):
-    """Options checked before anything runs (types the op schemas need); returns (l1_weight, threshold)."""
+    """Options checked before anything runs (types the op schemas need); returns (l1_weight, threshold).
+    Options that passed once (same values of the same types) return the memoised result."""
+    try:
+        key = (type(l1_weight), l1_weight, type(dense_row_threshold), dense_row_threshold, type(tile_width),
+               tile_width, type(compression), compression, gate_kernel, path)
+        done = _checked.get(key)
+    except TypeError:                   # an unhashable option: the checks below name it
+        key = done = None
+    if done is not None:
+        return done
+    done = _check_options(l1_weight, dense_row_threshold, tile_width, compression, gate_kernel, path)
+    if key is not None:
+        evict_oldest(_checked, _CHECKED_CACHE)
+        _checked[key] = done
+    return done
+
+
+def _check_options(l1_weight, dense_row_threshold, tile_width, compression, gate_kernel, path):
     if isinstance(l1_weight, bool) or not isinstance(l1_weight, (int, float)):
         raise TypeError(f"l1_weight must be a real number, got {type(l1_weight).__name__}")
     l1_weight = float(l1_weight)
