@@ -207,9 +207,10 @@ def gemm_pair(a, b0, b1):
     The gate and up projections share ``a`` = x: one call over both weights fills twice as many output
     tiles as either alone — measured on the H200 (docs/perf/gemm_pair_probe.py; d 2048, n 5632, bf16,
     queued device time): 0.035 against 0.040 ms for two GEMMs at M = 512, 1.06 against 1.11 ms at
-    M = 16,384, and less host time per call (0.036 against 0.047 ms).  The batch is ``cublasGemmStridedBatchedEx`` with the distance between the two
-    weights as the batch stride (cuBLAS reads matrix i at base + i · stride, whatever lies between), so
-    the weights need not be one array.  Same fp32 accumulation as :func:`gemm`; capturable.
+    M = 16,384, and less host time per call (0.036 against 0.047 ms).  The batch is
+    ``cublasGemmStridedBatchedEx`` with the distance between the two weights as the batch stride (cuBLAS
+    reads matrix i at base + i · stride, whatever lies between), so the weights need not be one array.
+    Same fp32 accumulation as :func:`gemm`; capturable.
 
     a (m, k); b0, b1 (n, k), C-contiguous, one dtype.
     """
