@@ -16,7 +16,7 @@ host times and record CUDA events at those points:
   gate and the up/down kernels finish; eager and queued device ms.
 
 Medians of ``--calls`` eager calls (after 5 warm-up calls); queued: ``twell.bench.timing.time_gpu`` with calls
-back to back.  No L2 flush (unlike the bench).
+back to back.  No L2 flush (the bench flushes only up to M = 4,096).
 
     PYTHONPATH=. python docs/perf/eager_timeline_probe.py [--path dense|sparse] [--mean X] [--m 16384]
 """
