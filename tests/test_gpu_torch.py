@@ -204,7 +204,7 @@ def test_module_decode_plan_follows_its_tracker(mean, path):
         assert _bitwise(o, counted if i in reports else ref), i
     calls = ffn.density_tracker.calls
     assert sum(calls.values()) == 3, calls                 # reports of calls 1, 17 and 33
-    assert ffn.density_tracker.last_path == ("sparse" if path == "sparse" else "dense")
+    assert ffn.density_tracker.last_path == path
 
 
 def test_leading_dims_and_misaligned_views():

@@ -52,16 +52,15 @@ def _plan_key(x, w_first, w_up, w_down, dev, options):
             w_down.data_ptr(), w_down.shape, w_down.stride(), w_down.dtype)
 
 
-def _remember(key, cw, cy, gated, tile_width, compression, threshold, cp):
+def _remember(key, cw, cy, gated, tile_width, compression, threshold):
     """After a call that the core validated: its plan, if the weights pass the core's fast check against y
     (fresh, aligned, x's shape and dtype: what the plan's later calls check x for)."""
     fast = core.fast_cupy_args(cy, cw)
     if fast is None:
         return
-    inference = _gpu_inference()
     first = cw["w_gate"] if gated else cw["w_up"]
     weights = (first, cw["w_up"], cw["w_down"])
-    decode_ok = inference.ffn_forward.decode_fused_supported(cy[:1], *weights, cy[:1])
+    decode_ok = _gpu_inference().ffn_forward.decode_fused_supported(cy[:1], *weights, cy[:1])
     evict_oldest(_plans, _PLAN_CACHE)
     _plans[key] = _CallPlan(weights, core.inference_threshold(threshold, fast[1], tile_width, compression), decode_ok)
 
@@ -143,7 +142,7 @@ def infer_impl(x, w_first, w_up, w_down, gated, tile_width, compression, thresho
     if slot is not None:
         slot.put(res[1] if want else None, x.device)
     if plan is None:                    # a new key, validated by the core: remember it
-        _remember(key, cw, cy, gated, tile_width, compression, threshold, cp)
+        _remember(key, cw, cy, gated, tile_width, compression, threshold)
     return y
 
 
