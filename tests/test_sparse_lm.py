@@ -385,6 +385,47 @@ TINY = ["--steps", "3", "--layers", "2", "--d-model", "64", "--d-ff", "128", "--
 
 
 @needs_twell_torch
+def test_compiled_shared_half_matches_eager(lm):
+    """--compile: the torch.compile'd shared half of every block gives the eager model's logits and gradients."""
+    cfg = lm.ModelConfig(d_model=64, d_ff=256, n_layers=2, n_heads=4, context=32, rope_length=64)
+    state = lm.init_state(cfg, 0)
+    eager = lm.build_model(cfg, "dense", state, dtype=torch.float32, device="cpu")
+    comp = lm.build_model(cfg, "dense", state, dtype=torch.float32, device="cpu", compiled=True)
+    assert comp.blocks[0].half is not lm.attention_half and eager.blocks[0].half is lm.attention_half
+    tok = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    ya, yb = eager(tok), comp(tok)
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (name, p), q in zip(eager.named_parameters(), comp.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_timeline_summary(lm):
+    """Busy / idle time and the FFN windows from device activities: the markers open and close the windows,
+    overlapping activities count once, gaps are idle time."""
+    mk = lm.MARKER_KERNEL
+    acts = [("attn_gemm", 0.0, 100.0), ("norm", 90.0, 110.0),          # overlap: busy 0-110
+            (mk, 120.0, 121.0), ("gate", 121.0, 300.0), ("up_down", 350.0, 450.0), (mk, 450.0, 451.0),
+            ("attn_gemm", 500.0, 600.0),
+            (mk, 600.0, 601.0), ("gate", 601.0, 700.0), (mk, 700.0, 701.0)]
+    r = lm.timeline_summary(acts)
+    assert r["kernels"] == 6 and r["ffn_windows"] == 2
+    assert r["span_ms"] == pytest.approx(0.7)
+    assert r["busy_ms"] == pytest.approx((110 + 179 + 100 + 100 + 99) / 1e3)
+    assert r["idle_ms"] == pytest.approx(r["span_ms"] - r["busy_ms"])
+    assert r["ffn_window_ms"] == pytest.approx([0.329, 0.099])
+    assert r["ffn"]["busy_ms"] == pytest.approx((179 + 100 + 99) / 1e3)
+    assert r["ffn"]["idle_ms"] == pytest.approx(0.050)                       # the gap between gate and up_down
+    assert r["rest"]["busy_ms"] == pytest.approx(0.210)
+    assert [t["name"] for t in r["ffn"]["top"]] == ["gate", "up_down"]
+    assert r["ffn"]["top"][0]["count"] == 2 and r["ffn"]["top"][0]["ms"] == pytest.approx(0.278)
+    assert [(g["ms"], g["after"], g["before"]) for g in r["largest_gaps"][:2]] == [
+        (pytest.approx(0.050), "gate", "up_down"), (pytest.approx(0.050), "up_down", "attn_gemm")]
+    assert r["largest_gaps"][0]["at_ms"] == pytest.approx(0.300)
+    assert lm.timeline_summary([(mk, 0.0, 1.0)]) == {"kernels": 0}
+
+
 def test_end_to_end_tiny_run(lm, tmp_path):
     _tree(tmp_path / "src", n_files=300)
     out = tmp_path / "out"

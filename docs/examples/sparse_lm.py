@@ -298,18 +298,15 @@ def rotary(x, cos, sin):
 
 
 class Attention(nn.Module):
+    """Causal multi-head attention's weights (QKV and output projections, no biases) and its decode step."""
+
     def __init__(self, cfg: ModelConfig, dtype=None, device=None):
         super().__init__()
         self.h, self.dh, self.d = cfg.n_heads, cfg.head_dim, cfg.d_model
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False, dtype=dtype, device=device)
         self.o = nn.Linear(cfg.d_model, cfg.d_model, bias=False, dtype=dtype, device=device)
 
-    def forward(self, x, cos, sin):
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.h, self.dh).unbind(2)           # (B, T, H, Dh)
-        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(b, t, self.d))
+    # the forward over a whole sequence is attention_half (below), shared with the norms
 
     def step(self, x, cos, sin, pos, cache, mask):
         """One decode position: x (B, 1, d); K / V written into the static cache at ``pos`` (a (1,) tensor)."""
@@ -323,17 +320,44 @@ class Attention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, 1, self.d))
 
 
+def attention_half(x, cos, sin, w_attn_norm, w_qkv, w_o, w_ffn_norm, eps: float, n_heads: int):
+    """The part of a block both models share: ``x + attention(rms_norm(x))`` and the FFN's input (its RMSNorm).
+    The same ops as :class:`Attention` and ``nn.RMSNorm``, as one function of the weights, so that one
+    ``torch.compile`` of it serves every layer of both models (``--compile``)."""
+    b, t, d = x.shape
+    hn = F.rms_norm(x, (d,), w_attn_norm, eps)
+    q, k, v = F.linear(hn, w_qkv).view(b, t, 3, n_heads, d // n_heads).unbind(2)
+    q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    x = x + F.linear(y.transpose(1, 2).reshape(b, t, d), w_o)
+    return x, F.rms_norm(x, (d,), w_ffn_norm, eps)
+
+
+_COMPILED = {}
+
+
+def shared_half(compiled: bool):
+    """:func:`attention_half`, compiled once per process by ``torch.compile`` when ``compiled``."""
+    if not compiled:
+        return attention_half
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(attention_half, dynamic=False)
+    return _COMPILED["fn"]
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, ffn: nn.Module, dtype=None, device=None):
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module, dtype=None, device=None, compiled: bool = False):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, device=device)
         self.attn = Attention(cfg, dtype, device)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, device=device)
         self.ffn = ffn
+        self.half = shared_half(compiled)
 
     def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.ffn(self.ffn_norm(x))
+        x, h = self.half(x, cos, sin, self.attn_norm.weight, self.attn.qkv.weight, self.attn.o.weight,
+                         self.ffn_norm.weight, self.attn_norm.eps, self.attn.h)
+        return x + self.ffn(h)
 
     def step(self, x, cos, sin, pos, cache, mask):
         x = x + self.attn.step(self.attn_norm(x), cos, sin, pos, cache, mask)
@@ -344,7 +368,7 @@ class LM(nn.Module):
     """Byte-level decoder; ``ffn_kind`` "dense" (PyTorch) or "sparse" (``twell.torch.SparseGatedFFN``)."""
 
     def __init__(self, cfg: ModelConfig, ffn_kind: str = "dense", *, dtype=None, device=None,
-                 dense_row_threshold: int | None = 128):
+                 dense_row_threshold: int | None = 128, compiled: bool = False):
         super().__init__()
         cfg.check()
         self.cfg, self.ffn_kind = cfg, ffn_kind
@@ -360,7 +384,7 @@ class LM(nn.Module):
         else:
             raise ValueError(f"ffn_kind must be 'dense' or 'sparse', got {ffn_kind!r}")
         self.embed = nn.Embedding(cfg.vocab, cfg.d_model, dtype=dtype, device=device)
-        self.blocks = nn.ModuleList(Block(cfg, make(), dtype, device) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, make(), dtype, device, compiled) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, device=device)
         self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False, dtype=dtype, device=device)
         half = cfg.head_dim // 2
@@ -416,8 +440,8 @@ def init_state(cfg: ModelConfig, seed: int) -> dict:
     return state
 
 
-def build_model(cfg, kind, state, *, dtype, device, dense_row_threshold=128) -> LM:
-    model = LM(cfg, kind, dtype=dtype, device=device, dense_row_threshold=dense_row_threshold)
+def build_model(cfg, kind, state, *, dtype, device, dense_row_threshold=128, compiled=False) -> LM:
+    model = LM(cfg, kind, dtype=dtype, device=device, dense_row_threshold=dense_row_threshold, compiled=compiled)
     model.load_state_dict(state, strict=True)
     return model
 
@@ -1163,6 +1187,130 @@ def measure_ffn_share(model, tokens, runs: int, device) -> dict:
             "infer_ms_total": sum(infer_ms), "train_ms_total": sum(train_ms)}
 
 
+#: the kernel ``torch.cuda._sleep`` launches: a GPU-timeline marker around every FFN call of a profiled pass
+MARKER_KERNEL = "spin_kernel"
+
+
+def _merged_length(intervals) -> float:
+    """Length of the union of (start, end) intervals."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return total + (cur_e - cur_s if cur_e is not None else 0.0)
+
+
+def timeline_summary(kernels, marker: str = MARKER_KERNEL, top: int = 6) -> dict:
+    """GPU time of one profiled pass from its device activities ``(name, start_us, end_us)``.  Marker kernels
+    open and close the FFN windows (one pair per FFN call: the forward's, and the backward's in a training
+    step).  Returns, in ms: the span (first start to last end), the busy time (union of the activities), the
+    idle time, each split into inside the FFN windows and outside, the FFN windows' spans, and the largest
+    kernels of each region by total time."""
+    acts = sorted(kernels, key=lambda k: k[1])
+    marks = [k for k in acts if marker in k[0]]
+    work = [k for k in acts if marker not in k[0]]
+    if not work:
+        return {"kernels": 0}
+    windows = [(marks[i][2], marks[i + 1][1]) for i in range(0, len(marks) - 1, 2)]
+
+    def inside(k):
+        mid = 0.5 * (k[1] + k[2])
+        return any(a <= mid <= b for a, b in windows)
+
+    span = (min(k[1] for k in work), max(k[2] for k in work))
+    regions = {"ffn": [k for k in work if inside(k)], "rest": [k for k in work if not inside(k)]}
+    ffn_span = sum(b - a for a, b in windows)
+    res = {"kernels": len(work), "ffn_windows": len(windows), "span_ms": (span[1] - span[0]) / 1e3,
+           "busy_ms": _merged_length([(k[1], k[2]) for k in work]) / 1e3}
+    res["idle_ms"] = res["span_ms"] - res["busy_ms"]
+    gaps = [(b[1] - a_end, a[0], b[0], a_end) for a, b, a_end in
+            zip(work, work[1:], np.maximum.accumulate([k[2] for k in work])[:-1]) if b[1] - a_end > 0]
+    res["largest_gaps"] = [{"ms": float(g) / 1e3, "at_ms": float(t - span[0]) / 1e3, "after": a[:80], "before": b[:80]}
+                           for g, a, b, t in sorted(gaps, key=lambda g: -g[0])[:top]]
+    res["ffn_span_ms"] = ffn_span / 1e3
+    res["ffn_window_ms"] = [(b - a) / 1e3 for a, b in windows]
+    for name, ks in regions.items():
+        busy = _merged_length([(k[1], k[2]) for k in ks]) / 1e3
+        span_r = res["ffn_span_ms"] if name == "ffn" else res["span_ms"] - res["ffn_span_ms"]
+        by = {}
+        for k in ks:
+            t, c = by.get(k[0], (0.0, 0))
+            by[k[0]] = (t + (k[2] - k[1]) / 1e3, c + 1)
+        best = sorted(by.items(), key=lambda kv: -kv[1][0])[:top]
+        res[name] = {"span_ms": span_r, "busy_ms": busy, "idle_ms": span_r - busy, "kernels": len(ks),
+                     "top": [{"name": n[:120], "ms": t, "count": c} for n, (t, c) in best]}
+    return res
+
+
+def _device_activities(prof) -> list:
+    """(name, start_us, end_us) of every GPU activity (kernels, copies, sets) of a torch.profiler run."""
+    out = []
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() == torch.autograd.DeviceType.CUDA:
+            s = e.start_ns() / 1e3
+            out.append((e.name(), s, s + e.duration_ns() / 1e3))
+    return out
+
+
+def measure_timeline(model, tokens, targets, device, runs: int = 3) -> dict:
+    """Where a prefill and a training step (forward + backward, no optimizer) spend GPU time inside the model:
+    one ``torch.profiler`` pass per call, a marker kernel before and after every FFN call (forward hooks;
+    full backward hooks in the training step), summarised by :func:`timeline_summary` (the call whose span is
+    the median of ``runs``).  The host time of each kind of call, without the profiler, is recorded beside it:
+    a host slower than the GPU leaves the GPU idle."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    def marker(*_):
+        torch.cuda._sleep(1)
+
+    def prefill():
+        with torch.inference_mode():
+            model(tokens)
+
+    def train_step():
+        logits = model(tokens)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)).backward()
+
+    res = {}
+    _set_collect_stats(model, False)
+    try:
+        for kind, fn in (("prefill", prefill), ("train_step", train_step)):
+            hooks = []
+            for f in model.ffns:
+                hooks += [f.register_forward_pre_hook(marker), f.register_forward_hook(marker)]
+                if kind == "train_step":
+                    hooks += [f.register_full_backward_pre_hook(marker), f.register_full_backward_hook(marker)]
+            try:
+                host = []
+                for i in range(runs + 2):
+                    sync(device)
+                    t = time.perf_counter()
+                    fn()
+                    host.append((time.perf_counter() - t) * 1e3)
+                    sync(device)
+                    model.zero_grad(set_to_none=True)
+                passes = []
+                for _ in range(runs):
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        fn()
+                        sync(device)
+                    model.zero_grad(set_to_none=True)
+                    passes.append(timeline_summary(_device_activities(prof)))
+            finally:
+                for h in hooks:
+                    h.remove()
+            passes.sort(key=lambda r: r.get("span_ms", 0.0))
+            res[kind] = dict(passes[len(passes) // 2], host_ms_median=statistics.median(host[2:]),
+                             span_ms_all=[r.get("span_ms") for r in passes])
+    finally:
+        _set_collect_stats(model, True)
+    return res
+
+
 def warm_twell(cfg: ModelConfig, dtype, device, rows=(16384, 64, 8, 1)) -> dict:
     """Run a throw-away ``SparseGatedFFN`` of the model's shape once on every path the run will take
     (training forward + backward sparse and dense, inference at each batch size), on a synthetic batch with
@@ -1199,6 +1347,24 @@ def warm_twell(cfg: ModelConfig, dtype, device, rows=(16384, 64, 8, 1)) -> dict:
                 times[f"infer_{m}" + ("" if collect else "_nostats")] = time.perf_counter() - t
     del f, x
     return times
+
+
+def warm_compile(cfg: ModelConfig, batch: int, dtype, device) -> float:
+    """Compile the shared half of a block (:func:`shared_half`) before anything is timed: a throw-away dense
+    model of one layer runs a training forward + backward, a ``no_grad`` forward (evaluation) and an
+    ``inference_mode`` forward (prefill) at the run's shapes.  Returns the seconds it took."""
+    t = time.perf_counter()
+    one = ModelConfig(**dict(asdict(cfg), n_layers=1))
+    model = LM(one, "dense", dtype=dtype, device=device, compiled=True)
+    tokens = torch.zeros(batch, cfg.context, dtype=torch.int64, device=device)
+    model(tokens).float().sum().backward()
+    with torch.no_grad():
+        model(tokens)
+    with torch.inference_mode():
+        model(tokens)
+    sync(device)
+    del model
+    return time.perf_counter() - t
 
 
 def _set_collect_stats(model, on: bool):
@@ -1444,6 +1610,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float64"),
                    help="parameters and activations (default bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="torch.compile the part of every block both models share (norms, attention, rotary "
+                        "embeddings, residual); the FFNs stay as they are (auto: on for CUDA)")
     p.add_argument("--data-root", default=None, help="directory of *.py files (default: the stdlib)")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--eval-every", type=int, default=150, help="steps between validation evaluations (0: ends only)")
@@ -1488,13 +1657,15 @@ def main(argv=None) -> dict:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     decode_batches = [int(b) for b in args.decode_batches.split(",") if b.strip()]
     cfg = ModelConfig(d_model=args.d_model, d_ff=args.d_ff, n_layers=args.layers, n_heads=args.heads,
                       context=args.context, rope_length=max(args.context, args.decode_cache))
     cfg.check()
     res = {"command": [sys.executable, script] + argv,
            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "config": {"model": asdict(cfg), "args": vars(args), "dtype": str(dtype), "lm_head": "untied",
+           "config": {"model": asdict(cfg), "args": vars(args), "dtype": str(dtype), "compiled_shared_half": compiled,
+                      "lm_head": "untied",
                       "ffn_activation": "relu gate", "bias": False}}
     res["command_line"] = " ".join(res["command"])
     res["environment"] = environment(device)
@@ -1544,10 +1715,22 @@ def main(argv=None) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    if compiled:
+        with progress.phase("torch.compile of the shared half of a block"):
+            try:
+                res["compile_seconds"] = warm_compile(cfg, args.batch, dtype, device)
+                progress(f"compiled in {res['compile_seconds']:.1f} s")
+            except Exception as exc:  # noqa: BLE001 - no compiler here: both models run eagerly, and say so
+                compiled = False
+                _COMPILED.clear()
+                res["compile_error"] = f"{type(exc).__name__}: {exc}"[:1000]
+                progress(f"WARNING: torch.compile failed, both models run eagerly: {res['compile_error'][:300]}")
+            res["config"]["compiled_shared_half"] = compiled
+
     planned = args.steps
     res["train"] = {}
     with progress.phase("train dense"):
-        dense = build_model(cfg, "dense", state, dtype=dtype, device=device)
+        dense = build_model(cfg, "dense", state, dtype=dtype, device=device, compiled=compiled)
         res["train"]["dense"] = train_model("dense", dense, data, val, args, steps=planned, planned=planned,
                                             meter=meter, progress=progress)
     steps = res["train"]["dense"]["steps_done"]
@@ -1557,7 +1740,7 @@ def main(argv=None) -> dict:
 
     with progress.phase("train sparse"):
         sparse = build_model(cfg, "sparse", state, dtype=dtype, device=device,
-                             dense_row_threshold=args.dense_row_threshold)
+                             dense_row_threshold=args.dense_row_threshold, compiled=compiled)
         warm = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.05 * planned))
         start = args.l1_start if args.l1_start is not None else warm
         target = args.target_active if args.target_active is not None else 0.007 * cfg.d_ff
@@ -1654,6 +1837,21 @@ def main(argv=None) -> dict:
                          f"({100 * f['train_ffn_fraction']:.0f} % of a training step)")
             for model in (dense, sparse):
                 _set_collect_stats(model, True)
+        if device.type == "cuda":
+            with progress.phase("GPU timeline"):
+                serve["timeline"] = {}
+                for name, model in (("dense", dense), ("sparse", sparse)):
+                    try:
+                        t = serve["timeline"][name] = measure_timeline(model, prefill_tokens, val[0][1], device)
+                    except Exception as exc:  # noqa: BLE001 - a profiler that cannot run leaves the rest intact
+                        serve["timeline"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                        progress(f"{name} GPU timeline failed: {serve['timeline'][name]['error']}")
+                        continue
+                    for kind, r in t.items():
+                        progress(f"{name} {kind}: GPU span {r['span_ms']:.2f} ms, idle {r['idle_ms']:.2f} ms; "
+                                 f"FFN windows {r['ffn']['span_ms']:.2f} ms (idle {r['ffn']['idle_ms']:.2f}), "
+                                 f"rest {r['rest']['span_ms']:.2f} ms (idle {r['rest']['idle_ms']:.2f}); "
+                                 f"host {r['host_ms_median']:.2f} ms")
 
     with progress.phase("report"):
         rows = build_table(res)
