@@ -884,6 +884,55 @@ __global__ void __launch_bounds__(32 * FIX_WARPS) fix_nonfinite_rows(
     }
 }
 
+// The backup rows past a capacity, without a host read-back: rows[start + i] for i < *count - start, each
+// computed from x alone by one CTA of a persistent grid (no work when *count <= start).  Per neuron j (a
+// warp each): z = x w_first_j rounded to T; active = !(z <= 0) (NaN is active); gated: u = x w_up_j rounded
+// to T and h = T(z * u), else h = z.  Then y = sum over the active j, in order, of h_j w_down_j (fp32), rounded
+// to T: the dense computation's values, and an inactive neuron's non-finite weights never reach y (the
+// rule of fix_nonfinite_rows).  Dynamic shared memory: x as float (d), h as float (n), active flags (n).
+// Rare by design (the capacity comes from the layer's recent calls): one GEMV of w_first per row.
+template <typename T, bool GATED>
+__global__ void __launch_bounds__(256) excess_rows_ffn(
+    const T* __restrict__ x, int d, const T* __restrict__ w_first, const T* __restrict__ w_up,
+    const T* __restrict__ w_down, int n, const int* __restrict__ rows, const int* __restrict__ count, int start,
+    T* __restrict__ y)
+{
+    extern __shared__ float ex_smem[];
+    float* xs = ex_smem;                                               // d
+    float* hs = xs + d;                                                // n
+    unsigned char* act = reinterpret_cast<unsigned char*>(hs + n);     // n
+    const int total = *count - start;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int i = blockIdx.x; i < total; i += gridDim.x) {
+        const long long row = rows[start + i];
+        __syncthreads();                                               // the previous row's reads are done
+        for (int k = threadIdx.x; k < d; k += blockDim.x) xs[k] = to_f<T>(x[row * d + k]);
+        __syncthreads();
+        for (int j = warp; j < n; j += warps) {
+            const T* wg = w_first + (long long)j * d;
+            float s = 0.f;
+            for (int k = lane; k < d; k += 32) s += xs[k] * to_f<T>(wg[k]);
+            const float z = to_f<T>(from_f<T>(warp_sum(s)));
+            const bool a = !(z <= 0.f);
+            float h = z;
+            if (GATED && a) {
+                const T* wu = w_up + (long long)j * d;
+                float su = 0.f;
+                for (int k = lane; k < d; k += 32) su += xs[k] * to_f<T>(wu[k]);
+                h = to_f<T>(from_f<T>(z * to_f<T>(from_f<T>(warp_sum(su)))));
+            }
+            if (lane == 0) { hs[j] = a ? h : 0.f; act[j] = a; }
+        }
+        __syncthreads();
+        for (int c = threadIdx.x; c < d; c += blockDim.x) {
+            float acc = 0.f;
+            for (int j = 0; j < n; ++j)
+                if (act[j]) acc += hs[j] * to_f<T>(w_down[(long long)j * d + c]);
+            y[row * d + c] = from_f<T>(acc);
+        }
+    }
+}
+
 // Training statistics in one launch (one CTA of 1024 threads): out[0] = sum(row_l1) / M (float64
 // accumulation in a fixed order), out[1] = nnz_all / M.
 __global__ void __launch_bounds__(1024) train_stats(const float* __restrict__ row_l1, int M,

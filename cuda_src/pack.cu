@@ -281,14 +281,32 @@ __global__ void __launch_bounds__(256) gather_backup_rows(
     }
 }
 
-// dst[rows[r]] = src[r] for r < R: rows of width d (C-contiguous).  One CTA per row.
+// dst[rows[r]] = src[r] for r < R: rows of width d (C-contiguous).  One CTA per row.  count (nullable): only
+// r < *count (a row count known on the device alone).
 template <typename T>
 __global__ void __launch_bounds__(256) scatter_rows(const T* __restrict__ src, const int* __restrict__ rows,
-                                                    int d, T* __restrict__ dst)
+                                                    int d, T* __restrict__ dst, const int* __restrict__ count)
 {
     const long long r = blockIdx.x;
+    if (count != nullptr && r >= *count) return;
     block_copy_bytes(reinterpret_cast<unsigned char*>(dst + (long long)rows[r] * d),
                      reinterpret_cast<const unsigned char*>(src + r * d), (long long)d * sizeof(T));
+}
+
+// xr[r] = x[rows[r]] for r < *count, zeros for the other r < C (the grid): rows of width d, C-contiguous.
+// The rows of a list whose length is known on the device alone, gathered into a buffer of fixed capacity.
+template <typename T>
+__global__ void __launch_bounds__(256) gather_rows_counted(const T* __restrict__ x, int d,
+                                                           const int* __restrict__ rows,
+                                                           const int* __restrict__ count, T* __restrict__ xr)
+{
+    const long long r = blockIdx.x;
+    unsigned char* dst = reinterpret_cast<unsigned char*>(xr + r * d);
+    if (r < *count)
+        block_copy_bytes(dst, reinterpret_cast<const unsigned char*>(x + (long long)rows[r] * d),
+                         (long long)d * sizeof(T));
+    else
+        block_zero_bytes(dst, (long long)d * sizeof(T));
 }
 
 // Hybrid pass 1: entries per row (one warp per row) and optional per-neuron counts.

@@ -210,6 +210,127 @@ def test_capture_under_torch_cuda_graph(cp):
     np.testing.assert_array_equal(_bits(out), _bits(eager))
 
 
+# --------------------------------------------------------------------------- backup sized on the device
+
+
+def _spy_queued(monkeypatch):
+    """Capacities of the calls that sized their backup on the device (no host read-back)."""
+    import twell.gpu.inference as inference
+    calls = []
+    real = inference.backup_rows_queued
+
+    def spy(x, w_first, w_up, w_down, y, row_route, capacity, gated):
+        calls.append(capacity)
+        return real(x, w_first, w_up, w_down, y, row_route, capacity, gated)
+
+    monkeypatch.setattr(inference, "backup_rows_queued", spy)
+    return calls
+
+
+def _observed(m, backup_rows):
+    tr = twell.DensityTracker()
+    tr.observe_sparse(m, 12 * m, backup_rows)
+    return tr
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("heavy, observed", [(0, 0), (40, 40), (300, 0), (2048, 0)])
+@pytest.mark.parametrize("gate_kernel", ["auto", "cublas"])
+def test_queued_backup_exact(cp, monkeypatch, dtype, gated, heavy, observed, gate_kernel):
+    """The sparse path with a tracker sizes the backup on the device: no backup rows, rows within the
+    capacity, rows past it (the exact kernel from x alone) and every row a backup row; each against the
+    float64 reference, bitwise repeatable, and the tracker then knows the true count."""
+    m, d, n = 2048, 256, 1024
+    rng = np.random.default_rng(heavy + 11)
+    bias = np.ones(m, np.float32)
+    bias[rng.choice(m, heavy, replace=False)] = -3.0                 # hundreds active: backup rows
+    arrays = make_ffn(rng, m, d, n, dtype, mean_active=12, row_bias=bias)
+    dev = [cp.asarray(a) for a in arrays]
+    if gated:
+        def run(**kw):
+            return twell.gated_ffn(*dev, path="sparse", gate_kernel=gate_kernel, **kw)
+    else:
+        def run(**kw):
+            return twell.ffn(dev[0], dev[1], dev[3], path="sparse", gate_kernel=gate_kernel, **kw)
+    _, stats = run(return_stats=True)                               # the read-back path: the true count
+    n_backup = int(stats.n_backup_rows)
+    assert n_backup >= heavy
+    calls = _spy_queued(monkeypatch)
+    outs = []
+    for _ in range(3):
+        out = cp.full((m, d), np.nan, dtype=dev[0].dtype)
+        tr = _observed(m, observed)
+        outs.append(run(tracker=tr, out=out))
+        cp.cuda.Device().synchronize()
+        obs = tr.observation()
+        assert obs.backup_rows == n_backup and obs.m == m
+    capacity = calls[0]
+    assert calls == [capacity] * 3 and capacity == 64 + 64 * -(-2 * observed // 64)
+    assert (n_backup > capacity) == (heavy > 64)                    # the excess kernel ran where it should
+    for o in outs[1:]:
+        np.testing.assert_array_equal(_bits(o), _bits(outs[0]))
+    if gated:
+        _check(cp, outs[0], arrays, dtype)
+    else:
+        ref = reference.ffn_dense(*[a.astype(np.float64) for a in (arrays[0], arrays[1], arrays[3])])
+        assert rel_error(outs[0], ref) < 4 * HALF_ULP[dtype] + 8 * 2.0**-24 * np.sqrt(n)
+
+
+def test_queued_backup_nan_inf_rule(cp):
+    """Rows past the capacity (the exact kernel) and within it follow the NaN / Inf rule: NaN / Inf of x
+    and of active neurons' weights propagate, inactive neurons' non-finite weights do not."""
+    m, d, n = 700, 64, 500
+    rng = np.random.default_rng(13)
+    bias = np.ones(m, np.float32)
+    bias[:100] = -3.0                                               # rows 0-99: backup rows, 64+ past capacity
+    arrays = make_ffn(rng, m, d, n, "float32", mean_active=10, row_bias=bias)
+    arrays[1][[10, 20]] = 0                                         # neurons 10 and 20 never fire
+    arrays[2][10, 3] = np.inf
+    arrays[3][20, 5] = np.nan
+    arrays[0][90, 5] = np.nan                                       # past the capacity
+    arrays[0][30, 9] = np.inf                                       # within it
+    z = arrays[0].astype(np.float64) @ arrays[1].astype(np.float64).T
+    live = int(np.flatnonzero(z[95] > 0)[0])
+    arrays[3][live, 4] = np.inf                                     # an active neuron of row 95
+    ref = reference.gated_ffn(*arrays).astype(np.float64)
+    assert np.isnan(ref[90]).all() and np.isinf(ref).any()
+    dev = [cp.asarray(a) for a in arrays]
+    y = twell.gated_ffn(*dev, path="sparse", tracker=_observed(m, 0)).get().astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(ref))
+    fin = np.isfinite(ref)
+    assert rel_error(cp.asarray(np.where(fin, y, 0)), np.where(fin, ref, 0)) < 1e-5
+
+
+def test_capture_of_large_batch_with_tracker(cp):
+    """M = 2048 on the sparse path captures once its tracker has observed a call: the backup is sized on the
+    device; replays are bitwise the eager call, also after new inputs with more backup rows (past the
+    captured capacity: the exact kernel)."""
+    m = 2048
+    rng = np.random.default_rng(21)
+    bias = np.ones(m, np.float32)
+    bias[:20] = -3.0
+    arrays = make_ffn(rng, m, 2048, 5632, "bfloat16", mean_active=29, row_bias=bias)
+    dev = [cp.asarray(a) for a in arrays]
+    tr = twell.DensityTracker()
+    twell.gated_ffn(*dev, tracker=tr)                               # observed (read back)
+    cp.cuda.Device().synchronize()
+    eager = twell.gated_ffn(*dev, tracker=tr)                        # sized on the device
+    out = cp.full_like(eager, np.nan)
+    graph = _capture(cp, lambda: twell.gated_ffn(*dev, tracker=tr, out=out), cp.cuda.Stream(non_blocking=True))
+    s = cp.cuda.Stream(non_blocking=True)
+    graph.launch(s)
+    s.synchronize()
+    np.testing.assert_array_equal(_bits(out), _bits(eager))
+    x2 = make_ffn(np.random.default_rng(22), m, 2048, 5632, "bfloat16", mean_active=29)[0]
+    x2[:400, 0] = -3.0                                               # 400 heavy rows: past the capacity
+    dev[0][...] = cp.asarray(x2)
+    graph.launch(s)
+    s.synchronize()
+    _check(cp, out, [x2] + arrays[1:], "bfloat16")
+
+
 # --------------------------------------------------------------------------- misaligned views
 
 

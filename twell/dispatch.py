@@ -193,17 +193,38 @@ class DensityTracker:
         import cupy as cp  # noqa: PLC0415
         stream = cp.cuda.get_current_stream()
         with self._lock:
-            if self._ring is None:
-                slots = self.MAX_PENDING + 1          # a slot is reused only after its copy was resolved
-                mem = cp.cuda.alloc_pinned_memory(24 * slots)
-                self._ring = (mem, np.frombuffer(mem, dtype=np.uint64, count=3 * slots).reshape(slots, 3))
-            slot = self._ring[1][self._ring_next]
-            self._ring_next = (self._ring_next + 1) % self._ring[1].shape[0]
+            slot = self._ring_slot(cp)
             cp.cuda.runtime.memcpyAsync(slot.ctypes.data, summary.data.ptr, 24, cp.cuda.runtime.memcpyDeviceToHost,
                                         stream.ptr)
             m = int(m)
             self._queue(cp, stream, self._next_seq(path),
                         lambda: _Observation(m, int(slot[0]), int(slot[1]), int(slot[2])), summary)
+
+    def observe_sparse_totals(self, totals, m: int):
+        """Record a sparse call whose backup was sized without a read-back, from the gate's device totals
+        (int32 (4,): backup rows, overflowed rows, a work counter, compact entries): a 16-byte asynchronous
+        copy into a pinned slot of this tracker, read by a later :meth:`choose` once it has arrived."""
+        import cupy as cp  # noqa: PLC0415
+        stream = cp.cuda.get_current_stream()
+        with self._lock:
+            slot = self._ring_slot(cp)
+            words = slot.view(np.int32)
+            cp.cuda.runtime.memcpyAsync(words.ctypes.data, totals.data.ptr, 16, cp.cuda.runtime.memcpyDeviceToHost,
+                                        stream.ptr)
+            m = int(m)
+            self._queue(cp, stream, self._next_seq("sparse"),
+                        lambda: _Observation(m, int(words[3]), int(words[0])), totals)
+
+    def _ring_slot(self, cp):
+        """The next pinned 24-byte slot for an asynchronous copy (made on first use; a slot is reused only after
+        its copy was resolved: MAX_PENDING + 1 slots).  Call under the lock."""
+        if self._ring is None:
+            slots = self.MAX_PENDING + 1
+            mem = cp.cuda.alloc_pinned_memory(24 * slots)
+            self._ring = (mem, np.frombuffer(mem, dtype=np.uint64, count=3 * slots).reshape(slots, 3))
+        slot = self._ring[1][self._ring_next]
+        self._ring_next = (self._ring_next + 1) % self._ring[1].shape[0]
+        return slot
 
     def _summarise(self, row_nnz: np.ndarray) -> _Observation:
         over = row_nnz > self.dense_row_threshold

@@ -305,7 +305,8 @@ def gated_ffn(x, w_gate, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compres
         "auto": what ``tracker`` predicts to be faster from the last call, else sparse.
     tracker : DensityTracker, optional
         Remembers this layer's density across calls (``path="auto"``): pass the same one to every call
-        of one layer.
+        of one layer.  On the sparse path (M > 512, no statistics asked) a tracker that has observed a call
+        also sizes the dense backup on the device, from that call: no host read-back, capturable.
 
     Returns
     -------
@@ -316,8 +317,9 @@ def gated_ffn(x, w_gate, w_up, w_down, *, tile_width=DEFAULT_TILE_WIDTH, compres
     -----
     GPU paths (docs/design.md): fused decode kernels (M ≤ 4, no statistics), small batches (M ≤ 512:
     cuBLAS gate, then every row sparse and exact, no host sync, capturable in a CUDA graph), the sparse
-    path (gate → TwELL → fused up/down for the compact rows and cuBLAS for the backup rows, one 12-byte
-    host read-back), the dense path (capturable).  Bitwise deterministic.
+    path (gate → TwELL → fused up/down for the compact rows and cuBLAS for the backup rows; the backup
+    is sized on the device from ``tracker``'s last observation, with an exact kernel for rows beyond it,
+    or else by a 12-byte host read-back), the dense path (capturable).  Bitwise deterministic.
     """
     return _inference(x, w_gate, w_up, w_down, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down}, gated=True,
                       tile_width=tile_width, compression=compression, dense_row_threshold=dense_row_threshold,

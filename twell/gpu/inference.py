@@ -6,8 +6,16 @@
   every row sparsely and exactly from the dense gate, whatever its activity (no TwELL, no routing, no
   host synchronisation: capturable in a CUDA graph).
 * **sparse** (larger M): gate GEMM → TwELL (the fused Hopper kernel, or cuBLAS + the pack kernel) →
-  fused up/down for the compact rows while the host reads back how many rows need the dense backup →
-  cuBLAS for those rows.  One 12-byte read-back: not capturable.
+  fused up/down for the compact rows → the rows that need the dense backup through cuBLAS.  Two ways to
+  size the backup:
+
+  - *queued* (a :class:`~twell.DensityTracker` that has observed a call, no statistics asked): a capacity
+    of rows from the tracker's latest observation (:func:`backup_capacity`); the backup rows up to it go
+    through cuBLAS on a fixed-size buffer, any beyond it through an exact kernel from x alone
+    (``excess_rows_ffn``).  No host synchronisation: the host queues the next layers while the GPU works,
+    and the call is capturable in a CUDA graph.
+  - *read back* (otherwise): the host reads how many rows need the backup (12 bytes) while the up/down
+    kernel runs, then sizes cuBLAS to them exactly.  Not capturable.
 * **dense** (``path="dense"``, or what a :class:`~twell.DensityTracker` picks for a dense batch): three
   cuBLAS GEMMs and one elementwise kernel that also counts the entries.  Capturable.
 
@@ -25,6 +33,8 @@ from .streams import CaptureError, capture_allocations, capturing, require_out
 
 #: Largest batch of the small-batch path (no TwELL, no routing, no host sync, capturable).
 SMALL_BATCH_ROWS = 512
+#: Queued backup: the fewest rows of its capacity, and the granularity (rows) it is rounded up to.
+BACKUP_CAPACITY_MIN, BACKUP_CAPACITY_STEP = 64, 64
 #: Largest batch of the fused decode kernels: their gate GEMV runs on CUDA cores, so its cost grows with
 #: the rows while cuBLAS's does not (measured cut-over 4 rows, docs/performance-history.md, v20).
 FUSED_DECODE_ROWS = 4
@@ -63,19 +73,24 @@ def forward(x, w_first, w_up, w_down, *, gated: bool, tile_width: int, compressi
                                                           neuron_counts=return_stats)
             summary = None
         else:
-            if in_capture:
+            capacity = None if tracker is None or return_stats else backup_capacity(tracker, m, n, d)
+            if in_capture and capacity is None:
                 raise CaptureError(
-                    f"gated_ffn with M = {m} > {SMALL_BATCH_ROWS} rows takes the sparse path, which reads the "
-                    "number of dense-backup rows back to the host and cannot be captured: capture batches of "
-                    f"at most {SMALL_BATCH_ROWS} rows (each one a replayable graph), pass path='dense', or "
-                    "call it eagerly")
+                    f"gated_ffn with M = {m} > {SMALL_BATCH_ROWS} rows takes the sparse path, which needs a "
+                    "DensityTracker that has observed a call of this layer to size its dense backup on the "
+                    "device (without one it reads the number of backup rows back to the host, which cannot be "
+                    "captured): pass tracker= and call it eagerly once before capturing, capture batches of "
+                    f"at most {SMALL_BATCH_ROWS} rows, or pass path='dense'")
             p, summary, kernel = sparse_forward(x, w_first, w_up, w_down, y, gated=gated, tile_width=tile_width,
                                                 compression=compression, threshold=threshold,
-                                                gate_kernel=gate_kernel, neuron_counts=return_stats)
+                                                gate_kernel=gate_kernel, neuron_counts=return_stats,
+                                                capacity=capacity)
             row_nnz, counts = p.row_nnz, p.neuron_counts
         if observe:
             if summary is not None:
                 tracker.observe_sparse(m, summary[2], summary[0])
+            elif path != "dense" and m > SMALL_BATCH_ROWS:           # queued backup: totals on the device
+                tracker.observe_sparse_totals(p.totals, m)
             elif path == "dense":
                 tracker.observe_summary(density, m, path="dense")
             elif row_nnz is not None:
@@ -144,10 +159,26 @@ def effective_threshold(threshold: int, n: int, tile_width: int, compression: in
     return min(threshold, MAX_LIST, n_tiles * (tile_width // compression))
 
 
+def backup_capacity(tracker, m: int, n: int, d: int) -> int | None:
+    """Rows of the queued backup of an M-row call: twice the backup rows of the tracker's latest observation
+    scaled to M, plus :data:`BACKUP_CAPACITY_MIN`, rounded up to :data:`BACKUP_CAPACITY_STEP` and at most M.
+    None (read the count back instead) when the tracker has observed no call yet, or when the exact kernel
+    for rows past the capacity cannot take this shape (its shared memory)."""
+    if ffn_forward.excess_smem_bytes(d, n) > ffn_forward.EXCESS_MAX_SMEM:
+        return None
+    obs = tracker.observation(wait=False)
+    if obs is None or obs.m == 0:
+        return None
+    expected = 2.0 * obs.backup_rows * m / obs.m
+    step = BACKUP_CAPACITY_STEP
+    return min(m, BACKUP_CAPACITY_MIN + step * -(-int(expected) // step))
+
+
 def sparse_forward(x, w_first, w_up, w_down, y, *, gated: bool, tile_width: int, compression: int, threshold: int,
-                   gate_kernel: str, neuron_counts: bool):
+                   gate_kernel: str, neuron_counts: bool, capacity: int | None = None):
     """Gate → TwELL → compact rows' up/down + dense backup rows.  Returns (TwellPending, (backup rows,
-    overflowed rows, compact entries), gate kernel)."""
+    overflowed rows, compact entries) or None when queued, gate kernel).  ``capacity``: size the backup on
+    the device with this many rows (:func:`backup_rows_queued`); None: read the count back."""
     n = w_down.shape[0]
     eff = effective_threshold(threshold, n, tile_width, compression)
     kernel = gate_gemm.choose_gate_kernel(gate_kernel, x, w_first)
@@ -158,6 +189,11 @@ def sparse_forward(x, w_first, w_up, w_down, y, *, gated: bool, tile_width: int,
         z = None                                            # never materialised
         p = gate_gemm.gate_twell_async(x, w_first, tile_width, compression, eff, kernel=kernel,
                                        neuron_counts=neuron_counts)
+    if capacity is not None:
+        ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.row_route, w_up, w_down, tile_width, y,
+                                  compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3])
+        backup_rows_queued(x, w_first, w_up, w_down, y, p.row_route, capacity, gated)
+        return p, None, kernel
     # the up/down kernel uses totals[2] as its work counter: read back the others meanwhile
     readback = HostReadback(p.totals[:2], p.totals[3:], overlap=True)
     ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.row_route, w_up, w_down, tile_width, y,
@@ -199,6 +235,25 @@ def backup_rows_forward(x, p, z, w_first, w_up, w_down, y, n_backup: int, n_over
         yr = blas.gemm(h, w_down)
         ffn_forward.fix_nonfinite_rows(yr, zr, h, w_down)
         pack.scatter_rows(yr, rows, y)
+
+
+def backup_rows_queued(x, w_first, w_up, w_down, y, row_route, capacity: int, gated: bool):
+    """The backup rows' y without a host read-back.  The ordered list of rows with ``row_route != 0`` and its
+    length stay on the device; its first ``capacity`` rows are gathered into a fixed (capacity, d) buffer
+    (zeros past the length), their gate recomputed and the FFN done with cuBLAS on the whole buffer, and the
+    rows within the length scattered into y; rows past the capacity (a batch much denser than the layer's
+    recent calls) are computed exactly by ``excess_rows_ffn``, which does nothing when there are none."""
+    _, rows, totals = pack.route_rows(row_route)
+    count = totals[:1]
+    xr = pack.gather_rows_counted(x, rows, count, capacity)
+    zr = blas.gemm(xr, w_first, trans_b=True)
+    u = blas.gemm(xr, w_up, trans_b=True) if gated else None
+    h = ffn_forward.dense_gate_mul(zr, u, gated=gated)
+    u = None
+    yr = blas.gemm(h, w_down)
+    ffn_forward.fix_nonfinite_rows(yr, zr, h, w_down)
+    pack.scatter_rows(yr, rows[:capacity], y, count=count)
+    ffn_forward.excess_rows_ffn(x, w_first, w_up, w_down, rows, count, capacity, y, gated=gated)
 
 
 def recompute_overflowed(p, zr, xr, rows, w_first, n_overflow: int):

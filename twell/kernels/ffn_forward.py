@@ -8,6 +8,8 @@
   TwELL, no routing, no host synchronisation; exact at any activity).
 * :func:`decode_fused` -- decode batches of at most :data:`DECODE_FUSED_MAX_ROWS` rows (16-bit, d a
   multiple of 256 up to 2048): gate GEMV, entries, up and down in one kernel plus a reduction.
+* :func:`excess_rows_ffn` -- exact rows from x alone for a row list whose length is known on the device
+  (the backup rows past the capacity of a call sized without a host read-back).
 * :func:`dense_gate_mul` -- h = relu(z) * u for dense rows (the dense path, the backup rows), with their
   statistics; :func:`fix_nonfinite_rows` -- after a dense GEMM over such rows, the sparse value wherever
   the GEMM produced NaN / Inf from an inactive neuron's weights.
@@ -30,6 +32,7 @@ for _d in DEVICE_DTYPES:
         for _g in (True, False):
             _names.append(f"twell_up_down<{_t}, {cbool(_v)}, {cbool(_g)}>")
             _names.append(f"dense_gate_up_down<{_t}, {cbool(_v)}, {cbool(_g)}>")
+        _names.append(f"excess_rows_ffn<{_t}, {cbool(_v)}>")           # _v: GATED
         _names.append(f"csr_up_down<{_t}, {cbool(_v)}>")
     if _d != "float32":
         for _nc in range(1, WARP_KERNEL_MAX_NC + 1):
@@ -127,6 +130,38 @@ def dense_gate_up_down(x, z, w_up, w_down, y, *, gated: bool = True, splits: int
                                   NULL if row_nnz is None else row_nnz),
       shared_mem=smem)
     _reduce(partial, None, 0, y, splits)
+    return y
+
+
+#: excess_rows_ffn: CTAs per SM of its persistent grid, and the most dynamic shared memory it may take.
+_EXCESS_CTAS_PER_SM, EXCESS_MAX_SMEM = 2, 200 * 1024
+
+
+def excess_smem_bytes(d: int, n: int) -> int:
+    """Dynamic shared memory of :func:`excess_rows_ffn`: x and h as float, one flag byte per neuron."""
+    return -(-(4 * (d + n) + n) // 16) * 16
+
+
+def excess_rows_ffn(x, w_first, w_up, w_down, rows, count, start: int, y, *, gated: bool = True):
+    """``y[rows[i]]`` for ``start <= i < count``, computed exactly from x alone: the backup rows beyond the
+    capacity of a call that sized its backup without a host read-back.  ``count`` (int32 (1,)) is read on the
+    device; with ``count <= start`` the kernel does nothing.  One CTA per row (a persistent grid); per row one
+    GEMV of ``w_first`` (and of ``w_up`` over the active neurons), then the down projection over the active
+    neurons in order: deterministic; NaN / Inf as in the dense computation.
+
+    x (M, d), w_first / w_up / w_down (n, d), y (M, d): C-contiguous, one dtype (``w_up`` unused if not
+    gated); rows int32 with valid entries up to ``count``.  Needs :func:`excess_smem_bytes` of shared memory
+    (at most :data:`EXCESS_MAX_SMEM`).
+    """
+    d, n = x.shape[1], w_first.shape[0]
+    smem = excess_smem_bytes(d, n)
+    if smem > EXCESS_MAX_SMEM:
+        raise ValueError(f"excess_rows_ffn needs {smem} bytes of shared memory for d = {d}, n = {n} (at most "
+                         f"{EXCESS_MAX_SMEM})")
+    k = get_kernel(FAMILY, f"excess_rows_ffn<{ctype_of(x.dtype, 'x')}, {cbool(gated)}>")
+    raise_smem_limit(k, smem)
+    k((_EXCESS_CTAS_PER_SM * sm_count(),), (256,),
+      (x, i32(d), w_first, w_up if gated else w_first, w_down, i32(n), rows, count, i32(start), y), shared_mem=smem)
     return y
 
 

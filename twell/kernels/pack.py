@@ -35,6 +35,7 @@ for _d in DEVICE_DTYPES:
     _names.append(f"unpack_twell_rows<{_t}>")
     _names.append(f"gather_backup_rows<{_t}>")
     _names.append(f"scatter_rows<{_t}>")
+    _names.append(f"gather_rows_counted<{_t}>")
     _names.append(f"unpack_hybrid_rows<{_t}>")
     _names.append(f"relu_keep_nan<{_t}>")
     _names.append(f"twell_rows_to_csr<{_t}>")
@@ -213,16 +214,31 @@ def gather_backup_rows(x, counts, indices, values, rows, n: int, tile_width: int
     return xr, zr
 
 
-def scatter_rows(src, rows, dst):
+def scatter_rows(src, rows, dst, *, count=None):
     """``dst[rows] = src`` for distinct ``rows``: src (R, d), rows (R,) int32, dst (M, d); C-contiguous, one
-    dtype.  One kernel (16-byte vectors for aligned rows)."""
+    dtype.  ``count`` (int32 (1,) on the device, optional): only the first ``count`` rows (a length known on
+    the device alone; R is then the capacity).  One kernel (16-byte vectors for aligned rows)."""
     if not (src.flags.c_contiguous and dst.flags.c_contiguous) or src.dtype != dst.dtype:
         raise ValueError("scatter_rows takes C-contiguous src and dst of one dtype")
     r = rows.shape[0]
     if r:
         k = get_kernel(FAMILY, f"scatter_rows<{ctype_of(dst.dtype, 'dst')}>")
-        k((r,), (256,), (src, rows, i32(dst.shape[1]), dst))
+        k((r,), (256,), (src, rows, i32(dst.shape[1]), dst, NULL if count is None else count))
     return dst
+
+
+def gather_rows_counted(x, rows, count, capacity: int):
+    """``xr[r] = x[rows[r]]`` for ``r < count`` and zeros for ``count <= r < capacity``: a row list whose
+    length ``count`` (int32 (1,)) is known on the device alone, gathered into a (capacity, d) buffer without a
+    host read-back.  x C-contiguous; rows int32 with at least ``min(count, capacity)`` valid entries."""
+    cp = cupy()
+    if not x.flags.c_contiguous:
+        raise ValueError("gather_rows_counted takes a C-contiguous x")
+    xr = cp.empty((capacity, x.shape[1]), dtype=x.dtype)
+    if capacity:
+        k = get_kernel(FAMILY, f"gather_rows_counted<{ctype_of(x.dtype, 'x')}>")
+        k((capacity,), (256,), (x, i32(x.shape[1]), rows, count, xr))
+    return xr
 
 
 # --------------------------------------------------------------------------- hybrid
