@@ -465,3 +465,34 @@ def test_errors_name_the_argument():
         tt.gated_ffn(x, wg.float(), wu, wd)
     with pytest.raises(TypeError, match="w_gate must have the dtype of x"):
         tt.gated_ffn(x.requires_grad_(), wg.float(), wu, wd)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_rows_do_not_see_each_other(training):
+    """A row's output depends on its own input alone, on every route (compact rows, backup rows, rows past
+    a queued backup's capacity): changing the second half of a batch — with many more heavy rows — leaves
+    the first half's outputs within rounding of the first call's (a sequence model whose FFN mixed rows
+    would see future tokens)."""
+    x, wg, wu, wd = problem(4096, 256, 1024, "bfloat16", kind="token_skew", mean=29.0, seed=5)
+    f = tt.SparseGatedFFN(256, 1024, dtype=torch.bfloat16, device="cuda", path="sparse", collect_stats=False)
+    with torch.no_grad():
+        f.w_gate.copy_(wg), f.w_up.copy_(wu), f.w_down.copy_(wd)
+    x2 = x.clone()
+    x2[2048:] = x2[2048:].flip(0)
+    x2[2048:3048] *= 3.0                                                 # more active neurons: backup rows
+    outs = []
+    for inp in (x, x, x2):
+        if training:
+            xi = inp.clone().requires_grad_(True)
+            y = f(xi)
+            (dx,) = torch.autograd.grad(y, xi, torch.ones_like(y))
+            outs.append(torch.cat([y, dx], dim=1).detach())
+        else:
+            with torch.inference_mode():
+                outs.append(f(inp).clone())
+    torch.cuda.synchronize()
+    first, second, changed = (o[:2048].float() for o in outs)
+    scale = first.abs().max()
+    assert torch.isfinite(changed).all()
+    assert (changed - first).abs().max() <= 8 * HALF_ULP["bfloat16"] * scale
+    assert (second - first).abs().max() <= 8 * HALF_ULP["bfloat16"] * scale
