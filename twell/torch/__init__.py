@@ -6,8 +6,8 @@
   flattened to ``(M, d)`` and restored).  CUDA tensors run the kernels on PyTorch's current stream; CPU
   tensors run the NumPy reference (float64 math), so ``torch.autograd.gradcheck`` works on CPU float64.
 * Without autograd (``torch.is_grad_enabled()`` False, or no input requiring grad) the call is the
-  inference op :func:`twell.gated_ffn` (fastest path, capturable in ``torch.cuda.graph`` for M <= 512 or
-  ``path="dense"``); with autograd it is :func:`twell.gated_ffn_forward` / :func:`twell.gated_ffn_backward`.
+  inference op :func:`twell.gated_ffn` (fastest path, capturable in ``torch.cuda.graph`` for M <= 512,
+  ``path="dense"``, or a module whose density tracker has observed a call, without statistics); with autograd it is :func:`twell.gated_ffn_forward` / :func:`twell.gated_ffn_backward`.
 * :class:`SparseGatedFFN` is an ``nn.Module`` holding the three weights in twell's neuron-major layout.
 * ``torch_memory=True`` (the default of every entry point) allocates twell's device memory of training calls
   and of large inference batches from PyTorch's caching allocator; False from CuPy's pool.
