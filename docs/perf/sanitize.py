@@ -1,5 +1,6 @@
 """Every GPU path on small problems, for compute-sanitizer: inference (fused decode, small batch, the sparse
-path with the cuBLAS and the fused gate, the dense path; gated and not), the ops on user containers
+path with the cuBLAS and the fused gate, its backup read back and sized on the device with rows past the
+capacity, the dense path; gated and not), the ops on user containers
 (``gated_up_down``, ``down_projection``, with their validation kernels), and the training step (the sparse
 path with the cuBLAS and the fused gate, compact entries presized and sized first, and the dense path).
 bf16, fp16, fp32; d = 256 (warp-per-row kernels) and 200 (CTA kernels); token skew with a low row
@@ -39,7 +40,14 @@ def main():
                         y = f(x, wg, wu, wd, dense_row_threshold=35, tile_width=32, compression=4,
                               gate_kernel=gate)
                         yd = f(x, wg, wu, wd, path="dense")
-                        print(dtype, d, "M", m, gate, "gated" if gated else "ffn", checksum(y, yd), flush=True)
+                        ys = []
+                        if m > 512:                     # the backup sized on the device: a tracker that
+                            for observed in (0, 100):   # saw none (rows past the capacity) and many
+                                tr = twell.DensityTracker(35)
+                                tr.observe_sparse(m, 10 * m, observed)
+                                ys.append(f(x, wg, wu, wd, dense_row_threshold=35, tile_width=32, compression=4,
+                                            gate_kernel=gate, path="sparse", tracker=tr))
+                        print(dtype, d, "M", m, gate, "gated" if gated else "ffn", checksum(y, yd, *ys), flush=True)
             p = make_problem(700, d, 160, mean_active=30.0, kind="token_skew", dtype=dtype, seed=1, xp=cp)
             x, wg, wu, wd = p.arrays()
             g = twell.pack_twell(pack.relu_keep_nan(blas.gemm(x, wg, trans_b=True)), tile_width=32, compression=4,
