@@ -189,15 +189,13 @@ def sparse_forward(x, w_first, w_up, w_down, y, *, gated: bool, tile_width: int,
         z = None                                            # never materialised
         p = gate_gemm.gate_twell_async(x, w_first, tile_width, compression, eff, kernel=kernel,
                                        neuron_counts=neuron_counts)
-    if capacity is not None:
-        ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.row_route, w_up, w_down, tile_width, y,
-                                  compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3])
-        backup_rows_queued(x, w_first, w_up, w_down, y, p.row_route, capacity, gated)
-        return p, None, kernel
-    # the up/down kernel uses totals[2] as its work counter: read back the others meanwhile
-    readback = HostReadback(p.totals[:2], p.totals[3:], overlap=True)
+    # the up/down kernel uses totals[2] as its work counter: read back the others meanwhile (unless queued)
+    readback = None if capacity is not None else HostReadback(p.totals[:2], p.totals[3:], overlap=True)
     ffn_forward.twell_up_down(x, p.counts, p.indices, p.values, p.row_route, w_up, w_down, tile_width, y,
                               compact=pack.ROUTE_COMPACT, gated=gated, work_counter=p.totals[2:3])
+    if readback is None:
+        backup_rows_queued(x, w_first, w_up, w_down, y, p.row_route, capacity, gated)
+        return p, None, kernel
     n_backup, n_overflow, compact_entries = readback.wait()
     if n_backup:
         backup_rows_forward(x, p, z, w_first, w_up, w_down, y, n_backup, n_overflow, gated)
