@@ -12,13 +12,15 @@ What one run does (docs/model.md is the product page):
 2. Model: token embedding, L x [RMSNorm -> causal attention with rotary embeddings (scaled_dot_product_attention)
    -> residual -> RMSNorm -> gated FFN with a ReLU gate -> residual], final RMSNorm, untied LM head.  The dense
    model's FFN is plain PyTorch (F.linear, relu, mul); the sparse model's is ``twell.torch.SparseGatedFFN``.
-   Both start from the same weights and see the same batches.  The sparse model trains with an L1 penalty whose
+   Both start from the same weights and see the same batches; the part of a block both share (norms,
+   attention, residual) is one function compiled once for both (``--compile``).  The sparse model trains with an L1 penalty whose
    weight λ a controller adapts per layer so that the mean active neurons per token follows a target schedule
    (d_ff down to 0.7 % of d_ff by half of the steps, then held).
 3. Measurements (JSON + plots in --out): validation bits per byte, active neurons per layer, training
    throughput, peak training memory, energy per token (NVML), whole-model prefill throughput, decode step time
    at batch 1 / 8 / 64 (CUDA graphs), the FFN's share of the time, per-layer activation statistics of the
-   trained model and the ``twell.synthetic`` generator parameters that match them best.
+   trained model and the ``twell.synthetic`` generator parameters that match them best, and a GPU timeline of
+   a prefill and a training step (busy and idle GPU time, inside and outside the FFNs).
 
 Every phase prints its progress with the time since the start.  ``--minutes`` caps each model's training
 (wall clock); the sparse model then trains for the number of steps the dense one reached.
