@@ -190,30 +190,31 @@ class DensityTracker:
         """Record a call from its device summary (uint64 (3,): entries of the rows at most
         ``dense_row_threshold`` long, rows longer, all entries; see ``dense_gate_mul``): a 24-byte asynchronous
         copy into a pinned slot of this tracker, read by a later :meth:`choose` once it has arrived."""
-        import cupy as cp  # noqa: PLC0415
-        stream = cp.cuda.get_current_stream()
-        with self._lock:
-            slot = self._ring_slot(cp)
-            cp.cuda.runtime.memcpyAsync(slot.ctypes.data, summary.data.ptr, 24, cp.cuda.runtime.memcpyDeviceToHost,
-                                        stream.ptr)
-            m = int(m)
-            self._queue(cp, stream, self._next_seq(path),
-                        lambda: _Observation(m, int(slot[0]), int(slot[1]), int(slot[2])), summary)
+        m = int(m)
+        self._observe_copy(summary, 24, path, lambda s: _Observation(m, int(s[0]), int(s[1]), int(s[2])))
 
     def observe_sparse_totals(self, totals, m: int):
         """Record a sparse call whose backup was sized without a read-back, from the gate's device totals
         (int32 (4,): backup rows, overflowed rows, a work counter, compact entries): a 16-byte asynchronous
         copy into a pinned slot of this tracker, read by a later :meth:`choose` once it has arrived."""
+        m = int(m)
+
+        def read(slot):
+            words = slot.view(np.int32)
+            return _Observation(m, int(words[3]), int(words[0]))
+
+        self._observe_copy(totals, 16, "sparse", read)
+
+    def _observe_copy(self, device_array, nbytes: int, path: str, read):
+        """Queue an asynchronous copy of the first ``nbytes`` of ``device_array`` into a pinned slot of this
+        tracker on the current stream; ``read(slot)`` makes the observation once it has arrived."""
         import cupy as cp  # noqa: PLC0415
         stream = cp.cuda.get_current_stream()
         with self._lock:
             slot = self._ring_slot(cp)
-            words = slot.view(np.int32)
-            cp.cuda.runtime.memcpyAsync(words.ctypes.data, totals.data.ptr, 16, cp.cuda.runtime.memcpyDeviceToHost,
-                                        stream.ptr)
-            m = int(m)
-            self._queue(cp, stream, self._next_seq("sparse"),
-                        lambda: _Observation(m, int(words[3]), int(words[0])), totals)
+            cp.cuda.runtime.memcpyAsync(slot.ctypes.data, device_array.data.ptr, nbytes,
+                                        cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+            self._queue(cp, stream, self._next_seq(path), lambda: read(slot), device_array)
 
     def _ring_slot(self, cp):
         """The next pinned 24-byte slot for an asynchronous copy (made on first use; a slot is reused only after
