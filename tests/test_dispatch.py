@@ -151,3 +151,47 @@ def test_backup_capacity_from_the_tracker():
     assert excess_smem_bytes(2048, 5632) == 4 * (2048 + 5632) + 5632
     n_big = EXCESS_MAX_SMEM // 5
     assert excess_smem_bytes(2048, n_big) > EXCESS_MAX_SMEM and backup_capacity(tr, 700, n_big, 2048) is None
+
+
+def test_asynchronous_observations_with_a_host_stand_in_for_cupy(monkeypatch):
+    """The tracker's copies of device summaries and sparse totals into its pinned ring, with a stand-in for
+    CuPy whose "device" arrays are host arrays and whose copies happen at once: the observations read the
+    right words, a later decision uses them, and slots are reused round the ring."""
+    import ctypes
+    import sys
+    import types
+
+    class _Event:
+        done = True
+
+        def __init__(self, **_):
+            pass
+
+        def record(self, stream=None):
+            pass
+
+        def synchronize(self):
+            pass
+
+    def memcpy(dst, src, nbytes, kind, stream):
+        ctypes.memmove(dst, src, nbytes)
+
+    runtime = types.SimpleNamespace(memcpyAsync=memcpy, memcpyDeviceToHost=2)
+    cuda = types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(ptr=0),
+                                 alloc_pinned_memory=lambda n: bytearray(n), runtime=runtime, Event=_Event)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
+
+    def dev(a):
+        a = np.ascontiguousarray(a)
+        return types.SimpleNamespace(data=types.SimpleNamespace(ptr=a.ctypes.data), keep=a)
+
+    tr = twell.DensityTracker()
+    for i in range(3 * (tr.MAX_PENDING + 1)):                       # round the ring of pinned slots
+        tr.observe_sparse_totals(dev(np.array([7 + i, 2, 99, 1000 + i], np.int32)), 16384)
+        obs = tr.observation()
+        assert (obs.m, obs.backup_rows, obs.compact_entries) == (16384, 7 + i, 1000 + i)
+    assert tr.last_path == "sparse" and tr.calls["sparse"] == 3 * (tr.MAX_PENDING + 1)
+    tr.observe_summary(dev(np.array([500, 3, 900], np.uint64)), 4096, path="dense")
+    obs = tr.observation()
+    assert (obs.m, obs.compact_entries, obs.backup_rows, obs.entries) == (4096, 500, 3, 900)
+    assert tr.last_path == "dense"
