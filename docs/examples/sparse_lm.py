@@ -324,8 +324,8 @@ class Attention(nn.Module):
 
 def attention_half(x, cos, sin, w_attn_norm, w_qkv, w_o, w_ffn_norm, eps: float, n_heads: int):
     """The part of a block both models share: ``x + attention(rms_norm(x))`` and the FFN's input (its RMSNorm).
-    The same ops as :class:`Attention` and ``nn.RMSNorm``, as one function of the weights, so that one
-    ``torch.compile`` of it serves every layer of both models (``--compile``)."""
+    The ops of :meth:`Attention.step` over a whole causal sequence, and ``nn.RMSNorm``'s, as one function of
+    the weights, so that one ``torch.compile`` of it serves every layer of both models (``--compile``)."""
     b, t, d = x.shape
     hn = F.rms_norm(x, (d,), w_attn_norm, eps)
     q, k, v = F.linear(hn, w_qkv).view(b, t, 3, n_heads, d // n_heads).unbind(2)
@@ -1288,7 +1288,7 @@ def measure_timeline(model, tokens, targets, device, runs: int = 3) -> dict:
                     hooks += [f.register_full_backward_pre_hook(marker), f.register_full_backward_hook(marker)]
             try:
                 host = []
-                for i in range(runs + 2):
+                for _ in range(runs + 2):
                     sync(device)
                     t = time.perf_counter()
                     fn()
