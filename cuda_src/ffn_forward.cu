@@ -889,15 +889,16 @@ __global__ void __launch_bounds__(32 * FIX_WARPS) fix_nonfinite_rows(
 // warp each): z = x w_first_j rounded to T; active = !(z <= 0) (NaN is active); gated: u = x w_up_j rounded
 // to T and h = T(z * u), else h = z.  Then y = sum over the active j, in order, of h_j w_down_j (fp32), rounded
 // to T: the dense computation's values, and an inactive neuron's non-finite weights never reach y (the
-// rule of fix_nonfinite_rows).  Dynamic shared memory: x as float (d), h as float (n), active flags (n).
-// Rare by design (the capacity comes from the layer's recent calls): one GEMV of w_first per row.
+// rule of fix_nonfinite_rows).  row_l1 (optional): row_l1[row] = sum |h_j| (the training forward's L1).
+// Dynamic shared memory: x as float (d), h as float (n), active flags (n).  Rare by design (the capacity comes from the layer's recent calls): one GEMV of w_first per row.
 template <typename T, bool GATED>
 __global__ void __launch_bounds__(256) excess_rows_ffn(
     const T* __restrict__ x, int d, const T* __restrict__ w_first, const T* __restrict__ w_up,
     const T* __restrict__ w_down, int n, const int* __restrict__ rows, const int* __restrict__ count, int start,
-    T* __restrict__ y)
+    T* __restrict__ y, float* __restrict__ row_l1)
 {
     extern __shared__ float ex_smem[];
+    __shared__ float l1_warps[8];
     float* xs = ex_smem;                                               // d
     float* hs = xs + d;                                                // n
     unsigned char* act = reinterpret_cast<unsigned char*>(hs + n);     // n
@@ -924,6 +925,12 @@ __global__ void __launch_bounds__(256) excess_rows_ffn(
             if (lane == 0) { hs[j] = a ? h : 0.f; act[j] = a; }
         }
         __syncthreads();
+        if (row_l1 != nullptr) {                                       // CTA-uniform
+            float l1 = 0.f;
+            for (int j = threadIdx.x; j < n; j += blockDim.x) l1 += fabsf(hs[j]);
+            l1 = block_sum_n<256>(l1, l1_warps);
+            if (threadIdx.x == 0) row_l1[row] = l1;
+        }
         for (int c = threadIdx.x; c < d; c += blockDim.x) {
             float acc = 0.f;
             for (int j = 0; j < n; ++j)

@@ -473,7 +473,8 @@ __global__ void __launch_bounds__(TRANSPOSE_THREADS) transpose_place(
 // ---------------------------------------------------------------- the Hybrid's plan (training forward)
 // From each row's entry count (and, after the fused gate GEMM, its TwELL route code): which rows are
 // backup rows (nnz > threshold), which compact rows overflowed a TwELL tile and must be refilled from a
-// recomputed dense row ("redo"), and the compact rows' CSR offsets -- in two kernels over blocks of
+// recomputed dense row ("redo"; with redo_to_backup such rows become backup rows instead: a forward that
+// sizes its state on the device cannot refill a count it does not know), and the compact rows' CSR offsets -- in two kernels over blocks of
 // ROUTE_BLOCK_ROWS rows (per-block sums, then ordered placement), instead of a dozen array operations
 // and a cumsum on the host's critical path.  Outputs, all deterministic (row order):
 //   backup_slot[r] = rank among backup rows or -1; backup_rows[slot] = r; redo_rows[k] = r (if row_route)
@@ -483,19 +484,20 @@ __global__ void __launch_bounds__(TRANSPOSE_THREADS) transpose_place(
 #define PLAN_FIELDS 3   // per-block int sums: backup rows, redo rows, compact entries
 
 __device__ __forceinline__ void plan_row(const int* __restrict__ row_nnz, const int* __restrict__ row_route,
-                                         long long r, int M, int threshold, int& backup, int& redo, int& len,
-                                         int& all) {
+                                         long long r, int M, int threshold, int redo_to_backup, int& backup,
+                                         int& redo, int& len, int& all) {
     backup = redo = len = all = 0;
     if (r < M) {
         all = row_nnz[r];
-        backup = all > threshold;
-        redo = !backup && row_route != nullptr && row_route[r] == ROUTE_OVERFLOW;
+        const bool overflowed = row_route != nullptr && row_route[r] == ROUTE_OVERFLOW;
+        backup = all > threshold || (redo_to_backup && overflowed);
+        redo = !backup && overflowed;
         len = backup ? 0 : all;
     }
 }
 
 __global__ void __launch_bounds__(ROUTE_THREADS) hybrid_plan_count(
-    const int* __restrict__ row_nnz, const int* __restrict__ row_route, int M, int threshold,
+    const int* __restrict__ row_nnz, const int* __restrict__ row_route, int M, int threshold, int redo_to_backup,
     int* __restrict__ block_counts, long long* __restrict__ block_all)
 {
     __shared__ int ws[ROUTE_THREADS / 32];
@@ -507,7 +509,8 @@ __global__ void __launch_bounds__(ROUTE_THREADS) hybrid_plan_count(
 #pragma unroll
     for (int i = 0; i < ROUTE_ROUNDS; ++i) {
         int b, rd, len, all;
-        plan_row(row_nnz, row_route, base + i * ROUTE_THREADS + tid, M, threshold, b, rd, len, all);
+        plan_row(row_nnz, row_route, base + i * ROUTE_THREADS + tid, M, threshold, redo_to_backup, b, rd, len,
+                 all);
         nb += b; nr += rd; nl += len; na += all;
     }
     nb = block_sum_n<ROUTE_THREADS>(nb, ws);
@@ -523,7 +526,7 @@ __global__ void __launch_bounds__(ROUTE_THREADS) hybrid_plan_count(
 }
 
 __global__ void __launch_bounds__(ROUTE_THREADS) hybrid_plan_place(
-    const int* __restrict__ row_nnz, const int* __restrict__ row_route, int M, int threshold,
+    const int* __restrict__ row_nnz, const int* __restrict__ row_route, int M, int threshold, int redo_to_backup,
     const int* __restrict__ block_counts, const long long* __restrict__ block_all,
     int* __restrict__ backup_slot, int* __restrict__ backup_rows, int* __restrict__ redo_rows,
     int* __restrict__ row_ptr, int* __restrict__ totals, long long* __restrict__ nnz_all)
@@ -552,7 +555,7 @@ __global__ void __launch_bounds__(ROUTE_THREADS) hybrid_plan_place(
     for (int i = 0; i < ROUTE_ROUNDS; ++i) {
         const long long r = base + i * ROUTE_THREADS + tid;
         int b, rd, len, all;
-        plan_row(row_nnz, row_route, r, M, threshold, b, rd, len, all);
+        plan_row(row_nnz, row_route, r, M, threshold, redo_to_backup, b, rd, len, all);
         int flags_total, len_total;
         const int flags = block_exclusive_scan_n<ROUTE_THREADS>(b | (rd << 16), ws, flags_total);
         const int off = block_exclusive_scan_n<ROUTE_THREADS>(len, ws, len_total);

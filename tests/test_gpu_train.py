@@ -37,10 +37,10 @@ def reference_train(arrays, dy, l1_weight, threshold=128):
     return y, grads, stats
 
 
-def check_train(cp, arrays, dy, dtype, l1_weight, threshold=128):
+def check_train(cp, arrays, dy, dtype, l1_weight, threshold=128, **options):
     dev = [cp.asarray(a) for a in arrays]
     dyd = cp.asarray(dy)
-    y, saved, stats = twell.gated_ffn_forward(*dev, l1_weight=l1_weight, dense_row_threshold=threshold)
+    y, saved, stats = twell.gated_ffn_forward(*dev, l1_weight=l1_weight, dense_row_threshold=threshold, **options)
     grads = twell.gated_ffn_backward(saved, dyd)
     ry, rgrads, rstats = reference_train(arrays, dy, l1_weight, threshold)
     dense = dense_train_same_precision(cp, *dev, dyd, l1_weight)
@@ -124,8 +124,9 @@ def test_saved_state_is_small_and_consumed_once(cp):
     dev = [cp.asarray(a) for a in make_ffn(rng, m, d, n, "bfloat16", mean_active=29)]
     y, saved, stats = twell.gated_ffn_forward(*dev)
     nnz = int(stats.nnz)
-    # pattern (int32 column) + g + u per non-zero, row offsets and routing: no fixed-size buffers.
-    assert saved.nbytes <= nnz * 8 + m * 8 + 64 + saved.gate.n_backup * (n * 4 + 4)
+    # pattern (int32 column) + g + u per non-zero, row offsets and routing (row_ptr, backup_slot, the
+    # backup-row list's buffer): no buffers sized for the worst case.
+    assert saved.nbytes <= nnz * 8 + m * 12 + 64 + saved.gate.n_backup * (n * 4 + 4)
     dy = cp.ones_like(y)
     twell.gated_ffn_backward(saved, dy)
     with pytest.raises(ValueError, match="consumed"):
@@ -206,3 +207,131 @@ def test_blas_gemm_pair_equals_two_gemms(cp, dtype, layout):
         assert rel_error(out, blas.gemm(a, b, trans_b=True)) <= 2 * HALF_ULP[dtype] + 1e-6
     with pytest.raises(ValueError, match="gemm_pair"):
         blas.gemm_pair(a, b0, b1[:-1])
+
+
+# --------------------------------------------------------------------------- saved state sized on the device
+
+
+def _observed(m, backup_rows):
+    tr = twell.DensityTracker()
+    tr.observe_sparse(m, 12 * m, backup_rows)
+    return tr
+
+
+def _spy_queued(monkeypatch):
+    """Capacities of the training forwards that sized their state on the device."""
+    import twell.gpu.training as training
+    calls = []
+    real = training.backup_rows_queued
+
+    def spy(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(training, "backup_rows_queued", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heavy, observed", [(0, 0), (40, 40), (300, 0), (2048, 0)])
+@pytest.mark.parametrize("gate_kernel", ["auto", "cublas"])
+def test_sized_on_device_exact(cp, monkeypatch, dtype, heavy, observed, gate_kernel):
+    """With a tracker that has observed the layer the training forward never waits for the host: no backup
+    rows, rows within the capacity, rows past it (y and L1 from the exact kernel, g and u recomputed when
+    the state is finished) and every row a backup row; forward, statistics and gradients against the float64
+    reference, bitwise repeatable, the tracker then knows the true count."""
+    m, d, n = 2048, 256, 1024
+    rng = np.random.default_rng(heavy + 5)
+    bias = np.ones(m, np.float32)
+    bias[rng.choice(m, heavy, replace=False)] = -3.0                 # hundreds active: backup rows
+    arrays = make_ffn(rng, m, d, n, dtype, mean_active=12, row_bias=bias)
+    dy = rng.standard_normal((m, d)).astype(_np_dtype(dtype))
+    _, _, read_back = twell.gated_ffn_forward(*[cp.asarray(a) for a in arrays], gate_kernel=gate_kernel)
+    n_backup = int(read_back.n_backup_rows)
+    assert n_backup >= heavy
+    calls = _spy_queued(monkeypatch)
+    outs = []
+    for _ in range(2):
+        tr = _observed(m, observed)
+        stats, saved = check_train(cp, arrays, dy, dtype, 0.05, path="sparse", gate_kernel=gate_kernel, tracker=tr)
+        assert int(stats.n_backup_rows) >= n_backup                  # + rows whose TwELL tile overflowed
+        assert saved.pending is None and saved.gate.n_backup == int(stats.n_backup_rows)
+        cp.cuda.Device().synchronize()
+        obs = tr.observation()
+        assert obs.backup_rows == int(stats.n_backup_rows) and obs.m == m
+        outs.append(int(stats.n_backup_rows))
+    capacity = calls[0]
+    assert calls == [capacity] * 2 and capacity == 64 + 64 * -(-2 * observed // 64)
+    assert outs[0] == outs[1]
+    dev = [cp.asarray(a) for a in arrays]
+    bits = []
+    for _ in range(2):
+        y, saved, _ = twell.gated_ffn_forward(*dev, l1_weight=0.05, path="sparse", gate_kernel=gate_kernel,
+                                              tracker=_observed(m, observed))
+        bits.append([a.get().view(np.uint32 if a.dtype.itemsize == 4 else np.uint16)
+                     for a in (y, *twell.gated_ffn_backward(saved, cp.asarray(dy)))])
+    for a, b in zip(*bits):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sized_on_device_does_not_wait(cp):
+    """The forward leaves its state to be finished (no host wait); without an observation it reads back."""
+    rng = np.random.default_rng(7)
+    dev = [cp.asarray(a) for a in make_ffn(rng, 1024, 256, 1024, "bfloat16", mean_active=12)]
+    tr = twell.DensityTracker()
+    _, saved, stats = twell.gated_ffn_forward(*dev, tracker=tr)
+    assert object.__getattribute__(saved, "pending") is None and isinstance(stats.n_backup_rows, int)
+    cp.cuda.Device().synchronize()
+    _, saved, stats = twell.gated_ffn_forward(*dev, tracker=tr)
+    assert object.__getattribute__(saved, "pending") is not None
+    assert saved.nbytes >= 1024 * 128 * 8                              # buffers of the largest size
+    twell.gated_ffn_backward(saved, cp.ones((1024, 256), dev[0].dtype))
+    assert saved.pending is None
+
+
+def test_sized_on_device_overflowed_tiles_become_backup_rows(cp):
+    """After the fused gate, a compact row whose TwELL tile overflowed is refilled when read back and is a
+    backup row when sized on the device; both exact."""
+    m, d, n = 1024, 256, 1024
+    rng = np.random.default_rng(17)
+    arrays = make_ffn(rng, m, d, n, "bfloat16", mean_active=8)
+    x, wg = arrays[0].astype(np.float32), arrays[1].astype(np.float32)
+    x[:, 1] = 0.0
+    x[:30, 1] = 2.0                                                   # rows 0-29: neurons 0-59 also active
+    wg[:60, 1] = 3.0                                                  # 60 > 32 slots of tile 0, < 128 entries
+    arrays[0], arrays[1] = x.astype(arrays[0].dtype), wg.astype(arrays[1].dtype)
+    from twell.kernels import gate_gemm
+    if gate_gemm.choose_gate_kernel("fused", cp.asarray(arrays[0]), cp.asarray(arrays[1])) == "cublas":
+        pytest.skip("no fused gate kernel on this device")
+    dy = rng.standard_normal((m, d)).astype(np.float32).astype(arrays[0].dtype)
+    read_back, _ = check_train(cp, arrays, dy, "bfloat16", 0.05, path="sparse", gate_kernel="fused")
+    on_device, _ = check_train(cp, arrays, dy, "bfloat16", 0.05, path="sparse", gate_kernel="fused",
+                               tracker=_observed(m, 0))
+    assert int(read_back.n_backup_rows) < 30 <= int(on_device.n_backup_rows)
+
+
+def test_sized_on_device_nan_inf_rule(cp):
+    """Rows past the capacity (the exact kernel) and within it follow the dense NaN / Inf rule in y."""
+    m, d, n = 700, 64, 500
+    rng = np.random.default_rng(13)
+    bias = np.ones(m, np.float32)
+    bias[:100] = -3.0                                               # rows 0-99: backup rows, 36+ past capacity
+    arrays = make_ffn(rng, m, d, n, "float32", mean_active=10, row_bias=bias)
+    arrays[1][[10, 20]] = 0                                         # neurons 10 and 20 never fire
+    arrays[2][10, 3] = np.inf
+    arrays[3][20, 5] = np.nan
+    arrays[0][90, 5] = np.nan                                       # past the capacity
+    arrays[0][30, 9] = np.inf                                       # within it
+    z = arrays[0].astype(np.float64) @ arrays[1].astype(np.float64).T
+    live = int(np.flatnonzero(z[95] > 0)[0])
+    arrays[3][live, 4] = np.inf                                     # an active neuron of row 95
+    ref = reference.gated_ffn(*arrays).astype(np.float64)
+    assert np.isnan(ref[90]).all() and np.isinf(ref).any()
+    dev = [cp.asarray(a) for a in arrays]
+    y, saved, stats = twell.gated_ffn_forward(*dev, path="sparse", tracker=_observed(m, 0))
+    assert saved.gate.n_backup == 100 and np.isnan(float(stats.l1))
+    y = y.get().astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(ref))
+    fin = np.isfinite(ref)
+    assert rel_error(cp.asarray(np.where(fin, y, 0)), np.where(fin, ref, 0)) < 1e-5

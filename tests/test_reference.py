@@ -392,6 +392,34 @@ def test_backward_without_stored_transposed_pattern():
         np.testing.assert_array_equal(got, ref)
 
 
+def test_saved_state_finished_at_first_read():
+    """A state sized later (the GPU forward with a tracker) is finished once, at the first read of any of its
+    four sized attributes, from the state's own inputs; copies (dataclasses.replace) see the finished state,
+    and nbytes counts the whole buffers that views keep alive."""
+    rng = np.random.default_rng(6)
+    x, wg, wu, wd = gaussian_ffn(rng, 10, 12, 90, bias=1.0)
+    _, saved, _ = R.gated_ffn_forward(x, wg, wu, wd, dense_row_threshold=16)
+    calls = []
+
+    def finish(state):
+        calls.append(state.x is x)
+        return saved.gate, saved.up_values, saved.up_backup, (3, 4)
+
+    later = twell.SavedForBackward(x, wg, wu, wd, None, None, None, 0.5, pending=finish)
+    assert calls == [] and later.l1_weight == 0.5 and later.n_rows == 10       # other attributes: not finished
+    assert later.workspace == (3, 4) and calls == [True] and later.pending is None
+    assert later.gate is saved.gate and later.up_backup is saved.up_backup and calls == [True]
+    copy = dataclasses.replace(twell.SavedForBackward(x, wg, wu, wd, None, None, None, 0.5, pending=finish),
+                               l1_weight=1.0)
+    assert copy.pending is None and copy.gate is saved.gate and calls == [True, True]
+    big = np.zeros(1000)
+    viewed = dataclasses.replace(saved, up_values=big[:saved.gate.nnz])
+    assert viewed.nbytes == saved.nbytes - saved.up_values.nbytes + big.nbytes
+    for got, want in zip(R.gated_ffn_backward(later, np.ones_like(x)),
+                         R.gated_ffn_backward(dataclasses.replace(saved, l1_weight=0.5), np.ones_like(x))):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_backward_state_errors():
     rng = np.random.default_rng(2)
     x, wg, wu, wd = (a.astype(np.float32) for a in gaussian_ffn(rng, 4, 6, 50))

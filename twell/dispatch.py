@@ -193,15 +193,17 @@ class DensityTracker:
         m = int(m)
         self._observe_copy(summary, 24, path, lambda s: _Observation(m, int(s[0]), int(s[1]), int(s[2])))
 
-    def observe_sparse_totals(self, totals, m: int):
-        """Record a sparse call whose backup was sized without a read-back, from the gate's device totals
-        (int32 (4,): backup rows, overflowed rows, a work counter, compact entries): a 16-byte asynchronous
-        copy into a pinned slot of this tracker, read by a later :meth:`choose` once it has arrived."""
+    def observe_sparse_totals(self, totals, m: int, *, backup_index: int = 0, compact_index: int = 3):
+        """Record a sparse call whose backup was sized without a read-back, from its device totals (int32
+        (4,); the inference gate's: backup rows, overflowed rows, a work counter, compact entries; the
+        training plan's: compact entries, backup rows, rows to refill, a work counter -- the indexes say
+        which word is which): a 16-byte asynchronous copy into a pinned slot of this tracker, read by a
+        later :meth:`choose` once it has arrived."""
         m = int(m)
 
         def read(slot):
             words = slot.view(np.int32)
-            return _Observation(m, int(words[3]), int(words[0]))
+            return _Observation(m, int(words[compact_index]), int(words[backup_index]))
 
         self._observe_copy(totals, 16, "sparse", read)
 

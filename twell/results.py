@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,9 +44,11 @@ class FFNStats:
         ``(1/M) * sum |h|`` (training forward only; None for inference).
     neuron_counts : int32 array (n,) or None
         Tokens on which each neuron was active (dead neurons have 0).
-    n_backup_rows : int
-        Rows computed densely (host int): the dense backup rows of the sparse
-        path, every row on the dense path.
+    n_backup_rows : int or 0-d int32 array
+        Rows computed densely: the dense backup rows of the sparse path, every
+        row on the dense path.  A host int, except after a GPU training forward
+        that sized its saved state on the device (a density tracker that has
+        observed the layer): a 0-d device array there (``int()`` waits for it).
     n_overflow_rows : int or None
         Of those, rows routed because a TwELL tile overflowed (inference only).
     gate_kernel : str or None
@@ -92,6 +95,9 @@ class FFNStats:
 
 
 _call_ids = itertools.count(1)
+#: Attributes of a SavedForBackward that a forward sized on the device fills in when first read.
+_SIZED_LATER = frozenset({"gate", "up_values", "up_backup", "workspace"})
+_sizing_lock = threading.Lock()
 
 
 @dataclass
@@ -122,6 +128,13 @@ class SavedForBackward:
         Unique id of the forward call that made it.
     consumed : bool
         Set by the backward.
+    pending : callable or None
+        GPU forward that sized its state on the device (no host synchronisation
+        in the forward): ``pending(saved)`` returns ``(gate, up_values,
+        up_backup, workspace)`` once the forward's counts have reached the host
+        (reading ``saved.x`` and the weights then).  It runs at the first
+        read of any of those four attributes (the backward's, normally, by
+        when the counts have long arrived); None afterwards.
     """
 
     x: object
@@ -135,6 +148,17 @@ class SavedForBackward:
     workspace: tuple | None = None
     call_id: int = field(default_factory=lambda: next(_call_ids))
     consumed: bool = False
+    pending: object = field(default=None, repr=False, compare=False)
+
+    def __getattribute__(self, name):
+        if name in _SIZED_LATER and object.__getattribute__(self, "pending") is not None:
+            with _sizing_lock:
+                finish = object.__getattribute__(self, "pending")
+                if finish is not None:
+                    for key, value in zip(("gate", "up_values", "up_backup", "workspace"), finish(self)):
+                        object.__setattr__(self, key, value)
+                    object.__setattr__(self, "pending", None)
+        return object.__getattribute__(self, name)
 
     @property
     def n_rows(self) -> int:
@@ -142,10 +166,17 @@ class SavedForBackward:
 
     @property
     def nbytes(self) -> int:
-        """Device/host bytes held by the saved state itself (inputs excluded)."""
+        """Device/host bytes held by the saved state itself (inputs excluded): an array that is a view counts
+        as the whole buffer it keeps alive (a forward sized on the device keeps buffers of the largest size
+        its batch could need), each buffer once."""
         g = self.gate
         arrays = [g.row_ptr, g.col_indices, g.values, g.backup_slot, g.backup_rows, g.backup_values,
                   self.up_values, self.up_backup]
         if g.transposed is not None:
             arrays += [g.transposed.col_ptr, g.transposed.row_indices, g.transposed.positions]
-        return int(sum(int(a.nbytes) for a in arrays))
+        held = {}
+        for a in arrays:
+            while getattr(a, "base", None) is not None and hasattr(a.base, "nbytes"):
+                a = a.base
+            held[id(a)] = int(a.nbytes)
+        return int(sum(held.values()))

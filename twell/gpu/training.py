@@ -2,13 +2,27 @@
 each by the sparse path (hybrid: compact rows through the sparse kernels, rows over the threshold through
 cuBLAS) or the dense path (every row through cuBLAS: the dense floor), chosen in :func:`forward`.
 
-Host synchronisation: the sparse forward reads 6 int32 back once (compact entries, backup rows, compact
-rows to refill, a work counter, two workspace bounds of the backward) — the hybrid is sized by what the
-batch needs.  When the batch is small enough to presize the compact entries (:data:`PRESIZE_MAX_BYTES`),
-the up/down kernel is queued before the wait.  The dense forward and every backward never synchronise.
+Host synchronisation.  The sparse forward's saved state is sized by what the batch needs: 6 int32 (compact
+entries, backup rows, compact rows to refill, a work counter, two workspace bounds of the backward) are
+copied to the host.  Two ways to wait for them:
+
+* *sized on the device* (a :class:`~twell.DensityTracker` that has observed the layer, and a batch small
+  enough to presize the compact entries, :data:`PRESIZE_MAX_BYTES`): the forward never waits.  The compact
+  entries go to buffers of the largest size the batch could need; the backup rows up to a capacity from
+  the tracker's latest observation (:func:`~twell.gpu.inference.backup_capacity`) through cuBLAS on a
+  fixed-size buffer, rows past it through the exact kernel ``excess_rows_ffn`` (their gate and up rows are
+  recomputed with cuBLAS when the state is finished); compact rows whose TwELL tile overflowed become
+  backup rows.  The saved state is finished (:attr:`~twell.SavedForBackward.pending`) when the backward
+  first reads it, by when the copy has long arrived: the host queues the next layers while the GPU works.
+* *read back* (otherwise): the forward waits for the copy once, after queueing the up/down kernel when the
+  entries could be presized.
+
+The dense forward and every backward never synchronise.
 """
 
 from __future__ import annotations
+
+import functools
 
 from ..format import Hybrid, NeuronMajorPattern
 from ..kernels import ffn_backward, ffn_forward, gate_gemm, pack
@@ -17,6 +31,7 @@ from ..results import FFNStats, SavedForBackward
 from ..runtime import blas
 from ..runtime.launch import HostReadback, aligned, cbool, ctype_of, grid_1d, i32
 from ..runtime.loader import get_kernel
+from .inference import backup_capacity
 
 #: TwELL layout of the fused gate GEMM's output in the training forward (converted to the Hybrid's CSR
 #: right away): 256-column tiles of 32 slots; a row that overflows a tile but stays under the Hybrid's
@@ -47,10 +62,13 @@ def forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int, gate_k
         if tracker is not None:
             tracker.observe_summary(density, m, path="dense")
         return y, saved, stats
-    y, saved, stats, (nnz, n_backup) = sparse_forward(x, w_gate, w_up, w_down, l1_weight=l1_weight,
-                                                      threshold=threshold, gate_kernel=gate_kernel)
-    if tracker is not None:
-        tracker.observe_sparse(m, nnz, n_backup)
+    capacity = None if tracker is None else backup_capacity(tracker, m, n, d)
+    y, saved, stats, observed = sparse_forward(x, w_gate, w_up, w_down, l1_weight=l1_weight, threshold=threshold,
+                                               gate_kernel=gate_kernel, capacity=capacity)
+    if tracker is not None and isinstance(observed, tuple):
+        tracker.observe_sparse(m, *observed)
+    elif tracker is not None:                               # the plan's device totals
+        tracker.observe_sparse_totals(observed, m, backup_index=1, compact_index=0)
     return y, saved, stats
 
 
@@ -91,12 +109,14 @@ def dense_forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int, 
 
 
 def sparse_forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int, gate_kernel: str,
-                   presize_max_bytes: int = PRESIZE_MAX_BYTES):
+                   presize_max_bytes: int = PRESIZE_MAX_BYTES, capacity: int | None = None):
     """The hybrid forward.  Order of work, so that the GPU is not left waiting on the host: gate (cuBLAS +
     count kernel, or the fused gate GEMM → TwELL) → the Hybrid's plan and the backward's workspace bounds →
-    the one host read-back → compact entries (CSR) → the up/down kernel of the compact rows → only then the
-    host-heavy dense-backup rows (cuBLAS), which queue behind it.  ``presize_max_bytes``: the largest
-    presized buffer (0: always size first).  Returns (y, saved, stats, (compact entries, backup rows))."""
+    the copy of the counts to the host → compact entries (CSR) → the up/down kernel of the compact rows →
+    only then the host-heavy dense-backup rows (cuBLAS), which queue behind it.  ``presize_max_bytes``: the
+    largest presized buffer (0: always size first).  ``capacity``: backup rows sized on the device (see the
+    module docstring; used when the entries can be presized), None: read back.  Returns (y, saved, stats,
+    observed): (compact entries, backup rows) read back, or the plan's device totals."""
     cp = cupy()
     m, d = x.shape
     n = w_gate.shape[0]
@@ -106,6 +126,9 @@ def sparse_forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int,
                          "offsets; split the batch")
     kernel = gate_gemm.choose_gate_kernel(gate_kernel, x, w_gate)
     ct = ctype_of(x.dtype, "x")
+    cap = m * min(eff, n)
+    presized = cap * (4 + 2 * x.dtype.itemsize) <= presize_max_bytes
+    on_device = capacity is not None and presized and m > 0
     z = tw = None
     if kernel == "cublas":
         z = blas.gemm(x, w_gate, trans_b=True)                             # (M, n)
@@ -116,15 +139,14 @@ def sparse_forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int,
         # FUSED_COMPRESSION-compressed slots, so a compact row whose tile overflowed is refilled ("redo")
         tw = gate_gemm.gate_twell_async(x, w_gate, FUSED_TILE_WIDTH, FUSED_COMPRESSION, eff, kernel=kernel,
                                         neuron_counts=True)
-        plan = pack.hybrid_plan(tw.row_nnz, eff, tw.row_route)
+        plan = pack.hybrid_plan(tw.row_nnz, eff, tw.row_route, redo_to_backup=on_device)
         neuron_counts = tw.neuron_counts
     bounds = ffn_backward.workspace_bounds(neuron_counts)
     readback = HostReadback(plan.totals, bounds)
     # Presized: the compact entries and the up/down kernel are queued before the read-back is waited for,
     # into buffers of the largest possible size (M * min(eff, n) entries), copied to their exact size after
-    # it (the GPU is busy with the up/down kernel meanwhile); else they are sized first.
-    cap = m * min(eff, n)
-    presized = cap * (4 + 2 * x.dtype.itemsize) <= presize_max_bytes
+    # it (the GPU is busy with the up/down kernel meanwhile) or, sized on the device, kept; else they are
+    # sized first.
     if presized:
         n_entries = cap
     else:
@@ -153,6 +175,16 @@ def sparse_forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int,
 
     if presized or not n_redo:
         up_down(plan.totals[3:4])
+    if on_device:
+        backup_values, up_backup = backup_rows_queued(x, z, w_gate, w_up, w_down, y, row_l1, plan, capacity)
+        l1_l0 = ffn_forward.train_stats(row_l1, plan.nnz_all)
+        finish = functools.partial(finish_saved, readback, plan, (col_indices, values, u_values),
+                                   (backup_values, up_backup), capacity, n, eff)
+        stats = FFNStats(n_rows=m, n_cols=n, nnz=plan.nnz_all[0], l0=l1_l0[1], l1=l1_l0[0],
+                         neuron_counts=neuron_counts, n_backup_rows=plan.totals[1], n_overflow_rows=None,
+                         gate_kernel=kernel, path="sparse")
+        saved = SavedForBackward(x, w_gate, w_up, w_down, None, None, None, l1_weight, workspace=None, pending=finish)
+        return y, saved, stats, plan.totals
     if presized:
         nnz, n_backup, n_redo, _, item_bound, partial_bound = readback.wait()
     if n_redo:
@@ -193,6 +225,50 @@ def sparse_forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int,
     saved = SavedForBackward(x, w_gate, w_up, w_down, gate, u_values, up_backup, l1_weight,
                              workspace=(item_bound, partial_bound))
     return y, saved, stats, (nnz, n_backup)
+
+
+def backup_rows_queued(x, z, w_gate, w_up, w_down, y, row_l1, plan, capacity: int):
+    """The backup rows' y, row L1 and saved (g, u) rows without a host read-back.  The plan's ordered backup
+    rows and their count stay on the device: the first ``capacity`` are gathered into fixed (capacity, ·)
+    buffers (zeros past the count), their gate (gathered from the dense ``z``, or recomputed after the fused
+    gate) and up rows made with cuBLAS, h and the L1 by one kernel, y by the down GEMM, and the rows within
+    the count scattered into y and row_l1; rows past the capacity get y and their L1 from
+    ``excess_rows_ffn`` (nothing to do when there are none).  Returns (g, u) of the capacity rows."""
+    cp = cupy()
+    m = x.shape[0]
+    rows, count = plan.backup_rows_buf, plan.totals[1:2]
+    xr = pack.gather_rows_counted(x, rows, count, capacity)
+    zr = pack.gather_rows_counted(z, rows, count, capacity) if z is not None else blas.gemm(xr, w_gate, trans_b=True)
+    ur = blas.gemm(xr, w_up, trans_b=True)
+    l1r = cp.empty((capacity, 1), dtype=cp.float32)
+    h = ffn_forward.dense_gate_mul(zr, ur, g_out=zr, row_l1=l1r.reshape(capacity))     # g = relu(z) over z
+    yr = blas.gemm(h, w_down)
+    ffn_forward.fix_nonfinite_rows(yr, zr, h, w_down)
+    pack.scatter_rows(yr, rows[:capacity], y, count=count)
+    pack.scatter_rows(l1r, rows[:capacity], row_l1.reshape(m, 1), count=count)
+    ffn_forward.excess_rows_ffn(x, w_gate, w_up, w_down, rows, count, capacity, y, row_l1=row_l1)
+    return zr, ur
+
+
+def finish_saved(readback, plan, compact, backup, capacity: int, n: int, eff: int, saved):
+    """The saved state of a forward sized on the device, once its counts are on the host: the compact
+    entries and the backup rows cut to their sizes (views), the gate and up rows of backup rows past the
+    capacity recomputed with cuBLAS from ``saved``'s x and weights (their y came from ``excess_rows_ffn``).
+    Returns (gate, up_values, up_backup, workspace bounds)."""
+    cp = cupy()
+    x, w_gate, w_up = saved.x, saved.w_gate, saved.w_up
+    nnz, n_backup, _, _, item_bound, partial_bound = readback.wait()
+    col_indices, values, u_values = (a[:nnz] for a in compact)
+    rows = plan.backup_rows_buf[:n_backup]
+    g_b, u_b = (a[:min(n_backup, capacity)] for a in backup)
+    if n_backup > capacity:
+        x_e = x[rows[capacity:]]
+        z_e = blas.gemm(x_e, w_gate, trans_b=True)
+        u_e = blas.gemm(x_e, w_up, trans_b=True)
+        ffn_forward.dense_gate_mul(z_e, u_e, g_out=z_e)                 # g = relu(z) in place (keeps NaN)
+        g_b, u_b = cp.concatenate([g_b, z_e]), cp.concatenate([u_b, u_e])
+    gate = Hybrid(plan.row_ptr, col_indices, values, plan.backup_slot, rows, g_b, n, eff)
+    return gate, u_values, u_b, (item_bound, partial_bound)
 
 
 # --------------------------------------------------------------------------- backward

@@ -142,12 +142,13 @@ def excess_smem_bytes(d: int, n: int) -> int:
     return -(-(4 * (d + n) + n) // 16) * 16
 
 
-def excess_rows_ffn(x, w_first, w_up, w_down, rows, count, start: int, y, *, gated: bool = True):
+def excess_rows_ffn(x, w_first, w_up, w_down, rows, count, start: int, y, *, gated: bool = True, row_l1=None):
     """``y[rows[i]]`` for ``start <= i < count``, computed exactly from x alone: the backup rows beyond the
     capacity of a call that sized its backup without a host read-back.  ``count`` (int32 (1,)) is read on the
     device; with ``count <= start`` the kernel does nothing.  One CTA per row (a persistent grid); per row one
     GEMV of ``w_first`` (and of ``w_up`` over the active neurons), then the down projection over the active
-    neurons in order: deterministic; NaN / Inf as in the dense computation.
+    neurons in order: deterministic; NaN / Inf as in the dense computation.  ``row_l1`` (float32 (M,),
+    optional): ``row_l1[rows[i]] = sum |h|`` of those rows (the training forward's L1).
 
     x (M, d), w_first / w_up / w_down (n, d), y (M, d): C-contiguous, one dtype (``w_up`` unused if not
     gated); rows int32 with valid entries up to ``count``.  Needs :func:`excess_smem_bytes` of shared memory
@@ -161,7 +162,8 @@ def excess_rows_ffn(x, w_first, w_up, w_down, rows, count, start: int, y, *, gat
     k = get_kernel(FAMILY, f"excess_rows_ffn<{ctype_of(x.dtype, 'x')}, {cbool(gated)}>")
     raise_smem_limit(k, smem)
     k((_EXCESS_CTAS_PER_SM * sm_count(),), (256,),
-      (x, i32(d), w_first, w_up if gated else w_first, w_down, i32(n), rows, count, i32(start), y), shared_mem=smem)
+      (x, i32(d), w_first, w_up if gated else w_first, w_down, i32(n), rows, count, i32(start), y,
+       NULL if row_l1 is None else row_l1), shared_mem=smem)
     return y
 
 

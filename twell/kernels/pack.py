@@ -261,12 +261,13 @@ class HybridPlan:
     nnz_all: object
 
 
-def hybrid_plan(row_nnz, dense_row_threshold: int, row_route=None) -> HybridPlan:
+def hybrid_plan(row_nnz, dense_row_threshold: int, row_route=None, *, redo_to_backup: bool = False) -> HybridPlan:
     """Hybrid routing from per-row entry counts, in two kernels and no host sync.
 
     A row is a backup row iff ``row_nnz > dense_row_threshold``; with ``row_route`` (TwELL route codes of
-    the fused gate GEMM) a compact row with code ``ROUTE_OVERFLOW`` is also listed in ``redo_rows_buf``.
-    Every list is in row order (deterministic).
+    the fused gate GEMM) a compact row with code ``ROUTE_OVERFLOW`` is also listed in ``redo_rows_buf`` --
+    or, with ``redo_to_backup``, made a backup row (none to redo).  Every list is in row order
+    (deterministic).
     """
     cp = cupy()
     m = row_nnz.shape[0]
@@ -281,11 +282,11 @@ def hybrid_plan(row_nnz, dense_row_threshold: int, row_route=None) -> HybridPlan
     block_all = cp.empty(blocks, dtype=cp.int64)
     route = NULL if row_route is None else row_route
     get_kernel(FAMILY, "hybrid_plan_count")((blocks,), (ROUTE_THREADS,),
-                                            (row_nnz, route, i32(m), threshold_i32(dense_row_threshold), block_counts,
-                                             block_all))
+                                            (row_nnz, route, i32(m), threshold_i32(dense_row_threshold),
+                                             i32(redo_to_backup), block_counts, block_all))
     get_kernel(FAMILY, "hybrid_plan_place")((blocks,), (ROUTE_THREADS,),
-                                            (row_nnz, route, i32(m), threshold_i32(dense_row_threshold), block_counts,
-                                             block_all, backup_slot, backup_rows_buf,
+                                            (row_nnz, route, i32(m), threshold_i32(dense_row_threshold),
+                                             i32(redo_to_backup), block_counts, block_all, backup_slot, backup_rows_buf,
                                              NULL if redo_rows_buf is None else redo_rows_buf, row_ptr, totals,
                                              nnz_all))
     return HybridPlan(backup_slot, backup_rows_buf, redo_rows_buf, row_ptr, totals, nnz_all)
