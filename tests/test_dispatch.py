@@ -135,8 +135,9 @@ def test_a_late_copy_never_overrides_a_newer_call():
 
 
 def test_backup_capacity_from_the_tracker():
-    """The queued backup's rows: twice the last observation's backup rows scaled to M, + 64, rounded up to
-    64, at most M; None without an observation or when the exact kernel's shared memory would not fit."""
+    """The queued backup's rows: twice the peak share of backup rows of the recent observations scaled to M,
+    + 64, rounded up to 64, at most M; None without an observation or when the exact kernel's shared memory
+    would not fit."""
     from twell.gpu.inference import backup_capacity
     from twell.kernels.ffn_forward import EXCESS_MAX_SMEM, excess_smem_bytes
     tr = twell.DensityTracker()
@@ -146,6 +147,11 @@ def test_backup_capacity_from_the_tracker():
     tr.observe_sparse(8192, 29 * 8192, 25)                       # 50 rows at M = 16,384: 100 expected
     assert backup_capacity(tr, 16384, 5632, 2048) == 64 + 128
     assert backup_capacity(tr, 8192, 5632, 2048) == 64 + 64
+    tr.observe_sparse(16384, 29 * 16384, 3)                      # fewer now: the peak of recent calls holds
+    assert backup_capacity(tr, 16384, 5632, 2048) == 64 + 128
+    for _ in range(tr.PEAK_WINDOW - 1):                          # until it leaves the window
+        tr.observe_sparse(16384, 29 * 16384, 3)
+    assert backup_capacity(tr, 16384, 5632, 2048) == 64 + 64
     tr.observe_sparse(1000, 0, 1000)                            # every row: capped at M
     assert backup_capacity(tr, 700, 5632, 2048) == 700
     assert excess_smem_bytes(2048, 5632) == 4 * (2048 + 5632) + 5632

@@ -125,11 +125,14 @@ class DensityTracker:
     SMALL_BATCH_INTERVAL = 16
     #: Dense calls whose counts may still be on their way to the host; one more waits for the oldest.
     MAX_PENDING = 8
+    #: Observations whose share of backup rows :meth:`backup_peak` takes the largest of.
+    PEAK_WINDOW = 16
 
     def __init__(self, dense_row_threshold: int = 128):
         self._lock = threading.Lock()
         self._small_calls = 0
         self._obs: _Observation | None = None
+        self._backup_shares: deque = deque(maxlen=self.PEAK_WINDOW)   # backup rows / M of recent calls
         self._obs_seq = -1                 # the call the observation comes from
         self._seq = 0                      # calls observed so far
         # copies on their way to the host, oldest first: (event, seq, read() -> _Observation, device buffer)
@@ -149,6 +152,8 @@ class DensityTracker:
             return self._small_calls % self.SMALL_BATCH_INTERVAL == 1 or self._obs is None and not self._pending
 
     def _set(self, obs: _Observation, seq: int):
+        if obs.m:
+            self._backup_shares.append(obs.backup_rows / obs.m)
         if seq > self._obs_seq:                # a copy that arrives late never overrides a newer call
             self._obs, self._obs_seq = obs, seq
 
@@ -258,6 +263,14 @@ class DensityTracker:
                 if self._obs is None and self._pending:
                     self._resolve(self._pending.popleft(), block=True)
             return self._obs
+
+    def backup_peak(self, m: int) -> float | None:
+        """The largest share of backup rows among the last :data:`PEAK_WINDOW` observed calls that have
+        reached the host, scaled to M rows (None before any).  A layer's count of backup rows swings from
+        step to step in training (a few rows, then hundreds): a backup sized on the device takes its
+        capacity from this peak rather than from the latest call alone."""
+        with self._lock:
+            return max(self._backup_shares) * m if self._backup_shares else None
 
     def choose(self, m: int, n: int, d: int, itemsize: int, *, training: bool, wait: bool = True) -> str:
         """"sparse" or "dense" for a call of M tokens, from the last observation scaled to M (``wait``: see

@@ -10,7 +10,7 @@
   size the backup:
 
   - *queued* (a :class:`~twell.DensityTracker` that has observed a call, no statistics asked): a capacity
-    of rows from the tracker's latest observation (:func:`backup_capacity`); the backup rows up to it go
+    of rows from the tracker's recent observations (:func:`backup_capacity`); the backup rows up to it go
     through cuBLAS on a fixed-size buffer, any beyond it through an exact kernel from x alone
     (``excess_rows_ffn``).  No host synchronisation: the host queues the next layers while the GPU works,
     and the call is capturable in a CUDA graph.
@@ -160,18 +160,21 @@ def effective_threshold(threshold: int, n: int, tile_width: int, compression: in
 
 
 def backup_capacity(tracker, m: int, n: int, d: int) -> int | None:
-    """Rows of the queued backup of an M-row call: twice the backup rows of the tracker's latest observation
-    scaled to M, plus :data:`BACKUP_CAPACITY_MIN`, rounded up to :data:`BACKUP_CAPACITY_STEP` and at most M.
-    None (read the count back instead) when the tracker has observed no call yet, or when the exact kernel
-    for rows past the capacity cannot take this shape (its shared memory)."""
+    """Rows of the queued backup of an M-row call: twice the tracker's peak of backup rows over its recent
+    calls scaled to M (:meth:`~twell.DensityTracker.backup_peak`), plus :data:`BACKUP_CAPACITY_MIN`,
+    rounded up to :data:`BACKUP_CAPACITY_STEP` and at most M.  A row in the capacity costs a row of three
+    cuBLAS GEMMs; a row past it, one CTA's pass over the weights in ``excess_rows_ffn`` (about a thousand
+    times more): the capacity errs on the large side.  None (read the count back instead) when the tracker
+    has observed no call yet, or when the exact kernel for rows past the capacity cannot take this shape
+    (its shared memory)."""
     if ffn_forward.excess_smem_bytes(d, n) > ffn_forward.EXCESS_MAX_SMEM:
         return None
     obs = tracker.observation(wait=False)
-    if obs is None or obs.m == 0:
+    peak = tracker.backup_peak(m)
+    if obs is None or obs.m == 0 or peak is None:
         return None
-    expected = 2.0 * obs.backup_rows * m / obs.m
     step = BACKUP_CAPACITY_STEP
-    return min(m, BACKUP_CAPACITY_MIN + step * -(-int(expected) // step))
+    return min(m, BACKUP_CAPACITY_MIN + step * -(-int(2.0 * peak) // step))
 
 
 def sparse_forward(x, w_first, w_up, w_down, y, *, gated: bool, tile_width: int, compression: int, threshold: int,

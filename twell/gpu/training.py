@@ -9,7 +9,7 @@ copied to the host.  Two ways to wait for them:
 * *sized on the device* (a :class:`~twell.DensityTracker` that has observed the layer, and a batch small
   enough to presize the compact entries, :data:`PRESIZE_MAX_BYTES`): the forward never waits.  The compact
   entries go to buffers of the largest size the batch could need; the backup rows up to a capacity from
-  the tracker's latest observation (:func:`~twell.gpu.inference.backup_capacity`) through cuBLAS on a
+  the tracker's recent observations (:func:`~twell.gpu.inference.backup_capacity`) through cuBLAS on a
   fixed-size buffer, rows past it through the exact kernel ``excess_rows_ffn`` (their gate and up rows are
   recomputed with cuBLAS when the state is finished); compact rows whose TwELL tile overflowed become
   backup rows.  The saved state is finished (:attr:`~twell.SavedForBackward.pending`) when the backward
