@@ -43,6 +43,39 @@ def make_ffn(rng, m, d, n, dtype, mean_active=12.0, row_bias=None):
     return [a.astype(dt) for a in (x, wg, wu, wd)]
 
 
+def observed_tracker(m, backup_rows):
+    """A DensityTracker that has observed one sparse call of M rows with ``backup_rows`` backup rows."""
+    tr = twell.DensityTracker()
+    tr.observe_sparse(m, 12 * m, backup_rows)
+    return tr
+
+
+def nan_inf_past_capacity(cp, run):
+    """700 rows, 100 of them backup rows (past a capacity of 64 from row 64 on), NaN / Inf in x within and
+    past the capacity, non-finite weights of inactive neurons and of an active one: ``run(dev arrays,
+    tracker)`` must give y with the reference's NaN / Inf and its finite values to fp32 accuracy."""
+    m, d, n = 700, 64, 500
+    rng = np.random.default_rng(13)
+    bias = np.ones(m, np.float32)
+    bias[:100] = -3.0                                               # rows 0-99: backup rows, 36 past capacity
+    arrays = make_ffn(rng, m, d, n, "float32", mean_active=10, row_bias=bias)
+    arrays[1][[10, 20]] = 0                                         # neurons 10 and 20 never fire
+    arrays[2][10, 3] = np.inf
+    arrays[3][20, 5] = np.nan
+    arrays[0][90, 5] = np.nan                                       # past the capacity
+    arrays[0][30, 9] = np.inf                                       # within it
+    z = arrays[0].astype(np.float64) @ arrays[1].astype(np.float64).T
+    live = int(np.flatnonzero(z[95] > 0)[0])
+    arrays[3][live, 4] = np.inf                                     # an active neuron of row 95
+    ref = reference.gated_ffn(*arrays).astype(np.float64)
+    assert np.isnan(ref[90]).all() and np.isinf(ref).any()
+    y = run([cp.asarray(a) for a in arrays], observed_tracker(m, 0)).get().astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(ref))
+    fin = np.isfinite(ref)
+    assert rel_error(cp.asarray(np.where(fin, y, 0)), np.where(fin, ref, 0)) < 1e-5
+
+
 def dense_same_precision(cp, x, wg, wu, wd):
     """The dense computation in the inputs' precision (what the bf16 tolerance is relative to): cuBLAS
     GEMMs and h = relu(z) * u rounded once, an inactive neuron giving exactly 0."""

@@ -12,7 +12,8 @@ import pytest
 from conftest import rel_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_gpu_ffn import DTYPES, HALF_ULP, _check, _np_dtype, dense_same_precision, make_ffn
+from test_gpu_ffn import DTYPES, HALF_ULP, _check, _np_dtype, dense_same_precision, make_ffn, nan_inf_past_capacity
+from test_gpu_ffn import observed_tracker as _observed
 from test_gpu_train import check_train
 
 import twell
@@ -227,12 +228,6 @@ def _spy_queued(monkeypatch):
     return calls
 
 
-def _observed(m, backup_rows):
-    tr = twell.DensityTracker()
-    tr.observe_sparse(m, 12 * m, backup_rows)
-    return tr
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("heavy, observed", [(0, 0), (40, 40), (300, 0), (2048, 0)])
@@ -280,27 +275,7 @@ def test_queued_backup_exact(cp, monkeypatch, dtype, gated, heavy, observed, gat
 def test_queued_backup_nan_inf_rule(cp):
     """Rows past the capacity (the exact kernel) and within it follow the NaN / Inf rule: NaN / Inf of x
     and of active neurons' weights propagate, inactive neurons' non-finite weights do not."""
-    m, d, n = 700, 64, 500
-    rng = np.random.default_rng(13)
-    bias = np.ones(m, np.float32)
-    bias[:100] = -3.0                                               # rows 0-99: backup rows, 64+ past capacity
-    arrays = make_ffn(rng, m, d, n, "float32", mean_active=10, row_bias=bias)
-    arrays[1][[10, 20]] = 0                                         # neurons 10 and 20 never fire
-    arrays[2][10, 3] = np.inf
-    arrays[3][20, 5] = np.nan
-    arrays[0][90, 5] = np.nan                                       # past the capacity
-    arrays[0][30, 9] = np.inf                                       # within it
-    z = arrays[0].astype(np.float64) @ arrays[1].astype(np.float64).T
-    live = int(np.flatnonzero(z[95] > 0)[0])
-    arrays[3][live, 4] = np.inf                                     # an active neuron of row 95
-    ref = reference.gated_ffn(*arrays).astype(np.float64)
-    assert np.isnan(ref[90]).all() and np.isinf(ref).any()
-    dev = [cp.asarray(a) for a in arrays]
-    y = twell.gated_ffn(*dev, path="sparse", tracker=_observed(m, 0)).get().astype(np.float64)
-    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
-    np.testing.assert_array_equal(np.isinf(y), np.isinf(ref))
-    fin = np.isfinite(ref)
-    assert rel_error(cp.asarray(np.where(fin, y, 0)), np.where(fin, ref, 0)) < 1e-5
+    nan_inf_past_capacity(cp, lambda dev, tr: twell.gated_ffn(*dev, path="sparse", tracker=tr))
 
 
 def test_capture_of_large_batch_with_tracker(cp):

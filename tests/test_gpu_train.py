@@ -7,7 +7,8 @@ import pytest
 from conftest import rel_error
 from hypothesis import given
 from hypothesis import strategies as st
-from test_gpu_ffn import DTYPES, HALF_ULP, _np_dtype, make_ffn
+from test_gpu_ffn import DTYPES, HALF_ULP, _np_dtype, make_ffn, nan_inf_past_capacity
+from test_gpu_ffn import observed_tracker as _observed
 
 import twell
 from twell import reference
@@ -212,12 +213,6 @@ def test_blas_gemm_pair_equals_two_gemms(cp, dtype, layout):
 # --------------------------------------------------------------------------- saved state sized on the device
 
 
-def _observed(m, backup_rows):
-    tr = twell.DensityTracker()
-    tr.observe_sparse(m, 12 * m, backup_rows)
-    return tr
-
-
 def _spy_queued(monkeypatch):
     """Capacities of the training forwards that sized their state on the device."""
     import twell.gpu.training as training
@@ -312,26 +307,9 @@ def test_sized_on_device_overflowed_tiles_become_backup_rows(cp):
 
 def test_sized_on_device_nan_inf_rule(cp):
     """Rows past the capacity (the exact kernel) and within it follow the dense NaN / Inf rule in y."""
-    m, d, n = 700, 64, 500
-    rng = np.random.default_rng(13)
-    bias = np.ones(m, np.float32)
-    bias[:100] = -3.0                                               # rows 0-99: backup rows, 36+ past capacity
-    arrays = make_ffn(rng, m, d, n, "float32", mean_active=10, row_bias=bias)
-    arrays[1][[10, 20]] = 0                                         # neurons 10 and 20 never fire
-    arrays[2][10, 3] = np.inf
-    arrays[3][20, 5] = np.nan
-    arrays[0][90, 5] = np.nan                                       # past the capacity
-    arrays[0][30, 9] = np.inf                                       # within it
-    z = arrays[0].astype(np.float64) @ arrays[1].astype(np.float64).T
-    live = int(np.flatnonzero(z[95] > 0)[0])
-    arrays[3][live, 4] = np.inf                                     # an active neuron of row 95
-    ref = reference.gated_ffn(*arrays).astype(np.float64)
-    assert np.isnan(ref[90]).all() and np.isinf(ref).any()
-    dev = [cp.asarray(a) for a in arrays]
-    y, saved, stats = twell.gated_ffn_forward(*dev, path="sparse", tracker=_observed(m, 0))
-    assert saved.gate.n_backup == 100 and np.isnan(float(stats.l1))
-    y = y.get().astype(np.float64)
-    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
-    np.testing.assert_array_equal(np.isinf(y), np.isinf(ref))
-    fin = np.isfinite(ref)
-    assert rel_error(cp.asarray(np.where(fin, y, 0)), np.where(fin, ref, 0)) < 1e-5
+    def run(dev, tracker):
+        y, saved, stats = twell.gated_ffn_forward(*dev, path="sparse", tracker=tracker)
+        assert saved.gate.n_backup == 100 and np.isnan(float(stats.l1))
+        return y
+
+    nan_inf_past_capacity(cp, run)

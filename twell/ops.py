@@ -438,7 +438,9 @@ def gated_ffn_forward(x, w_gate, w_up, w_down, *, l1_weight=0.0, dense_row_thres
         goes GEMM epilogue → TwELL → the hybrid's CSR (no dense gate activations in device memory).
     path, tracker
         As in :func:`gated_ffn`; the dense path keeps ``relu(z)`` and ``u`` for the backward, which then
-        runs as dense GEMMs.
+        runs as dense GEMMs.  A tracker that has observed the layer also lets the sparse path size its
+        dense backup and saved state on the device: the forward then never waits for the host (the state
+        is finished at the backward's first read of it; see :class:`SavedForBackward`).
 
     Returns
     -------
