@@ -1,9 +1,12 @@
-"""Host time of a training step's FFN (forward + backward) at M = 16,384, bf16, d 2048, n 5632: through
-``twell.torch.SparseGatedFFN`` (its density tracker has observed a call: the forward sizes its state on the
-device), on CuPy arrays with and without a tracker (without one the forward waits for its read-back), and
-a dense PyTorch FFN.  Per case the medians of the host time of the forward and of the backward call
-(``perf_counter`` around each, the GPU idle before the step) and of the step's GPU time (CUDA events);
-the adapter's implementation functions called directly (no custom op, no autograd); then cProfile tables (own and cumulative time) of those direct calls.
+"""Host time of a training step's FFN (forward + backward) at M = 16,384, bf16, d 2048, n 5632.
+
+First the host time of one CuPy allocation inside the PyTorch adapter, from PyTorch's and from CuPy's
+allocator.  Then per case the medians of the host time of the forward and of the backward call
+(``perf_counter`` around each, the GPU idle before the step) and of the step's GPU time (CUDA events):
+the CuPy calls with a density tracker that has observed the layer (the forward sizes its state on the
+device) and without one (the forward waits for its read-back); ``twell.torch.SparseGatedFFN``; the
+adapter's implementation functions called directly (no custom op, no autograd), with PyTorch's and with
+CuPy's allocator; a dense PyTorch FFN.  Last, cProfile tables (own and cumulative time) of the direct calls.
 
     PYTHONPATH=. python docs/perf/train_host_probe.py [--m 16384] [--mean 35] [--steps 40]
 """

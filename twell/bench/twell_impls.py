@@ -7,8 +7,10 @@
 * ``twell_fused_gate``: ``twell.gated_ffn(..., gate_kernel="fused")`` (gate GEMM with the TwELL epilogue).
 * ``reference``: ``twell.reference.gated_ffn`` on float32 host copies (CPU).
 * ``twell_train``: ``twell.gated_ffn_forward`` + ``twell.gated_ffn_backward`` with a tracker (the hybrid
-  training kernels, or the dense path for dense batches; GPU).  ``twell_train_stateless``: without one.  Its forward reads the batch's counts back to the host once, so it has no graph time
-  (:data:`TWELL_TRAIN_NO_GRAPH`, through :func:`refuse_capture`).
+  training kernels, or the dense path for dense batches; GPU; once the tracker has observed the problem
+  the forward sizes its state on the device and never waits for the host).  ``twell_train_stateless``:
+  without one (the forward waits for its read-back).  The training forward is not capturable, so neither
+  has a graph time (:data:`TWELL_TRAIN_NO_GRAPH`, through :func:`refuse_capture`).
 * ``reference_train``: the same two calls on float32 NumPy arrays (i.e. :mod:`twell.reference`).
 
 Training steps report ``saved_bytes`` / ``saved_mib`` (``SavedForBackward.nbytes``) and ``stats``
@@ -73,13 +75,15 @@ def twell_train_step(x, wg, wu, wd, dy, l1_weight, tracker=None):
 
     def run():
         y, saved, stats = forward()
-        last["saved_bytes"], last["stats"] = saved.nbytes, stats
-        return (y, *twell.gated_ffn_backward(saved, dy))
+        grads = twell.gated_ffn_backward(saved, dy)
+        last["saved"], last["stats"] = saved, stats     # read after the step: a state sized on the device is
+        return (y, *grads)                              # finished by the backward, not by nbytes in the step
 
     def extra():
-        st, nbytes = last.get("stats"), last.get("saved_bytes")
+        st, saved = last.get("stats"), last.get("saved")
         if st is None:
             return {}
+        nbytes = saved.nbytes
         return {"saved_bytes": int(nbytes), "saved_mib": nbytes / 2**20,
                 "stats": {"nnz": int(host_scalar(st.nnz)), "l0": float(host_scalar(st.l0)),
                           "l1": None if st.l1 is None else float(host_scalar(st.l1)),
