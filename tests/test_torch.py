@@ -115,6 +115,38 @@ def test_half_precision_cpu_tensors_run_the_reference(dtype):
 # --------------------------------------------------------------------------- autograd
 
 
+def test_eager_training_skips_the_dispatcher_with_the_same_results(monkeypatch):
+    """An eager training call on plain tensors runs the ops' implementation through EagerGatedTrain (no
+    dispatcher); y, l1 and every gradient equal the registered custom op's (forced here), with and without
+    the explicit l1 and λ; the saved state is released with the graph."""
+    from twell.torch import functional, ops
+    calls = []
+    real_apply = ops.EagerGatedTrain.apply
+    monkeypatch.setattr(ops.EagerGatedTrain, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    base = leaves(away_from_kinks(6, 8, 20, seed=5))
+
+    def run(lam, explicit):
+        inputs = [t.detach().clone().requires_grad_(True) for t in base]
+        out = tt.gated_ffn(*inputs, l1_weight=lam, return_l1=explicit, dense_row_threshold=3)
+        y, l1 = out if explicit else (out, None)
+        loss = (y * torch.linspace(-1, 1, y.numel(), dtype=F64).view_as(y)).sum() + (0.0 if l1 is None else 0.7 * l1)
+        loss.backward()
+        return [y.detach(), *(() if l1 is None else (l1.detach(),)), *(t.grad for t in inputs)]
+
+    for lam, explicit in ((0.0, False), (0.2, False), (0.2, True)):
+        calls.clear()
+        eager = run(lam, explicit)
+        assert calls == [1]
+        with monkeypatch.context() as m:
+            m.setattr(functional, "_eager_plain", lambda tensors: False)      # the registered op
+            registered = run(lam, explicit)
+        assert calls == [1]
+        for a, b in zip(eager, registered):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    gc.collect()
+    assert tt.saved_state_count() == 0
+
+
 @pytest.mark.parametrize("threshold", [128, 2])
 def test_gradcheck_gated_ffn_with_l1(threshold):
     """float64 gradcheck w.r.t. x and the three weights, the L1 penalty λ·(1/M)Σ|h| an output (λ = 0.3);

@@ -15,7 +15,7 @@ from twell.ops import DEFAULT_INFERENCE_ROW_THRESHOLD
 
 from .impl import infer_impl
 from .interop import evict_oldest, l1_dtype
-from .ops import ffn_op, gated_ffn_fwd_op, gated_ffn_op
+from .ops import EagerGatedTrain, ffn_op, gated_ffn_fwd_op, gated_ffn_op
 from .registry import slot_of, tracker_of
 from .registry import tracker_id as registered_tracker_id
 
@@ -119,8 +119,13 @@ def run_gated(x, w_gate, w_up, w_down, *, l1_weight, return_l1, tile_width, comp
             y = gated_ffn_op(x2, w_gate, w_up, w_down, tile_width, compression, dense_row_threshold, gate_kernel,
                              path, tracker_id, slot_id, torch_memory)
         return y if x2 is x else y.view(x.shape)
-    y, l1, _ = gated_ffn_fwd_op(x2, w_gate, w_up, w_down, l1_weight, dense_row_threshold, gate_kernel, path,
-                                tracker_id, slot_id, grad, bool(return_l1), torch_memory)
+    args = (x2, w_gate, w_up, w_down, l1_weight, dense_row_threshold, gate_kernel, path, tracker_id, slot_id, grad,
+            bool(return_l1), torch_memory)
+    if (not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and _eager_plain((x2, w_gate, w_up, w_down))):
+        y, l1, _ = EagerGatedTrain.apply(*args)
+    else:
+        y, l1, _ = gated_ffn_fwd_op(*args)
     y = y if x2 is x else y.view(x.shape)
     return (y, l1) if return_l1 else y
 

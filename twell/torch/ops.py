@@ -148,16 +148,45 @@ def _fwd_setup_context(ctx, inputs, output):
         ctx.twell_release = Release(int(handle))
 
 
-def _fwd_backward(ctx, dy, dl1, _dhandle):
+def _train_backward(ctx, dy, dl1, backward_op):
     x, w_gate, w_up, w_down, handle = ctx.saved_tensors
     dl1 = dl1 if ctx.explicit_l1 else None
     if dy is None and dl1 is None:
         return (None,) * (4 + ctx.n_options)
     if dy is None:
         dy = torch.zeros_like(x, memory_format=torch.contiguous_format)
-    grads = gated_ffn_bwd_op(dy, dl1, handle, x, w_gate, w_up, w_down, ctx.torch_memory)
+    grads = backward_op(dy, dl1, handle, x, w_gate, w_up, w_down, ctx.torch_memory)
     need = ctx.needs_input_grad
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None,) * ctx.n_options
 
 
+def _fwd_backward(ctx, dy, dl1, _dhandle):
+    return _train_backward(ctx, dy, dl1, gated_ffn_bwd_op)
+
+
 gated_ffn_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+class EagerGatedTrain(torch.autograd.Function):
+    """``twell::gated_ffn_fwd`` and its registered backward for eager calls on plain tensors, without the
+    dispatcher: the same implementation functions, arguments, saved state and gradients as the custom ops,
+    minus their dispatch (a layer's training forward + backward at M = 16,384 took 0.4-0.9 ms more host
+    time through the registered ops and autograd than in the implementation functions alone,
+    docs/perf/train_host_probe.py; how much of that this class saves is not measured yet).  ``torch.compile`` and function transforms use the custom
+    ops (see ``functional.run_gated``)."""
+
+    @staticmethod
+    def forward(x, w_gate, w_up, w_down, l1_weight, dense_row_threshold, gate_kernel, path, tracker_id, stats_slot,
+                keep_state, explicit_l1, torch_memory):
+        return train_fwd_impl(x, w_gate, w_up, w_down, l1_weight, dense_row_threshold, gate_kernel, path,
+                              tracker_of(tracker_id), slot_of(stats_slot), keep_state, torch_memory)
+
+    setup_context = staticmethod(_fwd_setup_context)
+
+    @staticmethod
+    def backward(ctx, dy, dl1, _dhandle):
+        return _train_backward(ctx, dy, dl1, _bwd_eager)
+
+
+def _bwd_eager(dy, dl1, handle, x, w_gate, w_up, w_down, torch_memory):
+    return train_bwd_impl(dy, dl1, handle, x, torch_memory)
