@@ -136,7 +136,8 @@ def sparse_forward(x, w_gate, w_up, w_down, *, l1_weight: float, threshold: int,
         plan, neuron_counts = p.plan, p.neuron_counts
     else:
         # TwELL of relu(x w_gate^T) from the GEMM's epilogue (no dense z in device memory); its tiles hold
-        # FUSED_COMPRESSION-compressed slots, so a compact row whose tile overflowed is refilled ("redo")
+        # FUSED_COMPRESSION-compressed slots, so a compact row whose tile overflowed is refilled ("redo"), or,
+        # sized on the device, made a backup row
         tw = gate_gemm.gate_twell_async(x, w_gate, FUSED_TILE_WIDTH, FUSED_COMPRESSION, eff, kernel=kernel,
                                         neuron_counts=True)
         plan = pack.hybrid_plan(tw.row_nnz, eff, tw.row_route, redo_to_backup=on_device)
