@@ -318,6 +318,43 @@ def test_module_in_cuda_graph_has_no_stats():
         assert _bitwise(static_y, eager)
 
 
+def test_module_large_batch_in_cuda_graph():
+    """M = 2,048 (the sparse path) captures under torch.cuda.graph through a SparseGatedFFN without statistics
+    once its tracker has observed an eager call: the backup is sized on the device.  The replay is bitwise
+    the eager call, and with new inputs that need the dense backup in hundreds of rows (past the captured
+    capacity: the exact kernel) it stays exact."""
+    m, d, n = 2048, 2048, 5632
+    x, wg, wu, wd = problem(m, d, n, "bfloat16", seed=31)
+    layer = tt.SparseGatedFFN(d, n, collect_stats=False, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        for param, w in ((layer.w_gate, wg), (layer.w_up, wu), (layer.w_down, wd)):
+            param.copy_(w)
+        static_x = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layer(static_x)                             # observed (read back)
+            torch.cuda.synchronize()
+            eager = layer(static_x)                     # sized on the device
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        static_y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _bitwise(static_y, eager)
+        x2 = x.clone()
+        x2[:400, 0] = -3.0                              # bias input flipped: hundreds of active neurons
+        static_x.copy_(x2)
+        static_y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = tt.gated_ffn(x2, wg, wu, wd)              # no tracker: the read-back path, exact
+        assert torch.isfinite(static_y).all() and rel_error(static_y, ref) < 4 * 2.0**-9   # 4 half-ulps of bf16
+
+
 # --------------------------------------------------------------------------- streams
 
 
