@@ -166,7 +166,8 @@ def gated_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, *, l1_wei
 
     Without autograd this is :func:`twell.gated_ffn` (capturable in a CUDA graph for M <= 512 or
     ``path="dense"``); with autograd, :func:`twell.gated_ffn_forward` (no host synchronisation once the
-    layer's tracker has observed a call, one before; not capturable) and :func:`twell.gated_ffn_backward`.  Gradients go to every input that requires one.
+    layer's tracker has observed a call, one before; not capturable) and :func:`twell.gated_ffn_backward`.
+    Gradients go to every input that requires one.
     """
     l1_weight, threshold = check_options(l1_weight, dense_row_threshold, tile_width, compression, gate_kernel, path)
     return run_gated(x, w_gate, w_up, w_down, l1_weight=l1_weight, return_l1=return_l1, tile_width=tile_width,

@@ -172,8 +172,8 @@ class EagerGatedTrain(torch.autograd.Function):
     dispatcher: the same implementation functions, arguments, saved state and gradients as the custom ops,
     minus their dispatch (a layer's training forward + backward at M = 16,384 took 0.4-0.9 ms more host
     time through the registered ops and autograd than in the implementation functions alone,
-    docs/perf/train_host_probe.py; how much of that this class saves is not measured yet).  ``torch.compile`` and function transforms use the custom
-    ops (see ``functional.run_gated``)."""
+    docs/perf/train_host_probe.py; how much of that this class saves is not measured yet).
+    ``torch.compile`` and function transforms use the custom ops (see ``functional.run_gated``)."""
 
     @staticmethod
     def forward(x, w_gate, w_up, w_down, l1_weight, dense_row_threshold, gate_kernel, path, tracker_id, stats_slot,
