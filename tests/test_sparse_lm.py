@@ -380,7 +380,7 @@ def test_synthetic_fit_recovers_the_generator(lm, kind, kw):
 TINY = ["--steps", "3", "--layers", "2", "--d-model", "64", "--d-ff", "128", "--heads", "4", "--context", "32",
         "--batch", "2", "--eval-every", "2", "--eval-batches", "1", "--log-every", "1", "--l1-start", "1",
         "--l1-every", "1", "--l1-init", "1e-3", "--prefill-runs", "2", "--decode-batches", "1,2",
-        "--decode-cache", "16", "--decode-fill", "6", "--decode-replays", "3", "--energy-seconds", "0",
+        "--decode-cache", "16", "--decode-fill", "6", "--decode-replays", "3", "--prefill-seconds", "0.05",
         "--device", "cpu", "--dtype", "float32", "--quiet"]
 
 
@@ -456,6 +456,10 @@ def test_end_to_end_tiny_run(lm, tmp_path):
     assert [r["batch"] for r in serve["decode"]["dense"]] == [1, 2]
     assert serve["decode"]["sparse"][0]["graph"] is False and serve["decode"]["sparse"][0]["graph_reason"]
     assert serve["prefill"]["dense"]["tokens"] == 64
+    for name in ("dense", "sparse"):                    # throughput from the sustained loop, no energy on a CPU
+        p = serve["prefill"][name]
+        assert p["sustained"]["calls"] >= 3 and p["tokens_per_s"] == p["sustained"]["tokens_per_s"]
+        assert p["energy"] is None and p["energy_reason"]
     metrics = [r["metric"] for r in saved["table"]]
     assert "prefill (forward) throughput" in metrics and "final validation loss" in metrics
     try:
