@@ -381,6 +381,25 @@ def test_gpu_ffn_bad_input(cp):
         twell.gated_ffn(x, wg, wu, wd, out=cp.empty((8, 64), cp.float16))
 
 
+def test_many_short_lived_streams(cp):
+    """GEMMs on more streams than the cuBLAS handle keeps workspaces for, each stream destroyed after its
+    call: dropping the oldest workspace must not touch its (destroyed) stream, and every result stays
+    bitwise the same as on the null stream."""
+    from twell.runtime import blas
+    rng = np.random.default_rng(5)
+    a = cp.asarray(rng.standard_normal((300, 256)).astype(np.float32))
+    b = cp.asarray(rng.standard_normal((256, 200)).astype(np.float32))
+    want = blas.gemm(a, b).get()
+    for _ in range(3 * blas._MAX_STREAMS_PER_HANDLE):
+        s = cp.cuda.Stream(non_blocking=True)
+        with s:
+            got = blas.gemm(a, b)
+        s.synchronize()
+        np.testing.assert_array_equal(got.get(), want)
+        del s, got
+    assert len(blas._handle(cp).workspaces) <= blas._MAX_STREAMS_PER_HANDLE
+
+
 @pytest.mark.parametrize("m", [8, 3000])
 def test_ops_run_on_the_current_stream(cp, m):
     """Every launch and the host read-back follow the current CuPy stream (here a non-blocking one)."""

@@ -117,10 +117,11 @@ class _Handle:
                 ws = self.fallback
             else:
                 if len(self.workspaces) >= _MAX_STREAMS_PER_HANDLE:
-                    # drop the oldest; order its release after the GEMMs that may still use it
-                    old_ptr = next(iter(self.workspaces))
-                    cp.cuda.runtime.streamSynchronize(old_ptr)
-                    del self.workspaces[old_ptr]
+                    # Drop the oldest.  No synchronisation: that stream may be destroyed already (waiting on
+                    # it would be undefined), and none is needed -- the block was allocated while that
+                    # stream was current, and CuPy's pool hands a freed block only to later allocations on
+                    # the same stream, which run after the GEMMs that used it.
+                    del self.workspaces[next(iter(self.workspaces))]
                 ws = self.workspaces[ptr] = self._workspace(cp)
         vp = ctypes.c_void_p
         _check(self.lib.cublasSetStream_v2(self.handle, vp(ptr)), "cublasSetStream")
