@@ -135,23 +135,26 @@ def test_a_late_copy_never_overrides_a_newer_call():
 
 
 def test_backup_capacity_from_the_tracker():
-    """The queued backup's rows: twice the peak share of backup rows of the recent observations scaled to M,
-    + 64, rounded up to 64, at most M; None without an observation or when the exact kernel's shared memory
-    would not fit."""
-    from twell.gpu.inference import backup_capacity
+    """The queued backup's rows: BACKUP_CAPACITY_FACTOR times the peak share of backup rows of the recent
+    observations scaled to M, + 64, rounded up to 64, at most M; None without an observation or when the
+    exact kernel's shared memory would not fit."""
+    from twell.gpu.inference import BACKUP_CAPACITY_FACTOR, backup_capacity
+
+    def expected(rows):                                          # the formula, for a peak of ``rows`` rows
+        return 64 + 64 * -(-int(BACKUP_CAPACITY_FACTOR * rows) // 64)
     from twell.kernels.ffn_forward import EXCESS_MAX_SMEM, excess_smem_bytes
     tr = twell.DensityTracker()
     assert backup_capacity(tr, 16384, 5632, 2048) is None
     tr.observe_sparse(16384, 29 * 16384, 0)
     assert backup_capacity(tr, 16384, 5632, 2048) == 64
-    tr.observe_sparse(8192, 29 * 8192, 25)                       # 50 rows at M = 16,384: 100 expected
-    assert backup_capacity(tr, 16384, 5632, 2048) == 64 + 128
-    assert backup_capacity(tr, 8192, 5632, 2048) == 64 + 64
+    tr.observe_sparse(8192, 29 * 8192, 25)                       # 50 rows at M = 16,384
+    assert backup_capacity(tr, 16384, 5632, 2048) == expected(50) > 64
+    assert backup_capacity(tr, 8192, 5632, 2048) == expected(25)
     tr.observe_sparse(16384, 29 * 16384, 3)                      # fewer now: the peak of recent calls holds
-    assert backup_capacity(tr, 16384, 5632, 2048) == 64 + 128
+    assert backup_capacity(tr, 16384, 5632, 2048) == expected(50)
     for _ in range(tr.PEAK_WINDOW - 1):                          # until it leaves the window
         tr.observe_sparse(16384, 29 * 16384, 3)
-    assert backup_capacity(tr, 16384, 5632, 2048) == 64 + 64
+    assert backup_capacity(tr, 16384, 5632, 2048) == expected(3) == 128
     tr.observe_sparse(1000, 0, 1000)                            # every row: capped at M
     assert backup_capacity(tr, 700, 5632, 2048) == 700
     assert excess_smem_bytes(2048, 5632) == 4 * (2048 + 5632) + 5632

@@ -35,6 +35,9 @@ from .streams import CaptureError, capture_allocations, capturing, require_out
 SMALL_BATCH_ROWS = 512
 #: Queued backup: the fewest rows of its capacity, and the granularity (rows) it is rounded up to.
 BACKUP_CAPACITY_MIN, BACKUP_CAPACITY_STEP = 64, 64
+#: Queued backup: its capacity over the recent peak of backup rows (1.25 measured no faster in the sparsity
+#: sweep, docs/performance-history.md, v31).
+BACKUP_CAPACITY_FACTOR = 2.0
 #: Largest batch of the fused decode kernels: their gate GEMV runs on CUDA cores, so its cost grows with
 #: the rows while cuBLAS's does not (measured cut-over 4 rows, docs/performance-history.md, v20).
 FUSED_DECODE_ROWS = 4
@@ -160,8 +163,9 @@ def effective_threshold(threshold: int, n: int, tile_width: int, compression: in
 
 
 def backup_capacity(tracker, m: int, n: int, d: int) -> int | None:
-    """Rows of the queued backup of an M-row call: twice the tracker's peak of backup rows over its recent
-    calls scaled to M (:meth:`~twell.DensityTracker.backup_peak`), plus :data:`BACKUP_CAPACITY_MIN`,
+    """Rows of the queued backup of an M-row call: :data:`BACKUP_CAPACITY_FACTOR` times the tracker's peak
+    of backup rows over its recent calls scaled to M (:meth:`~twell.DensityTracker.backup_peak`), plus
+    :data:`BACKUP_CAPACITY_MIN`,
     rounded up to :data:`BACKUP_CAPACITY_STEP` and at most M.  A row in the capacity costs a row of three
     cuBLAS GEMMs; a row past it, one CTA's pass over the weights in ``excess_rows_ffn`` (about a thousand
     times more): the capacity errs on the large side.  None (read the count back instead) when the tracker
@@ -174,7 +178,7 @@ def backup_capacity(tracker, m: int, n: int, d: int) -> int | None:
     if obs is None or obs.m == 0 or peak is None:
         return None
     step = BACKUP_CAPACITY_STEP
-    return min(m, BACKUP_CAPACITY_MIN + step * -(-int(2.0 * peak) // step))
+    return min(m, BACKUP_CAPACITY_MIN + step * -(-int(BACKUP_CAPACITY_FACTOR * peak) // step))
 
 
 def sparse_forward(x, w_first, w_up, w_down, y, *, gated: bool, tile_width: int, compression: int, threshold: int,
