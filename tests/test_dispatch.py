@@ -30,6 +30,21 @@ def test_break_even_is_near_the_measured_one():
         assert 60 <= k <= 90, (training, k)
 
 
+@pytest.mark.parametrize("mean, backup, compact_per_token, want", [
+    (29, 512, 33.9, "sparse"),          # token skew, mean 29 (38.9 realised): 0.73 of dense measured
+    (64, 2641, 48.1, "dense"),          # token skew, mean 64 (76.9 realised): 1.00 of dense measured
+])
+def test_inference_backup_rows_cost_what_the_sweep_measured(mean, backup, compact_per_token, want):
+    """Many backup rows: at the sweep's token-skew mean of 64 (16 % of the rows over the threshold) the
+    sparse path measured as slow as dense on the device (and slower per eager call), so the dense floor
+    takes the dense path; at mean 29 the sparse path stays.  Training keeps the sparse path in both."""
+    m = 16384
+    s, dn = dispatch.predict_times(m, 5632, 2048, 2, round(compact_per_token * m), backup, training=False)
+    assert ("dense" if s > dn else "sparse") == want
+    s, dn = dispatch.predict_times(m, 5632, 2048, 2, round(compact_per_token * m), backup, training=True)
+    assert s < dn
+
+
 @pytest.mark.parametrize("m, want", [(1, "sparse"), (8, "sparse"), (64, "dense"), (512, "dense")])
 def test_small_batches_use_the_measured_small_batch_times(m, want):
     s, dn = dispatch.predict_times(m, 5632, 2048, 2, m * 29, 0, training=False, entries=m * 29)

@@ -12,7 +12,7 @@ Cost model (times of one call; constants measured on an H200, bf16, docs/perform
   training: 9 such GEMMs (forward 3, backward 6).
 * sparse: the gate GEMM (one of the three), plus every compact entry's weight-row gathers (2 rows of d
   elements per entry in inference, 7 in training), plus each dense backup row at the dense per-row cost
-  (with an overhead for gathering and scattering its rows).
+  (with an overhead for gathering and scattering its rows and, in inference, recomputing its gate row).
 
 Calibrated against the measured break-even of the sweeps (about 70-80 active neurons per token of
 5,632 for inference and training at M = 16,384).
@@ -43,8 +43,12 @@ MEMORY_BYTES_PER_S = 3.8e12
 GATHER_BYTES_PER_S = 8.5e12
 #: Weight rows of d elements gathered per compact entry: inference (up, down) and a training step.
 GATHER_ROWS_INFERENCE, GATHER_ROWS_TRAINING = 2, 7
-#: A dense backup row costs this much more than the same row inside a dense GEMM (row gathers, scatters).
-BACKUP_ROW_OVERHEAD = 1.15
+#: A dense backup row costs this much more than the same row inside the dense computation's remaining
+#: GEMMs.  Training: its row gathers and scatters.  Inference: also its gate row recomputed (cuBLAS) and,
+#: sized on the device, the spare rows of the capacity -- calibrated on the sweep's device times
+#: (token skew, means 29 and 64: 0.73 and 1.00 of dense measured, 0.70 and 1.04 predicted;
+#: docs/performance-history.md, v31).
+BACKUP_ROW_OVERHEAD_INFERENCE, BACKUP_ROW_OVERHEAD_TRAINING = 2.5, 1.15
 
 
 #: Small-batch path: (entries of the batch, ms) and best dense: (M, ms), measured (see the module docstring).
@@ -88,7 +92,8 @@ def predict_times(m: int, n: int, d: int, itemsize: int, compact_entries: int, b
     per_row_dense = dense / max(m, 1)
     rows = GATHER_ROWS_TRAINING if training else GATHER_ROWS_INFERENCE
     sparse = (max(gemm, weights) + compact_entries * rows * d * itemsize / GATHER_BYTES_PER_S
-              + backup_rows * per_row_dense * (gemms - 1) / gemms * BACKUP_ROW_OVERHEAD)
+              + backup_rows * per_row_dense * (gemms - 1) / gemms
+              * (BACKUP_ROW_OVERHEAD_TRAINING if training else BACKUP_ROW_OVERHEAD_INFERENCE))
     return sparse, dense
 
 
