@@ -154,10 +154,11 @@ def test_backup_capacity_from_the_tracker():
     observations scaled to M, + 64, rounded up to 64, at most M; None without an observation or when the
     exact kernel's shared memory would not fit."""
     from twell.gpu.inference import BACKUP_CAPACITY_FACTOR, backup_capacity
+    from twell.kernels.ffn_forward import EXCESS_MAX_SMEM, excess_smem_bytes
 
     def expected(rows):                                          # the formula, for a peak of ``rows`` rows
         return 64 + 64 * -(-int(BACKUP_CAPACITY_FACTOR * rows) // 64)
-    from twell.kernels.ffn_forward import EXCESS_MAX_SMEM, excess_smem_bytes
+
     tr = twell.DensityTracker()
     assert backup_capacity(tr, 16384, 5632, 2048) is None
     tr.observe_sparse(16384, 29 * 16384, 0)
