@@ -697,6 +697,46 @@ __global__ void reduce_split_rows(const float* __restrict__ partial, const int* 
 // row's entries and L1 over the warp's 256 columns are reduced in the warp and added by lane 0 to the warp's
 // shared-memory slot of the row; after the one barrier the slots are summed in warp order.  No per-row
 // barrier, and a fixed summation order: bitwise deterministic.
+// h = relu(z) * u (GATED; else relu(z)) over `total` elements of C-contiguous z, u and h, with none of
+// dense_gate_mul's optional outputs: the same values (the same arithmetic), by a flat grid-stride streaming
+// kernel, 8 elements per thread and step (16-byte loads and stores when VEC).
+template <typename T, bool GATED, bool RELU, bool VEC>
+__global__ void __launch_bounds__(256) gate_mul_flat(const T* __restrict__ z, const T* __restrict__ u,
+                                                      long long total, T* __restrict__ h)
+{
+    constexpr int E = 8;
+    const long long chunks = (total + E - 1) / E;
+    for (long long c = blockIdx.x * (long long)blockDim.x + threadIdx.x; c < chunks;
+         c += (long long)gridDim.x * blockDim.x) {
+        const long long base = c * E;
+        const int valid = (int)min((long long)E, total - base);
+        Chunk<T, E, VEC> zc, uc;
+        if (VEC && valid == E) {
+            zc.load(z + base);
+            if (GATED) uc.load(u + base);
+        } else {
+            zc.load_partial(z + base, valid);
+            if (GATED) uc.load_partial(u + base, valid);
+        }
+        __align__(16) T hv[E];
+#pragma unroll
+        for (int k = 0; k < E; ++k) {
+            const bool entry = k < valid && is_entry<RELU>(zc.v[k]);
+            const float g = entry ? to_f<T>(zc.v[k]) : 0.f;
+            hv[k] = from_f<T>(entry ? (GATED ? g * to_f<T>(uc.v[k]) : g) : 0.f);
+        }
+        if (VEC && valid == E) {
+#pragma unroll
+            for (int s = 0; s < (int)(E * sizeof(T) / 16); ++s)
+                reinterpret_cast<uint4*>(h + base)[s] = reinterpret_cast<const uint4*>(hv)[s];
+        } else {
+#pragma unroll
+            for (int k = 0; k < E; ++k)
+                if (k < valid) h[base + k] = hv[k];
+        }
+    }
+}
+
 #define DG_THREADS 256
 #define DG_WARPS (DG_THREADS / 32)
 #define DG_MAX_ROWS 64
@@ -884,58 +924,151 @@ __global__ void __launch_bounds__(32 * FIX_WARPS) fix_nonfinite_rows(
     }
 }
 
-// The backup rows past a capacity, without a host read-back: rows[start + i] for i < *count - start, each
-// computed from x alone by one CTA of a persistent grid (no work when *count <= start).  Per neuron j (a
-// warp each): z = x w_first_j rounded to T; active = !(z <= 0) (NaN is active); gated: u = x w_up_j rounded
-// to T and h = T(z * u), else h = z.  Then y = sum over the active j, in order, of h_j w_down_j (fp32), rounded
-// to T: the dense computation's values, and an inactive neuron's non-finite weights never reach y (the
-// rule of fix_nonfinite_rows).  row_l1 (optional): row_l1[row] = sum |h_j| (the training forward's L1).
-// Dynamic shared memory: x as float (d), h as float (n), active flags (n).  Rare by design (the capacity comes from the layer's recent calls): one GEMV of w_first per row.
-template <typename T, bool GATED>
-__global__ void __launch_bounds__(256) excess_rows_ffn(
+// The backup rows past a capacity, without a host read-back: rows[start + i] for i < R = *count - start, each
+// computed exactly from x alone (no work when R <= 0).  Work items of a persistent grid of G CTAs: with R < G
+// rows, S = G / R CTAs per row, each over a contiguous slice of the neurons, so that the whole GPU streams the
+// weights even for one row; with R >= G, one CTA per row (S = 1).  Per item: x as float in shared memory; per
+// neuron j of the slice (a warp each, 16-byte loads when VEC): z = x w_first_j rounded to T; active = !(z <= 0)
+// (NaN is active); gated: u = x w_up_j rounded to T and h = T(z * u), else h = z.  The slice's active neurons in
+// order (one warp's ballots), then its part of y = the sum over them, in order, of h_j w_down_j (fp32).  S = 1:
+// y rounded to T (and row_l1[row] = sum |h|); S > 1: fp32 partials in part / part_l1 (item-major, G rows of d),
+// summed in split order by excess_rows_reduce.  The dense computation's values, and an inactive neuron's
+// non-finite weights never reach y (the rule of fix_nonfinite_rows); bitwise deterministic for a given R.
+// Dynamic shared memory (excess_smem_bytes): x as float (d), h as float (n), active flags (n bytes), the
+// active list as slice-local ushort (n).
+#define EX_THREADS 256
+#define EX_UNROLL 4
+
+template <typename T, bool VEC>
+__device__ __forceinline__ float excess_dot(const T* __restrict__ w, const float* xs, int d) {
+    constexpr int CW = Vec<T, VEC>::N;
+    const int n_chunks = d / CW, lane = threadIdx.x & 31;
+    float acc = 0.f;
+    for (int c0 = lane; c0 < n_chunks; c0 += 32 * EX_UNROLL) {
+        Chunk<T, CW, VEC> wc[EX_UNROLL];
+#pragma unroll
+        for (int q = 0; q < EX_UNROLL; ++q)
+            if (c0 + 32 * q < n_chunks) wc[q].load(w + (c0 + 32 * q) * CW);
+#pragma unroll
+        for (int q = 0; q < EX_UNROLL; ++q) {
+            if (c0 + 32 * q >= n_chunks) break;
+            const float* xc = xs + (c0 + 32 * q) * CW;
+#pragma unroll
+            for (int k = 0; k < CW; ++k) acc = fmaf(xc[k], to_f<T>(wc[q].v[k]), acc);
+        }
+    }
+    return warp_sum(acc);
+}
+
+template <typename T, bool GATED, bool VEC>
+__global__ void __launch_bounds__(EX_THREADS) excess_rows_ffn(
     const T* __restrict__ x, int d, const T* __restrict__ w_first, const T* __restrict__ w_up,
     const T* __restrict__ w_down, int n, const int* __restrict__ rows, const int* __restrict__ count, int start,
-    T* __restrict__ y, float* __restrict__ row_l1)
+    T* __restrict__ y, float* __restrict__ row_l1, float* __restrict__ part, float* __restrict__ part_l1)
 {
+    constexpr int CW = Vec<T, VEC>::N;
     extern __shared__ float ex_smem[];
-    __shared__ float l1_warps[8];
+    __shared__ float l1_warps[EX_THREADS / 32];
+    __shared__ int s_nact;
     float* xs = ex_smem;                                               // d
-    float* hs = xs + d;                                                // n
-    unsigned char* act = reinterpret_cast<unsigned char*>(hs + n);     // n
-    const int total = *count - start;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    for (int i = blockIdx.x; i < total; i += gridDim.x) {
+    float* hs = xs + d;                                                // n (slice-local)
+    unsigned char* act = reinterpret_cast<unsigned char*>(hs + n);     // n (slice-local)
+    unsigned short* list = reinterpret_cast<unsigned short*>(act + ((n + 1) & ~1));   // n (slice-local)
+    const int R = *count - start;
+    if (R <= 0) return;
+    const int G = gridDim.x;
+    const int S = R >= G ? 1 : G / R;
+    const int ns = (n + S - 1) / S;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = EX_THREADS / 32;
+    for (int it = blockIdx.x; it < R * S; it += G) {
+        const int i = it / S, s = it - i * S;
         const long long row = rows[start + i];
-        __syncthreads();                                               // the previous row's reads are done
-        for (int k = threadIdx.x; k < d; k += blockDim.x) xs[k] = to_f<T>(x[row * d + k]);
+        const int j0 = s * ns, len = max(0, min(n, j0 + ns) - j0);
+        __syncthreads();                                               // the previous item's reads are done
+        for (int k = threadIdx.x; k < d; k += EX_THREADS) xs[k] = to_f<T>(x[row * d + k]);
         __syncthreads();
-        for (int j = warp; j < n; j += warps) {
-            const T* wg = w_first + (long long)j * d;
-            float s = 0.f;
-            for (int k = lane; k < d; k += 32) s += xs[k] * to_f<T>(wg[k]);
-            const float z = to_f<T>(from_f<T>(warp_sum(s)));
+        for (int jj = warp; jj < len; jj += warps) {
+            const long long j = j0 + jj;
+            const float z = to_f<T>(from_f<T>(excess_dot<T, VEC>(w_first + j * d, xs, d)));
             const bool a = !(z <= 0.f);
             float h = z;
-            if (GATED && a) {
-                const T* wu = w_up + (long long)j * d;
-                float su = 0.f;
-                for (int k = lane; k < d; k += 32) su += xs[k] * to_f<T>(wu[k]);
-                h = to_f<T>(from_f<T>(z * to_f<T>(from_f<T>(warp_sum(su)))));
-            }
-            if (lane == 0) { hs[j] = a ? h : 0.f; act[j] = a; }
+            if (GATED && a) h = to_f<T>(from_f<T>(z * to_f<T>(from_f<T>(excess_dot<T, VEC>(w_up + j * d, xs, d)))));
+            if (lane == 0) { hs[jj] = a ? h : 0.f; act[jj] = a; }
         }
         __syncthreads();
-        if (row_l1 != nullptr) {                                       // CTA-uniform
-            float l1 = 0.f;
-            for (int j = threadIdx.x; j < n; j += blockDim.x) l1 += fabsf(hs[j]);
-            l1 = block_sum_n<256>(l1, l1_warps);
-            if (threadIdx.x == 0) row_l1[row] = l1;
+        if (warp == 0) {                                               // the active list, in neuron order
+            int nact = 0;
+            for (int b = 0; b < len; b += 32) {
+                const bool a = b + lane < len && act[b + lane];
+                const unsigned m = __ballot_sync(0xffffffffu, a);
+                if (a) list[nact + __popc(m & ((1u << lane) - 1u))] = (unsigned short)(b + lane);
+                nact += __popc(m);
+            }
+            if (lane == 0) s_nact = nact;
         }
-        for (int c = threadIdx.x; c < d; c += blockDim.x) {
-            float acc = 0.f;
-            for (int j = 0; j < n; ++j)
-                if (act[j]) acc += hs[j] * to_f<T>(w_down[(long long)j * d + c]);
-            y[row * d + c] = from_f<T>(acc);
+        float l1 = 0.f;
+        if (row_l1 != nullptr)                                         // CTA-uniform
+            for (int jj = threadIdx.x; jj < len; jj += EX_THREADS) l1 += fabsf(hs[jj]);
+        __syncthreads();
+        const int nact = s_nact;
+        if (row_l1 != nullptr) {
+            l1 = block_sum_n<EX_THREADS>(l1, l1_warps);
+            if (threadIdx.x == 0) {
+                if (S == 1) row_l1[row] = l1;
+                else part_l1[it] = l1;
+            }
+        }
+        for (int c = threadIdx.x; c < d / CW; c += EX_THREADS) {
+            float acc[CW];
+#pragma unroll
+            for (int k = 0; k < CW; ++k) acc[k] = 0.f;
+            for (int e0 = 0; e0 < nact; e0 += EX_UNROLL) {
+                Chunk<T, CW, VEC> wc[EX_UNROLL];
+#pragma unroll
+                for (int q = 0; q < EX_UNROLL; ++q)
+                    if (e0 + q < nact) wc[q].load(w_down + (long long)(j0 + list[e0 + q]) * d + c * CW);
+#pragma unroll
+                for (int q = 0; q < EX_UNROLL; ++q) {
+                    if (e0 + q >= nact) break;
+                    const float h = hs[list[e0 + q]];
+#pragma unroll
+                    for (int k = 0; k < CW; ++k) acc[k] = fmaf(h, to_f<T>(wc[q].v[k]), acc[k]);
+                }
+            }
+            if (S == 1) {
+                __align__(16) T out[CW];
+#pragma unroll
+                for (int k = 0; k < CW; ++k) out[k] = from_f<T>(acc[k]);
+                if (VEC) *reinterpret_cast<uint4*>(y + row * d + c * CW) = *reinterpret_cast<const uint4*>(out);
+                else y[row * d + c] = out[0];
+            } else {
+#pragma unroll
+                for (int k = 0; k < CW; ++k) part[(long long)it * d + c * CW + k] = acc[k];
+            }
+        }
+    }
+}
+
+// The second half of excess_rows_ffn when it split rows (S = G / R >= 2): y[rows[start + i]] = the sum over the S
+// splits, in split order, of the fp32 partials, rounded to T; row_l1 likewise.  No work otherwise.
+template <typename T>
+__global__ void __launch_bounds__(256) excess_rows_reduce(
+    const int* __restrict__ rows, const int* __restrict__ count, int start, int G, int d,
+    const float* __restrict__ part, const float* __restrict__ part_l1, T* __restrict__ y, float* __restrict__ row_l1)
+{
+    const int R = *count - start;
+    if (R <= 0 || G / R < 2) return;                                   // S = 1: excess_rows_ffn wrote y
+    const int S = G / R;
+    const long long total = (long long)R * d;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total; e += (long long)gridDim.x * blockDim.x) {
+        const int i = (int)(e / d), c = (int)(e - (long long)i * d);
+        float acc = 0.f;
+        for (int s = 0; s < S; ++s) acc += part[((long long)i * S + s) * d + c];
+        y[(long long)rows[start + i] * d + c] = from_f<T>(acc);
+        if (row_l1 != nullptr && c == 0) {
+            float l1 = 0.f;
+            for (int s = 0; s < S; ++s) l1 += part_l1[i * S + s];
+            row_l1[rows[start + i]] = l1;
         }
     }
 }

@@ -77,6 +77,17 @@ def test_small_batch_observations_are_sampled():
     assert sum(wants) == 3                                  # then every SMALL_BATCH_INTERVAL-th call
 
 
+def test_dense_observations_are_sampled():
+    """Dense-path calls report every DENSE_INTERVAL-th time once something is known; the others are still
+    counted."""
+    tr = twell.DensityTracker()
+    assert tr.dense_call_observes()                         # nothing known yet: every call reports
+    tr.observe_sparse(16384, 600 * 16384, 16000)
+    wants = [tr.dense_call_observes() for _ in range(4 * tr.DENSE_INTERVAL)]
+    assert sum(wants) == 4 and wants[tr.DENSE_INTERVAL - 1]
+    assert tr.calls == {"sparse": 1, "dense": 4 * tr.DENSE_INTERVAL - 4} and tr.last_path == "dense"
+
+
 class _Event:
     """A stand-in CUDA event that records whether it was queried or waited for; ``arrived``: whether its
     copy has reached the host (a query says so; waiting makes it so)."""
@@ -151,8 +162,8 @@ def test_a_late_copy_never_overrides_a_newer_call():
 
 def test_backup_capacity_from_the_tracker():
     """The queued backup's rows: BACKUP_CAPACITY_FACTOR times the peak share of backup rows of the recent
-    observations scaled to M, + 64, rounded up to 64, at most M; None without an observation or when the
-    exact kernel's shared memory would not fit."""
+    observations scaled to M, + 64, rounded up to 64, at most M; 0 when none of them had a backup row; None
+    without an observation or when the exact kernel's shared memory would not fit."""
     from twell.gpu.inference import BACKUP_CAPACITY_FACTOR, backup_capacity
     from twell.kernels.ffn_forward import EXCESS_MAX_SMEM, excess_smem_bytes
 
@@ -162,7 +173,7 @@ def test_backup_capacity_from_the_tracker():
     tr = twell.DensityTracker()
     assert backup_capacity(tr, 16384, 5632, 2048) is None
     tr.observe_sparse(16384, 29 * 16384, 0)
-    assert backup_capacity(tr, 16384, 5632, 2048) == 64
+    assert backup_capacity(tr, 16384, 5632, 2048) == 0           # no backup row lately: no cuBLAS backup
     tr.observe_sparse(8192, 29 * 8192, 25)                       # 50 rows at M = 16,384
     assert backup_capacity(tr, 16384, 5632, 2048) == expected(50) > 64
     assert backup_capacity(tr, 8192, 5632, 2048) == expected(25)
@@ -173,8 +184,8 @@ def test_backup_capacity_from_the_tracker():
     assert backup_capacity(tr, 16384, 5632, 2048) == expected(3) == 128
     tr.observe_sparse(1000, 0, 1000)                            # every row: capped at M
     assert backup_capacity(tr, 700, 5632, 2048) == 700
-    assert excess_smem_bytes(2048, 5632) == 4 * (2048 + 5632) + 5632
-    n_big = EXCESS_MAX_SMEM // 5
+    assert excess_smem_bytes(2048, 5632) == 4 * (2048 + 5632) + 3 * 5632
+    n_big = EXCESS_MAX_SMEM // 7
     assert excess_smem_bytes(2048, n_big) > EXCESS_MAX_SMEM and backup_capacity(tr, 700, n_big, 2048) is None
 
 

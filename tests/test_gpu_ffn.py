@@ -50,26 +50,27 @@ def observed_tracker(m, backup_rows):
     return tr
 
 
-def nan_inf_past_capacity(cp, run):
-    """700 rows, 100 of them backup rows (past a capacity of 64 from row 64 on), NaN / Inf in x within and
-    past the capacity, non-finite weights of inactive neurons and of an active one: ``run(dev arrays,
-    tracker)`` must give y with the reference's NaN / Inf and its finite values to fp32 accuracy."""
+def nan_inf_past_capacity(cp, run, heavy=200, observed=1):
+    """700 rows, the first ``heavy`` of them backup rows, a tracker that observed ``observed`` backup rows (1:
+    a capacity of 128 rows; 0: none, every backup row past it), NaN / Inf in x within the capacity (row 30)
+    and past it, non-finite weights of inactive neurons and of an active one: ``run(dev arrays, tracker)``
+    must give y with the reference's NaN / Inf and its finite values to fp32 accuracy."""
     m, d, n = 700, 64, 500
     rng = np.random.default_rng(13)
     bias = np.ones(m, np.float32)
-    bias[:100] = -3.0                                               # rows 0-99: backup rows, 36 past capacity
+    bias[:heavy] = -3.0                                             # backup rows
     arrays = make_ffn(rng, m, d, n, "float32", mean_active=10, row_bias=bias)
     arrays[1][[10, 20]] = 0                                         # neurons 10 and 20 never fire
     arrays[2][10, 3] = np.inf
     arrays[3][20, 5] = np.nan
-    arrays[0][90, 5] = np.nan                                       # past the capacity
-    arrays[0][30, 9] = np.inf                                       # within it
+    arrays[0][heavy - 10, 5] = np.nan                               # past the capacity
+    arrays[0][30, 9] = np.inf                                       # within it (observed > 0)
     z = arrays[0].astype(np.float64) @ arrays[1].astype(np.float64).T
-    live = int(np.flatnonzero(z[95] > 0)[0])
-    arrays[3][live, 4] = np.inf                                     # an active neuron of row 95
+    live = int(np.flatnonzero(z[heavy - 5] > 0)[0])
+    arrays[3][live, 4] = np.inf                                     # an active neuron of a row past it
     ref = reference.gated_ffn(*arrays).astype(np.float64)
-    assert np.isnan(ref[90]).all() and np.isinf(ref).any()
-    y = run([cp.asarray(a) for a in arrays], observed_tracker(m, 0)).get().astype(np.float64)
+    assert np.isnan(ref[heavy - 10]).all() and np.isinf(ref).any()
+    y = run([cp.asarray(a) for a in arrays], observed_tracker(m, observed)).get().astype(np.float64)
     np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
     np.testing.assert_array_equal(np.isinf(y), np.isinf(ref))
     fin = np.isfinite(ref)

@@ -98,6 +98,26 @@ def test_dense_gate_mul_summary_matches_row_counts(cp, rows):
     assert summary.get().tolist() == [int(counts[~over].sum()), int(over.sum()), int(counts.sum())]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_path_unobserved_calls_are_bitwise_the_observed_ones(cp, dtype):
+    """A layer on the dense path reports its density every DENSE_INTERVAL-th call (the counting elementwise
+    kernel) and runs the others through the flat one: every call's y is bitwise the same, and exact."""
+    rng = np.random.default_rng(9)
+    m = 1000
+    arrays = make_ffn(rng, m, 256, 900, dtype, mean_active=400)
+    dev = [cp.asarray(a) for a in arrays]
+    tracker = twell.DensityTracker()
+    outs = []
+    for _ in range(2 + tracker.DENSE_INTERVAL):
+        out = cp.full((m, 256), np.nan, dtype=dev[0].dtype)
+        outs.append(twell.gated_ffn(*dev, tracker=tracker, out=out))
+        cp.cuda.Device().synchronize()
+    assert tracker.last_path == "dense" and tracker.calls["dense"] == 1 + tracker.DENSE_INTERVAL
+    _check(cp, outs[1], arrays, dtype)
+    for o in outs[2:]:
+        np.testing.assert_array_equal(_bits(o), _bits(outs[1]))
+
+
 def test_check_train_dense_batch_through_tracker(cp):
     """A tracker that has seen a dense batch sends the next call to the dense path, and back to sparse when
     the batch gets sparse; results stay within the error rule on both."""
@@ -230,7 +250,7 @@ def _spy_queued(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("heavy, observed", [(0, 0), (40, 40), (300, 0), (2048, 0)])
+@pytest.mark.parametrize("heavy, observed", [(0, 0), (1, 0), (20, 0), (40, 40), (300, 0), (300, 2), (2048, 0)])
 @pytest.mark.parametrize("gate_kernel", ["auto", "cublas"])
 def test_queued_backup_exact(cp, monkeypatch, dtype, gated, heavy, observed, gate_kernel):
     """The sparse path with a tracker sizes the backup on the device: no backup rows, rows within the
@@ -261,8 +281,8 @@ def test_queued_backup_exact(cp, monkeypatch, dtype, gated, heavy, observed, gat
         obs = tr.observation()
         assert obs.backup_rows == n_backup and obs.m == m
     capacity = calls[0]
-    assert calls == [capacity] * 3 and capacity == 64 + 64 * -(-2 * observed // 64)
-    assert (n_backup > capacity) == (heavy > 64)                    # the excess kernel ran where it should
+    assert calls == [capacity] * 3 and capacity == (64 + 64 * -(-2 * observed // 64) if observed else 0)
+    assert (n_backup > capacity) == (heavy > capacity)              # the excess kernel ran where it should
     for o in outs[1:]:
         np.testing.assert_array_equal(_bits(o), _bits(outs[0]))
     if gated:
@@ -272,10 +292,11 @@ def test_queued_backup_exact(cp, monkeypatch, dtype, gated, heavy, observed, gat
         assert rel_error(outs[0], ref) < 4 * HALF_ULP[dtype] + 8 * 2.0**-24 * np.sqrt(n)
 
 
-def test_queued_backup_nan_inf_rule(cp):
+@pytest.mark.parametrize("heavy, observed", [(200, 1), (40, 0)])
+def test_queued_backup_nan_inf_rule(cp, heavy, observed):
     """Rows past the capacity (the exact kernel) and within it follow the NaN / Inf rule: NaN / Inf of x
     and of active neurons' weights propagate, inactive neurons' non-finite weights do not."""
-    nan_inf_past_capacity(cp, lambda dev, tr: twell.gated_ffn(*dev, path="sparse", tracker=tr))
+    nan_inf_past_capacity(cp, lambda dev, tr: twell.gated_ffn(*dev, path="sparse", tracker=tr), heavy, observed)
 
 
 def test_capture_of_large_batch_with_tracker(cp):

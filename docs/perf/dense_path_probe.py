@@ -12,7 +12,8 @@ Device times (CUDA events, ``twell.bench.timing.time_gpu``): eager (host sync af
 (calls back to back); medians.  ``vs baseline`` = baseline time / this time (same timing kind).
 
 ``--kernels``: the dense path's pieces one by one (queued device time), beside the baseline's: the two
-projection GEMMs, ``dense_gate_mul`` with the inference outputs (h, row counts) and with the training ones
+projection GEMMs, ``dense_gate_mul`` with h alone (the flat kernel), with the inference outputs (h, row
+counts; h and a tracker's summary) and with the training ones
 (h, relu(z), row L1, row and neuron counts) against the baseline's fused relu·mul, ``fix_nonfinite_rows``
 over y, and ``backup_row_grads`` against the baseline's fused backward kernel.
 
@@ -90,7 +91,7 @@ def kernel_breakdown(p, budget):
     z, u = blas.gemm(x, wg, trans_b=True), blas.gemm(x, wu, trans_b=True)
     h, g, y = cp.empty_like(z), cp.empty_like(z), blas.gemm(z, wd)
     row_nnz, counts = cp.empty(m, dtype=cp.int32), cp.zeros(n, dtype=cp.int32)
-    row_l1, total = cp.empty(m, dtype=cp.float32), cp.zeros(1, dtype=cp.uint64)
+    row_l1, total, total3 = cp.empty(m, dtype=cp.float32), cp.zeros(1, dtype=cp.uint64), cp.zeros(3, dtype=cp.uint64)
     du, dz = cp.empty_like(z), cp.empty_like(z)
     fwd4, bwd4 = relu_mul_kernel(False, True), relu_mul_bwd_kernel(True)
     v = (z.view(cp.uint64), u.view(cp.uint64), h.view(cp.uint64))
@@ -101,7 +102,10 @@ def kernel_breakdown(p, budget):
         "gemm x [wg; wu]^T (baseline cat)": lambda: blas.gemm(x, wcat, zu, trans_b=True),
         "gemm h wd": lambda: blas.gemm(h, wd, y),
         "baseline relu_mul (bf16x4)": lambda: fwd4(*v),
+        "dense_gate_mul h only (the flat kernel)": lambda: ffn_forward.dense_gate_mul(z, u, h=h),
         "dense_gate_mul h + row counts": lambda: ffn_forward.dense_gate_mul(z, u, h=h, row_nnz=row_nnz),
+        "dense_gate_mul h + tracker summary": lambda: ffn_forward.dense_gate_mul(
+            z, u, h=h, summary=total3, summary_threshold=128),
         "dense_gate_mul training outputs": lambda: ffn_forward.dense_gate_mul(
             z, u, h=h, g_out=g, row_l1=row_l1, row_nnz=row_nnz, neuron_counts=counts, nnz_total=total),
         "fix_nonfinite_rows y": lambda: ffn_forward.fix_nonfinite_rows(y, g, h, wd),

@@ -48,7 +48,9 @@ def forward(x, w_first, w_up, w_down, *, gated: bool, tile_width: int, compressi
     """The GPU inference op (``gated_ffn`` when ``gated``, else ``ffn`` with ``w_up`` unused).
 
     ``observe``: whether the tracker records this call, when the caller has already asked it (a small batch
-    reports only every ``SMALL_BATCH_INTERVAL``-th call); None: decided here."""
+    reports only every ``SMALL_BATCH_INTERVAL``-th call, a larger dense one without statistics every
+    ``DENSE_INTERVAL``-th);
+    None: decided here."""
     cp = cupy()
     m, d = x.shape
     n = w_down.shape[0]
@@ -64,7 +66,8 @@ def forward(x, w_first, w_up, w_down, *, gated: bool, tile_width: int, compressi
         y = cp.empty((m, d), dtype=x.dtype) if out is None else out
         if observe is None:
             observe = tracker is not None and not in_capture and (
-                m > SMALL_BATCH_ROWS or tracker.wants_small_batch_observation())
+                tracker.wants_small_batch_observation() if m <= SMALL_BATCH_ROWS else
+                path != "dense" or return_stats or tracker.dense_call_observes())
         if path == "dense":
             row_nnz, counts, kernel, density = dense_forward(
                 x, w_first, w_up, w_down, y, gated=gated, row_counts=return_stats, neuron_counts=return_stats,
@@ -165,18 +168,20 @@ def effective_threshold(threshold: int, n: int, tile_width: int, compression: in
 def backup_capacity(tracker, m: int, n: int, d: int) -> int | None:
     """Rows of the queued backup of an M-row call: :data:`BACKUP_CAPACITY_FACTOR` times the tracker's peak
     of backup rows over its recent calls scaled to M (:meth:`~twell.DensityTracker.backup_peak`), plus
-    :data:`BACKUP_CAPACITY_MIN`,
-    rounded up to :data:`BACKUP_CAPACITY_STEP` and at most M.  A row in the capacity costs a row of three
-    cuBLAS GEMMs; a row past it, one CTA's pass over the weights in ``excess_rows_ffn`` (about a thousand
-    times more): the capacity errs on the large side.  None (read the count back instead) when the tracker
-    has observed no call yet, or when the exact kernel for rows past the capacity cannot take this shape
-    (its shared memory)."""
+    :data:`BACKUP_CAPACITY_MIN`, rounded up to :data:`BACKUP_CAPACITY_STEP` and at most M; 0 when none of
+    those calls had a backup row.  A row in the capacity costs a row of three cuBLAS GEMMs, but the
+    capacity's GEMMs read every weight matrix once whatever the count (≈ 0.05 ms at d 2048, n 5632); a row
+    past it costs a share of ``excess_rows_ffn``'s pass over the weights (all CTAs on one row, a CTA per row
+    from a full wave on).  None (read the count back instead) when the tracker has observed no call yet, or
+    when the exact kernel for rows past the capacity cannot take this shape (its shared memory)."""
     if ffn_forward.excess_smem_bytes(d, n) > ffn_forward.EXCESS_MAX_SMEM:
         return None
     obs = tracker.observation(wait=False)
     peak = tracker.backup_peak(m)
     if obs is None or obs.m == 0 or peak is None:
         return None
+    if peak == 0:
+        return 0
     step = BACKUP_CAPACITY_STEP
     return min(m, BACKUP_CAPACITY_MIN + step * -(-int(BACKUP_CAPACITY_FACTOR * peak) // step))
 
@@ -246,18 +251,20 @@ def backup_rows_queued(x, w_first, w_up, w_down, y, row_route, capacity: int, ga
     """The backup rows' y without a host read-back.  The ordered list of rows with ``row_route != 0`` and its
     length stay on the device; its first ``capacity`` rows are gathered into a fixed (capacity, d) buffer
     (zeros past the length), their gate recomputed and the FFN done with cuBLAS on the whole buffer, and the
-    rows within the length scattered into y; rows past the capacity (a batch much denser than the layer's
-    recent calls) are computed exactly by ``excess_rows_ffn``, which does nothing when there are none."""
+    rows within the length scattered into y (a capacity of 0: no cuBLAS work); rows past the capacity (a
+    batch denser than the layer's recent calls) are computed exactly by ``excess_rows_ffn``, which does
+    nothing when there are none."""
     _, rows, totals = pack.route_rows(row_route)
     count = totals[:1]
-    xr = pack.gather_rows_counted(x, rows, count, capacity)
-    zr = blas.gemm(xr, w_first, trans_b=True)
-    u = blas.gemm(xr, w_up, trans_b=True) if gated else None
-    h = ffn_forward.dense_gate_mul(zr, u, gated=gated)
-    u = None
-    yr = blas.gemm(h, w_down)
-    ffn_forward.fix_nonfinite_rows(yr, zr, h, w_down)
-    pack.scatter_rows(yr, rows[:capacity], y, count=count)
+    if capacity:
+        xr = pack.gather_rows_counted(x, rows, count, capacity)
+        zr = blas.gemm(xr, w_first, trans_b=True)
+        u = blas.gemm(xr, w_up, trans_b=True) if gated else None
+        h = ffn_forward.dense_gate_mul(zr, u, gated=gated)
+        u = None
+        yr = blas.gemm(h, w_down)
+        ffn_forward.fix_nonfinite_rows(yr, zr, h, w_down)
+        pack.scatter_rows(yr, rows[:capacity], y, count=count)
     ffn_forward.excess_rows_ffn(x, w_first, w_up, w_down, rows, count, capacity, y, gated=gated)
 
 

@@ -236,8 +236,11 @@ def backup_rows_queued(x, z, w_gate, w_up, w_down, y, row_l1, plan, capacity: in
     the count scattered into y and row_l1; rows past the capacity get y and their L1 from
     ``excess_rows_ffn`` (nothing to do when there are none).  Returns (g, u) of the capacity rows."""
     cp = cupy()
-    m = x.shape[0]
+    m, n = x.shape[0], w_gate.shape[0]
     rows, count = plan.backup_rows_buf, plan.totals[1:2]
+    if not capacity:                                    # no backup row in the recent calls: no cuBLAS work
+        ffn_forward.excess_rows_ffn(x, w_gate, w_up, w_down, rows, count, 0, y, row_l1=row_l1)
+        return cp.empty((0, n), dtype=x.dtype), cp.empty((0, n), dtype=x.dtype)
     xr = pack.gather_rows_counted(x, rows, count, capacity)
     zr = pack.gather_rows_counted(z, rows, count, capacity) if z is not None else blas.gemm(xr, w_gate, trans_b=True)
     ur = blas.gemm(xr, w_up, trans_b=True)

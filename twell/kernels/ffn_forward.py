@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..runtime.launch import NULL, U64, aligned, cbool, ctype_of, grid_1d, i32
 from ..runtime.loader import KernelFamily, get_kernel
 from .common import (DEVICE_DTYPES, MAX_LIST, THREADS, WARP_KERNEL_MAX_NC, choose_splits, cupy, launch_warp_rows,
@@ -32,7 +34,8 @@ for _d in DEVICE_DTYPES:
         for _g in (True, False):
             _names.append(f"twell_up_down<{_t}, {cbool(_v)}, {cbool(_g)}>")
             _names.append(f"dense_gate_up_down<{_t}, {cbool(_v)}, {cbool(_g)}>")
-        _names.append(f"excess_rows_ffn<{_t}, {cbool(_v)}>")           # _v: GATED
+        for _g in (True, False):
+            _names.append(f"excess_rows_ffn<{_t}, {cbool(_g)}, {cbool(_v)}>")
         _names.append(f"csr_up_down<{_t}, {cbool(_v)}>")
     if _d != "float32":
         for _nc in range(1, WARP_KERNEL_MAX_NC + 1):
@@ -43,10 +46,12 @@ for _d in DEVICE_DTYPES:
                 _names.append(f"decode_fused<{_t}, {_nc}, {cbool(_g)}>")
         _names.append(f"decode_reduce<{_t}>")
     _names.append(f"reduce_split_rows<{_t}>")
+    _names.append(f"excess_rows_reduce<{_t}>")
     for _r in (True, False):
         for _v in (True, False):
             for _g in (True, False):
                 _names.append(f"dense_gate_mul<{_t}, {cbool(_g)}, {cbool(_r)}, {cbool(_v)}>")
+                _names.append(f"gate_mul_flat<{_t}, {cbool(_g)}, {cbool(_r)}, {cbool(_v)}>")
             _names.append(f"fix_nonfinite_rows<{_t}, {cbool(_r)}, {cbool(_v)}>")
 _names.append("train_stats")
 
@@ -138,32 +143,43 @@ _EXCESS_CTAS_PER_SM, EXCESS_MAX_SMEM = 2, 200 * 1024
 
 
 def excess_smem_bytes(d: int, n: int) -> int:
-    """Dynamic shared memory of :func:`excess_rows_ffn`: x and h as float, one flag byte per neuron."""
-    return -(-(4 * (d + n) + n) // 16) * 16
+    """Dynamic shared memory of :func:`excess_rows_ffn`: x and h as float, a flag byte and a 2-byte list
+    entry per neuron."""
+    return -(-(4 * (d + n) + 2 * -(-n // 2) + 2 * n) // 16) * 16
 
 
 def excess_rows_ffn(x, w_first, w_up, w_down, rows, count, start: int, y, *, gated: bool = True, row_l1=None):
     """``y[rows[i]]`` for ``start <= i < count``, computed exactly from x alone: the backup rows beyond the
     capacity of a call that sized its backup without a host read-back.  ``count`` (int32 (1,)) is read on the
-    device; with ``count <= start`` the kernel does nothing.  One CTA per row (a persistent grid); per row one
-    GEMV of ``w_first`` (and of ``w_up`` over the active neurons), then the down projection over the active
+    device; with ``count <= start`` both kernels do nothing.  A persistent grid of G CTAs: R < G rows are
+    split G // R ways over the neurons (the whole GPU streams the weights even for one row; a second kernel
+    sums the splits' fp32 partials in order), R >= G rows take a CTA each.  Per row and neuron slice: the GEMV
+    of ``w_first`` (and of ``w_up`` over the active neurons), then the down projection over the active
     neurons in order: deterministic; NaN / Inf as in the dense computation.  ``row_l1`` (float32 (M,),
     optional): ``row_l1[rows[i]] = sum |h|`` of those rows (the training forward's L1).
 
     x (M, d), w_first / w_up / w_down (n, d), y (M, d): C-contiguous, one dtype (``w_up`` unused if not
     gated); rows int32 with valid entries up to ``count``.  Needs :func:`excess_smem_bytes` of shared memory
-    (at most :data:`EXCESS_MAX_SMEM`).
+    (at most :data:`EXCESS_MAX_SMEM`) and a G × d float32 workspace.
     """
+    cp = cupy()
     d, n = x.shape[1], w_first.shape[0]
     smem = excess_smem_bytes(d, n)
     if smem > EXCESS_MAX_SMEM:
         raise ValueError(f"excess_rows_ffn needs {smem} bytes of shared memory for d = {d}, n = {n} (at most "
                          f"{EXCESS_MAX_SMEM})")
-    k = get_kernel(FAMILY, f"excess_rows_ffn<{ctype_of(x.dtype, 'x')}, {cbool(gated)}>")
+    ct = ctype_of(x.dtype, "x")
+    vec = vec_ok(x.dtype, d, x, w_first, w_up, w_down, y)
+    k = get_kernel(FAMILY, f"excess_rows_ffn<{ct}, {cbool(gated)}, {cbool(vec)}>")
     raise_smem_limit(k, smem)
-    k((_EXCESS_CTAS_PER_SM * sm_count(),), (256,),
-      (x, i32(d), w_first, w_up if gated else w_first, w_down, i32(n), rows, count, i32(start), y,
-       NULL if row_l1 is None else row_l1), shared_mem=smem)
+    g = _EXCESS_CTAS_PER_SM * sm_count()
+    part = cp.empty(g * d + g, dtype=cp.float32)                      # G partial rows, then G partial L1s
+    part_l1 = part[g * d:]
+    k((g,), (256,), (x, i32(d), w_first, w_up if gated else w_first, w_down, i32(n), rows, count, i32(start), y,
+                     NULL if row_l1 is None else row_l1, part, part_l1), shared_mem=smem)
+    r = get_kernel(FAMILY, f"excess_rows_reduce<{ct}>")
+    r((2 * sm_count(),), (256,), (rows, count, i32(start), i32(g), i32(d), part, part_l1, y,
+                                  NULL if row_l1 is None else row_l1))
     return y
 
 
@@ -292,6 +308,8 @@ def train_stats(row_l1, nnz_all):
 #: CTAs per SM it aims for (one wave: ~100 registers a thread leave room for 2 CTAs an SM; more rows per CTA,
 #: fewer neuron-count flushes).
 _DG_THREADS, _DG_MAX_ROWS, _DG_CTAS_PER_SM = 256, 64, 2
+#: gate_mul_flat (dense_gate_mul with no output but h): CTAs of 256 threads per SM of its grid-stride grid.
+_FLAT_CTAS_PER_SM = 8
 #: fix_nonfinite_rows: rows (warps) per CTA (cuda_src FIX_WARPS).
 _FIX_WARPS = 8
 
@@ -315,6 +333,13 @@ def dense_gate_mul(z, u, *, gated: bool = True, relu: bool = True, h=None, g_out
     if h is None:
         h = cp.empty_like(z)
     if r == 0 or n == 0:
+        return h
+    if (g_out is None and rows is None and row_nnz is None and row_l1 is None and neuron_counts is None
+            and nnz_total is None and summary is None):
+        vec = all(aligned(a, 16) for a in (z, h, *((u,) if gated else ())))
+        k = get_kernel(FAMILY, f"gate_mul_flat<{ctype_of(z.dtype, 'z')}, {cbool(gated)}, {cbool(relu)}, {cbool(vec)}>")
+        k((max(1, min(-(-r * n // (8 * 256)), _FLAT_CTAS_PER_SM * sm_count())),), (256,),
+          (z, u if gated else z, np.int64(r * n), h))
         return h
     vec = n % 8 == 0 and vec_ok(z.dtype, 8, z, *((u,) if gated else ()), h, *((g_out,) if g_out is not None else ()))
     k = get_kernel(FAMILY, f"dense_gate_mul<{ctype_of(z.dtype, 'z')}, {cbool(gated)}, {cbool(relu)}, {cbool(vec)}>")
