@@ -114,8 +114,9 @@ standard-normal dy, with the L1 gradient (l1_weight / M) * sign(h).
        twell_train (twell.gated_ffn_forward + gated_ffn_backward; no graph
        time: its forward reads counts back to the host once).
   CPU: dense_numpy_train (float32) and reference_train (twell.reference).
-Columns: step ms (fwd+bwd median, p20, p80), graph ms, fwd ms (forward alone),
-speedup / spd graph / spd fwd (fastest dense / impl), peak MiB (device memory
+Columns: step ms (fwd+bwd median, p20, p80), graph ms, queued ms (steps back to
+back, no host sync between them), fwd ms (forward alone), speedup / spd graph /
+spd queued / spd fwd (fastest dense / impl), peak MiB (device memory
 of one step beyond x, weights and dy; GPU only), saved MiB, l0 and backup rows
 (twell), max err and err/dense with --check (rel. error vs float64 over the
 whole batch, and its ratio to the best dense error).  JSON: key "train".

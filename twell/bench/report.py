@@ -23,7 +23,8 @@ _INFER_COLS = [("impl", 16, "<"), ("median ms", 10, ">"), ("p20", 9, ">"), ("p80
                ("graph ms", 9, ">"), ("queued ms", 10, ">"), ("speedup", 8, ">"), ("spd graph", 9, ">"),
                ("spd queued", 10, ">"), ("spd inter", 9, ">"), ("rel err", 9, ">")]
 _TRAIN_COLS = [("impl", 17, "<"), ("step ms", 9, ">"), ("p20", 9, ">"), ("p80", 9, ">"), ("graph ms", 9, ">"),
-               ("fwd ms", 9, ">"), ("speedup", 7, ">"), ("spd graph", 9, ">"), ("spd fwd", 7, ">"), ("spd inter", 9, ">"),
+               ("queued ms", 10, ">"), ("fwd ms", 9, ">"), ("speedup", 7, ">"), ("spd graph", 9, ">"),
+               ("spd queued", 10, ">"), ("spd fwd", 7, ">"), ("spd inter", 9, ">"),
                ("peak MiB", 8, ">"), ("saved MiB", 9, ">"), ("l0", 6, ">"), ("backup", 6, ">"),
                ("max err", 9, ">"), ("err/dense", 9, ">")]
 _COLS = _CASE_COLS + _INFER_COLS  # the inference table
@@ -59,11 +60,12 @@ def _infer_cells(r: dict) -> list:
 
 
 def _train_cells(r: dict) -> list:
-    e, g, fw = r.get("eager") or {}, r.get("graph") or {}, r.get("forward") or {}
+    e, g, fw, q = r.get("eager") or {}, r.get("graph") or {}, r.get("forward") or {}, r.get("queued") or {}
     st = r.get("stats") or {}
     return [_f(e.get("median_ms"), ".3f"), _f(e.get("p20_ms"), ".3f"), _f(e.get("p80_ms"), ".3f"),
-            _f(g.get("median_ms"), ".3f"), _f(fw.get("median_ms"), ".3f"), _f(r.get("speedup"), ".2f"),
-            _f(r.get("speedup_graph"), ".2f"), _f(r.get("speedup_forward"), ".2f"),
+            _f(g.get("median_ms"), ".3f"), _f(q.get("median_ms"), ".3f"), _f(fw.get("median_ms"), ".3f"),
+            _f(r.get("speedup"), ".2f"), _f(r.get("speedup_graph"), ".2f"), _f(r.get("speedup_queued"), ".2f"),
+            _f(r.get("speedup_forward"), ".2f"),
             _f(r.get("speedup_interleaved"), ".2f"), _f(r.get("peak_mib"), ".0f"),
             _f(r.get("saved_mib"), ".1f"), _f(st.get("l0"), ".1f"), _f(st.get("n_backup_rows"), "d"),
             _err_cell(r.get("max_rel_err"), r), _f(r.get("err_vs_dense"), ".2f")]
@@ -139,16 +141,17 @@ def write_json(results: dict, path) -> None:
 
 
 #: line style of each plotted mode, marker of each problem kind.
-_MODE_STYLE = {"eager": "-", "graph": "--", "train eager": "-.", "train graph": ":"}
+_MODE_STYLE = {"eager": "-", "queued": (0, (5, 1)), "graph": "--", "train eager": "-.",
+               "train queued": (0, (3, 1, 1, 1, 1, 1)), "train graph": ":"}
 _KIND_MARKER = {"uniform": "o", "token_skew": "s", "neuron_skew": "^"}
 
 
 def plot_series(results: dict) -> dict:
     """``{(impl, mode, kind, M): [(realised mean active, speedup), ...]}``: the lines of :func:`plot_results`.
 
-    Per task the sweep cases if there are any, else every case; ``mode`` is "eager" / "graph" for inference
-    and "train eager" / "train graph" for training.  One line per implementation, mode, kind (each kind of a
-    multi-kind sweep is its own line) and M; points sorted by the realised mean.
+    Per task the sweep cases if there are any, else every case; ``mode`` is "eager" / "queued" / "graph" for
+    inference and "train eager" / "train queued" / "train graph" for training.  One line per implementation,
+    mode, kind (each kind of a multi-kind sweep is its own line) and M; points sorted by the realised mean.
     """
     series: dict = {}
     for task in TASKS:
@@ -158,7 +161,7 @@ def plot_series(results: dict) -> dict:
             if real is None:
                 continue
             for name, r in (c.get("impls") or {}).items():
-                for mode, key in (("eager", "speedup"), ("graph", "speedup_graph")):
+                for mode, key in (("eager", "speedup"), ("queued", "speedup_queued"), ("graph", "speedup_graph")):
                     s = r.get(key)
                     if s is not None:
                         label = mode if task == "infer" else f"train {mode}"

@@ -104,9 +104,8 @@ def _copy_info(r: dict, run) -> None:
         r.update(info)
 
 
-def _time_gpu_impl(r: dict, impl: Impl, run, cfg: BenchConfig, flush, stream, on_graph=None, *,
-                   queued: bool = True) -> None:
-    """Eager and (unless ``--no-graph``) CUDA-graph timings of ``run`` into ``r``.
+def _time_gpu_impl(r: dict, impl: Impl, run, cfg: BenchConfig, flush, stream, on_graph=None) -> None:
+    """Eager, queued and (unless ``--no-graph``) CUDA-graph timings of ``run`` into ``r``.
 
     ``on_graph(y)`` (optional) sees the output of the first replay (for ``--check``).
     A failed capture leaves ``r["graph"] = None`` and the reason in ``r["graph_error"]``.
@@ -114,9 +113,7 @@ def _time_gpu_impl(r: dict, impl: Impl, run, cfg: BenchConfig, flush, stream, on
     r["eager"] = time_gpu(run, budget_s=cfg.budget_s, warmup=cfg.warmup, flush=flush).to_dict()
     # Calls queued back to back (events around each, no host sync between calls): the steady state of a
     # loop over layers, where the host prepares the next call while the GPU runs this one.
-    if queued:
-        r["queued"] = time_gpu(run, budget_s=cfg.budget_s, warmup=cfg.warmup, flush=flush,
-                               sync_each=False).to_dict()
+    r["queued"] = time_gpu(run, budget_s=cfg.budget_s, warmup=cfg.warmup, flush=flush, sync_each=False).to_dict()
     if not cfg.graphs:
         return
     cap = None
@@ -254,8 +251,7 @@ def run_one_train(impl: Impl, tp, cfg: BenchConfig, ref, *, gpu: bool, flush=Non
         if gpu:
             def on_graph(outs):
                 r["graph_max_rel_err"] = max(train_errors(outs, ref).values())
-            _time_gpu_impl(r, impl, run, cfg, flush, stream, on_graph if ref is not None else None,
-                           queued=False)
+            _time_gpu_impl(r, impl, run, cfg, flush, stream, on_graph if ref is not None else None)
             if fwd is not None:
                 r["forward"] = time_gpu(fwd, budget_s=cfg.budget_s, warmup=cfg.warmup, flush=flush).to_dict()
             run = fwd = None
@@ -282,7 +278,7 @@ def train_method(gpu: bool) -> dict:
     return {
         "step": "one training step of the gated FFN: forward y, backward dx, dw_gate, dw_up, dw_down for a fixed "
                 "dy (standard normal, see make_dy), L1 gradient (l1_weight / M) * sign(h) included",
-        "timer": "step timed like inference (eager and graph); 'forward' = the forward alone, eager",
+        "timer": "step timed like inference (eager, queued and graph); 'forward' = the forward alone, eager",
         "peak_memory": PEAK_MEMORY_METHOD if gpu else "not measured on the CPU",
         "check": ("every output over the whole batch against dense_train_math in float64 "
                   + ("(CuPy float64 GEMMs on the GPU); " if gpu else "(NumPy); ") + TRAIN_CHECK_RULE),
