@@ -49,16 +49,22 @@ def _repo_root() -> Path:
 
 
 def git_revision() -> str | None:
-    """``git rev-parse HEAD`` of the source tree twell was imported from, or None."""
+    """``git rev-parse HEAD`` of the source tree twell was imported from, with ``-dirty`` appended when its
+    tracked sources (``twell/``, ``cuda_src/``, ``pyproject.toml``) differ from that commit; None outside
+    a git checkout."""
     root = _repo_root()
     if not (root / ".git").exists():
         return None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "twell", "cuda_src",
+                                "pyproject.toml"], cwd=root, capture_output=True, text=True, timeout=10)
     except Exception:
         return None
     rev = out.stdout.strip()
-    return rev if out.returncode == 0 and rev else None
+    if out.returncode != 0 or not rev:
+        return None
+    return rev + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
 def environment_info(*, devices: bool = True) -> dict:
@@ -70,6 +76,7 @@ def environment_info(*, devices: bool = True) -> dict:
 
     info: dict = {
         "twell": getattr(twell, "__version__", None),
+        "twell_path": str(Path(__file__).resolve().parents[1]),   # the twell package these sources are in
         "python": platform.python_version(),
         "python_executable": sys.executable,
         "platform": platform.platform(),
