@@ -35,8 +35,8 @@ from .streams import CaptureError, capture_allocations, capturing, require_out
 SMALL_BATCH_ROWS = 512
 #: Queued backup: the fewest rows of its capacity, and the granularity (rows) it is rounded up to.
 BACKUP_CAPACITY_MIN, BACKUP_CAPACITY_STEP = 64, 64
-#: Queued backup: its capacity over the recent peak of backup rows (1.25 measured no faster in the sparsity
-#: sweep, docs/performance-history.md, v31).
+#: Queued backup: its capacity over the recent peak of backup rows (a replay of the small model's checkpoints
+#: puts 5-6 % of calls past a capacity of 1.25x, 2-3 % past 2x; docs/performance-history.md, v31).
 BACKUP_CAPACITY_FACTOR = 2.0
 #: Largest batch of the fused decode kernels: their gate GEMV runs on CUDA cores, so its cost grows with
 #: the rows while cuBLAS's does not (measured cut-over 4 rows, docs/performance-history.md, v20).
