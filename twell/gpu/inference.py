@@ -17,7 +17,8 @@
   - *read back* (otherwise): the host reads how many rows need the backup (12 bytes) while the up/down
     kernel runs, then sizes cuBLAS to them exactly.  Not capturable.
 * **dense** (``path="dense"``, or what a :class:`~twell.DensityTracker` picks for a dense batch): three
-  cuBLAS GEMMs and one elementwise kernel that also counts the entries.  Capturable.
+  cuBLAS GEMMs and one elementwise kernel (which also counts the entries when statistics or the tracker's
+  periodic report ask for them).  Capturable.
 
 Every path is exact (the same NaN / Inf rule, docs/design.md) and bitwise deterministic.
 """
@@ -49,8 +50,7 @@ def forward(x, w_first, w_up, w_down, *, gated: bool, tile_width: int, compressi
 
     ``observe``: whether the tracker records this call, when the caller has already asked it (a small batch
     reports only every ``SMALL_BATCH_INTERVAL``-th call, a larger dense one without statistics every
-    ``DENSE_INTERVAL``-th);
-    None: decided here."""
+    ``DENSE_INTERVAL``-th); None: decided here."""
     cp = cupy()
     m, d = x.shape
     n = w_down.shape[0]
